@@ -1,0 +1,20 @@
+"""Test setup: simulate 4 CPU devices before JAX starts, and point at the shared data folder."""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("OEFSMC_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+    """The shared real-data folder (../shared/data or $OEFSMC_DATA)."""
+    if not SHARED_DATA.exists():
+        pytest.fail(f"shared data folder {SHARED_DATA} is missing; set OEFSMC_DATA")
+    return SHARED_DATA
