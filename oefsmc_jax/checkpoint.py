@@ -1,0 +1,76 @@
+"""Orbax checkpoints: resumable training state, and models saved with their architecture spec beside the arrays."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from oefsmc_jax.models import ArchSpec
+
+
+class Checkpointer:
+    """A ``CheckpointManager`` holding a state pytree plus a JSON ``meta`` item per step.
+
+    Saves are asynchronous where Orbax allows; ``close()`` (or ``wait()``) makes sure the last one is on disk.
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint's step, or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict, force: bool = False) -> None:
+        """Save ``state`` (pytree) and ``meta`` (JSON-serialisable dict) at ``step``."""
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        """Restore the state at ``step`` into the structure, shapes and shardings of ``target``."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 meta=ocp.args.JsonRestore()))
+        return out["state"], out["meta"]
+
+    def wait(self) -> None:
+        """Block until pending saves are finished."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def save_model(directory: str | os.PathLike, spec: ArchSpec, variables: dict, extra: dict | None = None) -> None:
+    """Write a model (variables + its ``ArchSpec`` as JSON beside the arrays) as an Orbax checkpoint."""
+    ckpt = Checkpointer(directory, max_to_keep=1)
+    variables = jax.tree.map(np.asarray, jax.device_get(variables))
+    ckpt.save(0, variables, {"spec": spec.to_dict(), **(extra or {})}, force=True)
+    ckpt.close()
+
+
+def load_model(directory: str | os.PathLike) -> tuple[ArchSpec, dict, dict]:
+    """Read a model written by :func:`save_model`; returns ``(spec, variables, meta)`` with host arrays."""
+    directory = pathlib.Path(directory).absolute()
+    if not directory.exists():
+        raise FileNotFoundError(f"model checkpoint {directory} does not exist")
+    ckpt = Checkpointer(directory, max_to_keep=1)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"model checkpoint {directory} holds no finished checkpoint")
+    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+    ckpt.close()
+    meta = dict(out["meta"])
+    spec = ArchSpec.from_dict(meta.pop("spec"))
+    variables = jax.tree.map(np.asarray, out["state"])
+    return spec, variables, meta

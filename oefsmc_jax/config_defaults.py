@@ -1,0 +1,151 @@
+"""The full set of config fields with their defaults, and the ``key=value,...`` argument parser of the configs.
+
+Config files in ``configs/`` start from :func:`base_config` and fill in data, architecture and budgets; every field
+can be overridden on the command line with ``--config.FIELD=VALUE``. Fields marked [choice] in
+``../shared/method.md`` are here so that each is easy to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def source(kind: str, image_size: int, **fields: Any) -> ml_collections.ConfigDict:
+    """A data-source config (see ``oefsmc_jax.data.sources``)."""
+    return ml_collections.ConfigDict({"kind": kind, "image_size": image_size, "channels": 3, **fields})
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default value."""
+    c = ml_collections.ConfigDict()
+    c.title = "few-sample compression"
+    c.seed = 0
+    c.num_devices = 0  # 0 = all visible devices
+    c.arms = "base,oe"  # comma-separated: base (method alone), oe (method + OE-FSMC)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.num_classes = 10
+    c.data.class_names = ()
+    c.data.image_size = 32
+    c.data.mean = IMAGENET_MEAN
+    c.data.std = IMAGENET_STD
+    c.data.pad = 4  # random-crop padding (0 = off)
+    c.data.flip = True  # random horizontal flip
+    c.data.id = source("npz", 32, path="", split="")  # training split the few-sample set is drawn from
+    c.data.test = source("npz", 32, path="", split="")  # balanced evaluation split (never trained on)
+    c.data.ood = source("npz", 32, path="", split="")  # OOD pool
+
+    c.subset = ml_collections.ConfigDict()
+    c.subset.mode = "exp"  # balanced | exp
+    c.subset.per_class = 10  # N (balanced), or the mean per class with equal_total
+    c.subset.rho = 10.0  # imbalance ratio n_max / n_min
+    c.subset.equal_total = True  # [choice] pick n_max so the total is K * per_class
+    c.subset.class_order = "index"  # [choice] index | random (seeded permutation)
+    c.subset.seed = 0
+
+    c.arch = ml_collections.ConfigDict()
+    c.arch.name = "resnet20"
+    c.arch.shortcut = "A"  # CIFAR ResNets: A (zero-pad, as the pretrained teachers) | B (1x1 conv)
+    c.arch.widths = (16, 32, 64)  # CIFAR ResNets: stage widths
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.checkpoint = ""  # Orbax model directory; empty = train one on data.id (cached in the workdir)
+    c.teacher.steps = 1000
+    c.teacher.batch_size = 128
+    c.teacher.optim = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
+                                                 "weight_decay": 5e-4, "schedule": "cosine", "warmup_steps": 0,
+                                                 "decay_at": 0.4, "decay_factor": 0.1})
+
+    c.method = ml_collections.ConfigDict()
+    c.method.name = "kd"  # bp | kd
+    c.method.prune_ratio = 0.5  # fraction of each block's internal width pruned (float or one per stage)
+    c.method.kd_gamma = 0.9
+    c.method.tau = 4.0
+
+    c.student = ml_collections.ConfigDict()
+    c.student.export_before_finetune = True  # fine-tune the physically smaller model (same function, faster)
+
+    c.oe = ml_collections.ConfigDict()
+    c.oe.size = -1  # m; -1 = K * n_max - n, which rebalances D in expectation [choice]
+    c.oe.size_cap = 50000
+    c.oe.alpha = -1.0  # -1 = max(beta) + min(beta); any alpha >= max(beta)
+    c.oe.in_compression = True  # OOD images (with complementary labels) in the calibration set
+    c.oe.lambda_jd = 1.0  # joint distillation weight (0 = off) [choice]
+    c.oe.eta = 0.1  # class-dependent regulariser weight (0 = off) [choice]
+    c.oe.bn_mode = "joint"  # joint: BN sees ID and OOD together (Outlier Exposure) | separate [choice]
+    c.oe.early_stopping = True  # stop on held-out OOD student-teacher agreement [choice]
+    c.oe.heldout = 1000  # size of the held-out OOD slice
+    c.oe.eval_every = 50
+    c.oe.patience = 5
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 300
+    c.train.batch_id = 64  # B_id
+    c.train.batch_ood = 64  # B_ood [choice: B_id = B_ood]
+    c.train.log_every = 25
+    c.train.ckpt_every = 100
+
+    c.optim = ml_collections.ConfigDict({"name": "sgd", "lr": 0.02, "momentum": 0.9, "nesterov": False,
+                                         "weight_decay": 1e-4, "schedule": "cosine", "warmup_steps": 0,
+                                         "decay_at": 0.4, "decay_factor": 0.1})
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    c.eval.latency = True
+    return c
+
+
+def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Parse a config argument ``'k=v,k=v'`` against ``defaults`` (which also fixes each value's type).
+
+    Unknown keys and values of the wrong type fail with a one-line error naming the key and what is allowed.
+    """
+    out = dict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise ValueError(f"config argument {item!r}: expected key=value; keys: {', '.join(sorted(defaults))}")
+        key, value = (s.strip() for s in item.split("=", 1))
+        if key not in defaults:
+            raise ValueError(f"config argument: unknown key {key!r}; allowed: {', '.join(sorted(defaults))}")
+        ref = defaults[key]
+        try:
+            if isinstance(ref, bool):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                out[key] = value.lower() in ("1", "true", "yes")
+            elif isinstance(ref, int):
+                out[key] = int(value)
+            elif isinstance(ref, float):
+                out[key] = float(value)
+            else:
+                out[key] = value
+        except ValueError:
+            raise ValueError(f"config argument {key}={value!r}: expected a {type(ref).__name__}") from None
+    return out
+
+
+def apply_common_args(c: ml_collections.ConfigDict, a: Mapping[str, Any]) -> None:
+    """Copy the argument keys shared by all configs (method, arch, budget, imbalance, OE, seed) into ``c``."""
+    c.method.name = a["method"]
+    c.arch.name = a["arch"]
+    c.subset.per_class = a["per_class"]
+    c.subset.rho = float(a["rho"])
+    c.subset.mode = "balanced" if float(a["rho"]) == 1.0 else "exp"
+    c.arms = {"0": "base", "1": "oe", "both": "base,oe"}.get(str(a["oe"]), str(a["oe"]))
+    c.seed = a["seed"]
+    c.subset.seed = a["seed"]
+    c.train.steps = a["steps"]
+
+
+COMMON_ARGS = {"method": "kd", "arch": "resnet20", "per_class": 10, "rho": 10.0, "oe": "both", "seed": 0,
+               "steps": 300}

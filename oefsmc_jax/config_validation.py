@@ -1,0 +1,157 @@
+"""Validate a run config before anything loads or compiles: every failure is one line naming the field."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from oefsmc_jax.data.subsets import COUNT_MODES
+from oefsmc_jax.optim import OPTIMIZERS, SCHEDULES
+from oefsmc_jax.step import BN_MODES
+
+SOURCE_KINDS = ("npz", "tfds", "digits", "sklearn_photos")
+ARCHS = ("resnet<6n+2> (e.g. resnet20, resnet32, resnet44, resnet56, resnet110)", "vgg16",
+         "imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50")
+CLASS_ORDERS = ("index", "random")
+
+
+class ConfigError(ValueError):
+    """A config field has a value that is not allowed."""
+
+
+def _fail(field: str, msg: str) -> None:
+    raise ConfigError(f"config.{field}: {msg}")
+
+
+def _check_arch(name: str) -> None:
+    m = re.fullmatch(r"resnet(\d+)", name)
+    if m:
+        depth = int(m.group(1))
+        if depth < 8 or (depth - 2) % 6:
+            _fail("arch.name", f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110...), "
+                               f"got {depth}")
+        return
+    if name in ("vgg16", "imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50"):
+        return
+    _fail("arch.name", f"unknown architecture {name!r}; allowed: {', '.join(ARCHS)}")
+
+
+def _source_key(cfg: Any) -> tuple:
+    if cfg.kind == "npz":
+        return ("npz", os.path.abspath(cfg.path), cfg.get("split", ""))
+    if cfg.kind == "tfds":
+        return ("tfds", cfg.name, cfg.split)
+    if cfg.kind == "digits":
+        return ("digits", cfg.split)
+    return (cfg.kind, cfg.get("seed", 0), cfg.get("num_images", 0))
+
+
+def _check_source(field: str, cfg: Any) -> None:
+    if cfg.kind not in SOURCE_KINDS:
+        _fail(f"{field}.kind", f"unknown source {cfg.kind!r}; allowed: {', '.join(SOURCE_KINDS)}")
+    if cfg.kind == "npz":
+        if not cfg.get("path"):
+            _fail(f"{field}.path", "an npz source needs a path to a file with 'x' (uint8 NHWC) and 'y'")
+        if not os.path.isfile(cfg.path):
+            _fail(f"{field}.path", f"file {cfg.path} does not exist")
+    if cfg.kind == "tfds" and not cfg.get("name"):
+        _fail(f"{field}.name", "a tfds source needs a dataset name, e.g. cifar10")
+    if cfg.kind in ("tfds", "digits") and not cfg.get("split"):
+        _fail(f"{field}.split", f"a {cfg.kind} source needs a split")
+    if int(cfg.image_size) < 1:
+        _fail(f"{field}.image_size", f"must be >= 1, got {cfg.image_size}")
+
+
+def validate(config: Any, num_devices: int = 1) -> None:
+    """Raise :class:`ConfigError` with one line naming the first bad field and what is allowed."""
+    from oefsmc_jax.methods import METHODS
+
+    if config.method.name not in METHODS:
+        _fail("method.name", f"unknown method {config.method.name!r}; allowed: {', '.join(sorted(METHODS))}")
+    _check_arch(config.arch.name)
+    if config.arch.shortcut not in ("A", "B"):
+        _fail("arch.shortcut", f"must be 'A' or 'B', got {config.arch.shortcut!r}")
+    ratios = config.method.prune_ratio
+    for r in (ratios if isinstance(ratios, (tuple, list)) else (ratios,)):
+        if not 0.0 <= float(r) < 1.0:
+            _fail("method.prune_ratio", f"{r} is outside the allowed range [0, 1)")
+    if config.data.num_classes < 2:
+        _fail("data.num_classes", f"must be >= 2, got {config.data.num_classes}")
+    if config.data.class_names and len(config.data.class_names) != config.data.num_classes:
+        _fail("data.class_names", f"has {len(config.data.class_names)} names for {config.data.num_classes} classes")
+    s = config.subset
+    if s.mode not in COUNT_MODES:
+        _fail("subset.mode", f"unknown mode {s.mode!r}; allowed: {', '.join(COUNT_MODES)}")
+    if not float(s.rho) >= 1.0:
+        _fail("subset.rho", f"the imbalance ratio must be >= 1, got {s.rho}")
+    if int(s.per_class) < 1:
+        _fail("subset.per_class", f"the budget must be >= 1 sample per class, got {s.per_class}")
+    if s.class_order not in CLASS_ORDERS:
+        _fail("subset.class_order", f"must be one of {', '.join(CLASS_ORDERS)}, got {s.class_order!r}")
+
+    from oefsmc_jax.pipeline import ARMS, arm_names
+
+    arms = arm_names(config)
+    if not arms:
+        _fail("arms", f"names no arm; allowed: {', '.join(ARMS)} (comma separated)")
+    for a in arms:
+        if a not in ARMS:
+            _fail("arms", f"unknown arm {a!r}; allowed: {', '.join(ARMS)}")
+    sources = [("data.id", config.data.id), ("data.test", config.data.test)]
+    if "oe" in arms:
+        sources.append(("data.ood", config.data.ood))
+    for field, cfg in sources:
+        _check_source(field, cfg)
+        if int(cfg.image_size) != int(config.data.image_size):
+            _fail(f"{field}.image_size", f"is {cfg.image_size} but data.image_size is {config.data.image_size}")
+    if _source_key(config.data.id) == _source_key(config.data.test):
+        _fail("data.test", "is the same split as data.id: the evaluation split must never be used for training")
+    if "oe" in arms:
+        if _source_key(config.data.ood) == _source_key(config.data.id):
+            _fail("data.ood", "is the same split as data.id: OOD images must be disjoint from the ID set")
+        if _source_key(config.data.ood) == _source_key(config.data.test):
+            _fail("data.ood", "is the same split as data.test: the evaluation split must never be used to train")
+
+    oe = config.oe
+    if oe.bn_mode not in BN_MODES:
+        _fail("oe.bn_mode", f"must be one of {', '.join(BN_MODES)}, got {oe.bn_mode!r}")
+    if oe.alpha != -1 and not 0 < oe.alpha:
+        _fail("oe.alpha", f"must be -1 (max(beta) + min(beta)) or a value >= max(beta), got {oe.alpha}")
+    for f in ("lambda_jd", "eta"):
+        if oe[f] < 0:
+            _fail(f"oe.{f}", f"must be >= 0 (0 switches the term off), got {oe[f]}")
+    if oe.size < -1:
+        _fail("oe.size", f"must be -1 (automatic) or >= 0, got {oe.size}")
+    if oe.early_stopping and "oe" in arms and (oe.eval_every < 1 or oe.patience < 1 or oe.heldout < 1):
+        _fail("oe.eval_every", "early stopping needs oe.eval_every >= 1, oe.patience >= 1 and oe.heldout >= 1")
+
+    t = config.train
+    if t.steps < 1:
+        _fail("train.steps", f"must be >= 1, got {t.steps}")
+    for f in ("batch_id", "batch_ood"):
+        b = t[f]
+        if b < 1:
+            _fail(f"train.{f}", f"must be >= 1, got {b}")
+        if b % num_devices:
+            _fail(f"train.{f}", f"{b} is not divisible by the device count {num_devices}")
+    if t.log_every < 1 or t.ckpt_every < 1:
+        _fail("train.log_every", "train.log_every and train.ckpt_every must be >= 1")
+    for field, o in (("optim", config.optim), ("teacher.optim", config.teacher.optim)):
+        if o.name not in OPTIMIZERS:
+            _fail(f"{field}.name", f"unknown optimizer {o.name!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if o.schedule not in SCHEDULES:
+            _fail(f"{field}.schedule", f"unknown schedule {o.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if not o.lr > 0:
+            _fail(f"{field}.lr", f"must be > 0, got {o.lr}")
+    if config.teacher.checkpoint:
+        if not os.path.exists(config.teacher.checkpoint):
+            _fail("teacher.checkpoint", f"{config.teacher.checkpoint} does not exist")
+    else:
+        if config.teacher.batch_size % num_devices:
+            _fail("teacher.batch_size", f"{config.teacher.batch_size} is not divisible by the device count "
+                                        f"{num_devices}")
+        if config.teacher.steps < 1:
+            _fail("teacher.steps", "must be >= 1 when no teacher.checkpoint is given")
+    if config.eval.batch_size < 1:
+        _fail("eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")

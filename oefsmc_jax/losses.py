@@ -1,0 +1,71 @@
+"""Losses of the base methods and of OE-FSMC (method.md §4-5). Pure and jittable; all return scalar means.
+
+Logits are ``[B, K]``; labels are int ``[B]``; optional ``weights`` are per-example ``[B]`` and give a weighted
+*mean* (``sum(w * l) / B``), so that a weight of one everywhere is the plain mean.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def _mean(per_example: jax.Array, weights: jax.Array | None) -> jax.Array:
+    if weights is None:
+        return jnp.mean(per_example)
+    return jnp.sum(per_example * weights) / per_example.shape[0]
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Softmax cross-entropy with integer labels (weighted mean)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return _mean(ce, weights)
+
+
+def kd_kl(student_logits: jax.Array, teacher_logits: jax.Array, tau: float = 4.0,
+          weights: jax.Array | None = None) -> jax.Array:
+    """Hinton's distillation term ``tau^2 * KL(softmax(z_T/tau) || softmax(z_S/tau))`` (mean over examples)."""
+    t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / tau)
+    s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau)
+    kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    return tau**2 * _mean(kl, weights)
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, gamma: float = 0.9,
+            tau: float = 4.0) -> jax.Array:
+    """KD's loss ``(1 - gamma) * CE + gamma * tau^2 * KL``."""
+    return (1.0 - gamma) * cross_entropy(student_logits, labels) + gamma * kd_kl(
+        student_logits, teacher_logits, tau)
+
+
+def feature_mse(student_features: jax.Array, teacher_features: jax.Array,
+                weights: jax.Array | None = None) -> jax.Array:
+    """Mean squared error between feature maps (MiR / PRACTISE), averaged over all elements."""
+    d = (student_features.astype(jnp.float32) - teacher_features.astype(jnp.float32)) ** 2
+    per_example = jnp.mean(d.reshape(d.shape[0], -1), axis=-1)
+    return _mean(per_example, weights)
+
+
+def class_dependent_regularizer(logits: jax.Array, labels: jax.Array, class_weights: jax.Array) -> jax.Array:
+    """OE-FSMC's ``R = mean_j w_{y~_j} * CE(S(x~_j), y~_j)`` on OOD images with complementary labels."""
+    return cross_entropy(logits, labels, weights=class_weights[labels])
+
+
+def joint_distillation(kind: str, student: dict, teacher: dict, tau: float = 4.0) -> jax.Array:
+    """OE-FSMC's ``L_jd``: the base method's distillation signal on ID and OOD images together.
+
+    ``kind='logits'`` gives ``tau^2 * KL`` on logits (KD, BP, CD, FSKD); ``kind='features'`` gives the pre-GAP
+    feature MSE (MiR, PRACTISE). ``student``/``teacher`` are model outputs with keys ``logits`` and ``features``.
+    """
+    if kind == "logits":
+        return kd_kl(student["logits"], teacher["logits"], tau)
+    if kind == "features":
+        return feature_mse(student["features"], teacher["features"])
+    raise ValueError(f"joint distillation kind must be 'logits' or 'features', got {kind!r}")
+
+
+def logit_adjusted_cross_entropy(logits: jax.Array, labels: jax.Array, prior: jax.Array,
+                                 tau: float = 1.0) -> jax.Array:
+    """Logit-adjusted CE (Menon et al. 2021): CE on ``logits + tau * log(prior)`` (a no-OOD rebalancing baseline)."""
+    return cross_entropy(logits + tau * jnp.log(jnp.maximum(prior, 1e-12)), labels)

@@ -1,0 +1,69 @@
+"""Command line: ``python -m oefsmc_jax --config configs/NAME.py[:arg] --workdir DIR [--config.FIELD=VALUE ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with an argument: configs/NAME.py[:arg]",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results and report. Rerunning with the "
+                    "same workdir resumes.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+    """Validate the config, then run every arm and write the report."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
+    from oefsmc_jax.config_validation import ConfigError
+    from oefsmc_jax.data import DataOverlapError
+    from oefsmc_jax.pipeline import run
+
+    try:
+        run(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, DataOverlapError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    """The useful last line of an error whose text may carry a traceback (as config_flags' errors do)."""
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    lines = [ln.strip() for ln in text.strip().strip("'\"").splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    for ln in reversed(lines):
+        for prefix in ("ValueError: ", "KeyError: ", "TypeError: ", "AttributeError: ", "FileNotFoundError: "):
+            if ln.startswith(prefix):
+                return ln[len(prefix):]
+    if len(lines) > 1 and lines[-1].startswith("[Errno"):
+        return f"{lines[0].split(':')[0]}: {lines[-1]}"
+    return " ".join(lines[:2]) if len(lines) > 1 and len(lines[0]) < 40 else lines[0]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parse flags and load the config; a bad config file, argument or override exits with one line naming it."""
+    try:
+        rest = FLAGS(argv)
+        FLAGS.config.keys()  # config_flags defers load errors to the first access
+    except AttributeError as e:  # an override names a field the config does not have
+        print(f"error: unknown config field in an override: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 - any failure here is a user error in the command line
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    return rest
+
+
+def cli() -> None:
+    """Entry point."""
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

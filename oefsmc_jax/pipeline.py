@@ -1,0 +1,328 @@
+"""One compression run from a config: data -> teacher -> subsets -> (compress, fine-tune, evaluate) per arm -> report.
+
+An *arm* is one way of compressing the same teacher on the same few-sample set: ``base`` (the method alone) or
+``oe`` (the method with OE-FSMC). All arms of a run share the ID subset, the OOD pool, the held-out OOD slice and
+the test split, so their comparison is paired. Every finished piece (teacher, compressed student, fine-tuning
+checkpoints, exported student, per-arm result) is written to the workdir and reused when the run is started again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from oefsmc_jax import __version__, sampler
+from oefsmc_jax.checkpoint import load_model, save_model
+from oefsmc_jax.data import (
+    ImageSet,
+    check_disjoint,
+    class_counts,
+    class_order_permutation,
+    default_ood_size,
+    few_sample_indices,
+    load_source,
+    ood_split,
+    tfds_labels,
+)
+from oefsmc_jax.evaluation import agreement, classification_metrics, side_by_side, write_report
+from oefsmc_jax.methods import Calibration, CompressionContext, Method, Supervised, build_method
+from oefsmc_jax.models import ArchSpec, build_model, count_flops, count_params, shrink
+from oefsmc_jax.parallel import make_mesh, replicate
+from oefsmc_jax.step import StepConfig, StepData, make_predict
+from oefsmc_jax.train import LoopConfig, finetune
+
+ARMS = ("base", "oe")
+
+
+def log(msg: str) -> None:
+    """Progress output (stderr, flushed)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def write_json(path: pathlib.Path, obj: Any) -> None:
+    """Write JSON atomically (a crash never leaves a half-written result)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    return str(o)
+
+
+@dataclasses.dataclass
+class RunData:
+    """The data of a run: the few-sample set, the OOD subset and held-out slice, and the test split."""
+
+    train: ImageSet  # few-sample ID set D
+    counts: np.ndarray  # n_k
+    ood: ImageSet | None  # D_o
+    heldout: ImageSet | None  # held-out OOD slice for early stopping
+    test: ImageSet
+    full_train: ImageSet | None  # the whole ID training split (only for sources that are cheap to load)
+
+
+def _labels_and_loader(cfg: Any, cache: pathlib.Path) -> tuple[np.ndarray, Callable[[np.ndarray], ImageSet],
+                                                                ImageSet | None]:
+    if cfg.kind == "tfds":
+        labels = tfds_labels(cfg, cache)
+        return labels, lambda idx: load_source(cfg, idx), None
+    full = load_source(cfg)
+    return full.y, full.take, full
+
+
+def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
+    """Load the sources, draw the few-sample set and the OOD subset (seeded), check they are disjoint from each
+    other and from the test split, and write the chosen indices to ``workdir/subset.json``."""
+    k = config.data.num_classes
+    s = config.subset
+    labels, load_train, full_train = _labels_and_loader(config.data.id, workdir / "cache" / "id_labels.npz")
+    order = class_order_permutation(k, s.seed) if s.class_order == "random" else None
+    counts = class_counts(k, s.mode, s.per_class, s.rho, s.equal_total, order)
+    idx = few_sample_indices(jax.random.PRNGKey(s.seed), labels, counts)
+    train = load_train(idx)
+    test = load_source(config.data.test)
+    log(f"data: few-sample set {len(train)} images, counts per class {counts.tolist()}; test {len(test)} images")
+
+    ood = heldout = None
+    ood_idx = held_idx = np.zeros(0, np.int64)
+    if uses_ood(config):
+        pool = load_source(config.data.ood)
+        m = config.oe.size if config.oe.size >= 0 else default_ood_size(counts, config.oe.size_cap or None)
+        held_n = config.oe.heldout if config.oe.early_stopping else 0
+        if m + held_n > len(pool):
+            raise ValueError(f"oe.size + oe.heldout = {m} + {held_n} exceeds the OOD pool's {len(pool)} images "
+                             f"({pool.name}); lower oe.size / oe.heldout or use a larger pool")
+        ood_idx, held_idx = ood_split(jax.random.PRNGKey(s.seed + 1), len(pool), m, held_n)
+        ood, heldout = pool.take(ood_idx), pool.take(held_idx)
+        used = pool.take(np.concatenate([ood_idx, held_idx]))
+        check_disjoint(used, train, "the OOD images overlap the in-distribution few-sample set")
+        check_disjoint(used, test, "the OOD images overlap the evaluation split (it must never be used to train)")
+        log(f"data: OOD subset {len(ood)} images, held-out OOD slice {len(heldout)} from {pool.name}")
+    check_disjoint(train, test, "the few-sample training set overlaps the evaluation split")
+    write_json(workdir / "subset.json", {
+        "counts": counts.tolist(), "id_indices": np.asarray(idx).tolist(), "ood_indices": ood_idx.tolist(),
+        "heldout_indices": held_idx.tolist(), "id_source": train.name, "test_source": test.name})
+    return RunData(train, counts, ood, heldout, test, full_train)
+
+
+def uses_ood(config: Any) -> bool:
+    """Whether any arm of the run needs the OOD pool."""
+    return "oe" in arm_names(config)
+
+
+def arm_names(config: Any) -> list[str]:
+    """The arms named in ``config.arms`` (comma separated)."""
+    return [a.strip() for a in str(config.arms).split(",") if a.strip()]
+
+
+def build_arch(arch: Any, num_classes: int) -> ArchSpec:
+    """The ``ArchSpec`` for ``config.arch`` (see ``config_validation.ARCHS`` for the names)."""
+    from oefsmc_jax.models import cifar_resnet_spec, imagenet_resnet_spec, vgg16_spec
+
+    name = arch.name
+    if name.startswith("imagenet_resnet"):
+        return imagenet_resnet_spec(int(name[len("imagenet_resnet"):]), num_classes)
+    if name == "vgg16":
+        return vgg16_spec(num_classes)
+    if name.startswith("resnet"):
+        return cifar_resnet_spec(int(name[len("resnet"):]), num_classes, shortcut=arch.shortcut,
+                                 widths=tuple(arch.widths))
+    raise ValueError(f"arch.name: unknown architecture {name!r}")
+
+
+def init_variables(spec: ArchSpec, image_size: int, seed: int) -> dict:
+    """Randomly initialised variables of the model for ``spec``."""
+    model = build_model(spec)
+    x = jnp.zeros((1, image_size, image_size, spec.in_channels), jnp.float32)
+    return jax.device_get(jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(seed)))
+
+
+def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) -> tuple[ArchSpec, dict]:
+    """Load the teacher from ``config.teacher.checkpoint``, or train it (once, cached in the workdir)."""
+    path = config.teacher.checkpoint
+    if path:
+        spec, variables, _ = load_model(path)
+        if spec.num_classes != config.data.num_classes:
+            raise ValueError(f"teacher.checkpoint: the teacher has {spec.num_classes} classes but "
+                             f"data.num_classes is {config.data.num_classes}")
+        return spec, variables
+    tdir = workdir / "teacher"
+    if (tdir / "model").exists():
+        spec, variables, _ = load_model(tdir / "model")
+        log(f"teacher: reusing {tdir / 'model'}")
+        return spec, variables
+    if data.full_train is None:
+        raise ValueError("teacher.checkpoint is empty and the ID source cannot be loaded whole to train one; "
+                         "give teacher.checkpoint")
+    tc = config.teacher
+    spec = build_arch(config.arch, config.data.num_classes)
+    variables = init_variables(spec, config.data.image_size, config.seed)
+    full = data.full_train
+    step_data = StepData(x_id=replicate(full.x, mesh), y_id=replicate(full.y, mesh), x_ood=None, id_probs=None,
+                         gamma=replicate(np.full(config.data.num_classes, 1 / config.data.num_classes,
+                                                 np.float32), mesh),
+                         reg_weights=replicate(np.ones(config.data.num_classes, np.float32), mesh))
+    log(f"teacher: training {config.arch.name} from scratch on {len(full)} images for {tc.steps} steps")
+    res = finetune(name="teacher", workdir=tdir, mesh=mesh, spec=spec, variables=variables, method=Supervised(),
+                   teacher_spec=None, teacher_variables=None, data=step_data,
+                   step_cfg=StepConfig(batch_id=tc.batch_size, pad=config.data.pad, flip=config.data.flip,
+                                       mean=tuple(config.data.mean), std=tuple(config.data.std)),
+                   optim_cfg=tc.optim.to_dict(), loop=LoopConfig(steps=tc.steps, log_every=config.train.log_every,
+                                                                 ckpt_every=config.train.ckpt_every),
+                   seed=config.seed)
+    save_model(tdir / "model", spec, res.variables)
+    return spec, res.variables
+
+
+def calibration_set(config: Any, data: RunData, oe_on: bool, gamma: np.ndarray) -> Calibration:
+    """Calibration set of the compression stage (method.md §3): ``D``, plus with OE ``D_o`` carrying labels drawn
+    from Gamma, each sample weighted by ``1 / count(label)``."""
+    x, y = data.train.x, data.train.y.astype(np.int32)
+    is_ood = np.zeros(len(y), bool)
+    if oe_on and config.oe.in_compression and data.ood is not None and len(data.ood):
+        y_ood = np.asarray(sampler.sample_ood_labels(jax.random.PRNGKey(config.seed + 2), jnp.asarray(gamma),
+                                                     len(data.ood)))
+        x = np.concatenate([x, data.ood.x])
+        y = np.concatenate([y, y_ood.astype(np.int32)])
+        is_ood = np.concatenate([is_ood, np.ones(len(y_ood), bool)])
+    w = np.asarray(sampler.balancing_weights(jnp.asarray(y), config.data.num_classes))
+    return Calibration(x=x, y=y, weights=w, is_ood=is_ood)
+
+
+def measure_latency(spec: ArchSpec, variables: dict, image_size: int, batch: int = 128, reps: int = 10) -> float:
+    """Median milliseconds of one jitted eval forward pass on ``batch`` images (default device)."""
+    model = build_model(spec)
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)["logits"])
+    x = jnp.ones((batch, image_size, image_size, spec.in_channels), jnp.float32)
+    fwd(variables, x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fwd(variables, x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunData, method: Method,
+            teacher: tuple[ArchSpec, dict], teacher_test_pred: np.ndarray, heldout_pred: np.ndarray | None
+            ) -> dict:
+    """Compress, fine-tune and evaluate one arm; reuses every finished piece in ``workdir/arm``."""
+    adir = workdir / arm
+    if (adir / "result.json").exists():
+        log(f"[{arm}] finished earlier; reusing {adir / 'result.json'}")
+        return json.loads((adir / "result.json").read_text())
+    t0 = time.time()
+    oe_on = arm == "oe"
+    k = config.data.num_classes
+    alpha = config.oe.alpha if config.oe.alpha >= 0 else None
+    gamma = np.asarray(sampler.complementary_distribution(jnp.asarray(data.counts), alpha))
+    t_spec, t_vars = teacher
+    if (adir / "compressed").exists():
+        spec, variables, _ = load_model(adir / "compressed")
+        log(f"[{arm}] reusing the compressed student in {adir / 'compressed'}")
+    else:
+        ctx = CompressionContext(teacher_spec=t_spec, teacher_variables=t_vars,
+                                 calibration=calibration_set(config, data, oe_on, gamma),
+                                 mean=tuple(config.data.mean), std=tuple(config.data.std),
+                                 key=jax.random.PRNGKey(config.seed + 3), mesh=mesh)
+        spec, variables = method.compress(ctx)
+        if config.student.export_before_finetune:
+            spec, variables = shrink(spec, variables)
+        save_model(adir / "compressed", spec, variables)
+    use_ood = oe_on and data.ood is not None and len(data.ood) > 0
+    step_data = StepData(
+        x_id=replicate(data.train.x, mesh), y_id=replicate(data.train.y.astype(np.int32), mesh),
+        x_ood=replicate(data.ood.x, mesh) if use_ood else None, id_probs=None,
+        gamma=replicate(gamma.astype(np.float32), mesh),
+        reg_weights=replicate(np.asarray(sampler.class_weights(jnp.asarray(gamma)), np.float32), mesh))
+    tr = config.train
+    step_cfg = StepConfig(batch_id=tr.batch_id, batch_ood=tr.batch_ood if use_ood else 0, pad=config.data.pad,
+                          flip=config.data.flip, mean=tuple(config.data.mean), std=tuple(config.data.std),
+                          lambda_jd=config.oe.lambda_jd, eta=config.oe.eta, tau=config.method.tau,
+                          bn_mode=config.oe.bn_mode)
+    early = oe_on and config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
+    loop = LoopConfig(steps=tr.steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early else 0,
+                      patience=config.oe.patience, ckpt_every=tr.ckpt_every)
+    heldout = (data.heldout.x, heldout_pred) if early else None
+    res = finetune(name=arm, workdir=adir, mesh=mesh, spec=spec, variables=variables, method=method,
+                   teacher_spec=t_spec, teacher_variables=t_vars, data=step_data, step_cfg=step_cfg,
+                   optim_cfg=config.optim.to_dict(), loop=loop, seed=config.seed, heldout=heldout,
+                   meta={"arm": arm, "spec": spec.to_dict()})
+    spec_x, vars_x = shrink(spec, res.variables)
+    save_model(adir / "student", spec_x, vars_x, {"arm": arm, "method": method.name})
+    predict = make_predict(mesh, build_model(spec_x), config.data.mean, config.data.std, config.eval.batch_size)
+    pred = np.argmax(predict(vars_x, data.test.x)["logits"], -1)
+    metrics = classification_metrics(pred, data.test.y, k, data.counts)
+    metrics["agreement"] = agreement(pred, teacher_test_pred)
+    result = {"arm": arm, "method": method.describe(), "metrics": metrics, "steps": res.steps_run,
+              "best_step": res.best_step, "best_heldout_agreement": res.best_agreement,
+              "stopped_early": res.stopped_early, "spec": spec_x.to_dict(),
+              "params": count_params(spec_x), "flops": count_flops(spec_x, config.data.image_size),
+              "wall_s": time.time() - t0, "version": __version__}
+    if config.eval.latency:
+        result["latency_ms"] = measure_latency(spec_x, vars_x, config.data.image_size)
+    write_json(adir / "result.json", result)
+    log(f"[{arm}] test top-1 {metrics['top1']:.2f}%  balanced {metrics['balanced']:.2f}%  "
+        f"few-shot {metrics['few'] if metrics.get('few') is not None else float('nan'):.2f}%")
+    return result
+
+
+def run(config: Any, workdir: str | os.PathLike) -> dict:
+    """Run every arm of ``config`` in ``workdir`` and write ``report.md`` and the per-class plot; returns results."""
+    from oefsmc_jax.config_validation import validate
+
+    workdir = pathlib.Path(workdir).absolute()
+    mesh = make_mesh(config.num_devices or None)
+    validate(config, num_devices=mesh.shape["data"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workdir / "config.json", config.to_dict())
+    log(f"run: {len(mesh.devices.flat)} device(s) ({jax.default_backend()}), workdir {workdir}")
+    data = prepare_data(config, workdir)
+    t_spec, t_vars = get_teacher(config, workdir, mesh, data)
+    k = config.data.num_classes
+    t_predict = make_predict(mesh, build_model(t_spec), config.data.mean, config.data.std, config.eval.batch_size)
+    t_test_pred = np.argmax(t_predict(t_vars, data.test.x)["logits"], -1)
+    teacher_metrics = classification_metrics(t_test_pred, data.test.y, k, data.counts)
+    held_pred = (np.argmax(t_predict(t_vars, data.heldout.x)["logits"], -1)
+                 if data.heldout is not None and len(data.heldout) else None)
+    log(f"teacher: test top-1 {teacher_metrics['top1']:.2f}%")
+    method = build_method(config.method.to_dict(), t_spec.num_stages)
+    results = {}
+    for arm in arm_names(config):
+        results[arm] = run_arm(config, arm, workdir, mesh, data, method, (t_spec, t_vars), t_test_pred,
+                               held_pred)
+    labels = {"base": method.name.upper(), "oe": f"{method.name.upper()} + OE-FSMC"}
+    arms = {labels.get(a, a): {**r["metrics"], "steps": r["steps"], "wall_s": r["wall_s"]}
+            for a, r in results.items()}
+    first = next(iter(results.values()))
+    model = {"teacher_params": count_params(t_spec), "teacher_flops": count_flops(t_spec, config.data.image_size),
+             "student_params": first["params"], "student_flops": first["flops"]}
+    if config.eval.latency and "latency_ms" in first:
+        model["teacher_latency_ms"] = measure_latency(t_spec, t_vars, config.data.image_size)
+        model["student_latency_ms"] = first["latency_ms"]
+    names = list(config.data.class_names) if config.data.class_names else [str(i) for i in range(k)]
+    report = write_report(workdir, {"title": config.title, "class_names": names,
+                                    "train_counts": data.counts.tolist(), "arms": arms, "teacher": teacher_metrics,
+                                    "model": model, "config": config.to_dict()})
+    table = side_by_side(arms, teacher_metrics)
+    print(table, flush=True)
+    log(f"report: {report}")
+    return {"arms": results, "teacher": teacher_metrics, "table": table, "report": str(report)}

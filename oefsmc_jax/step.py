@@ -1,0 +1,239 @@
+"""The data-parallel fine-tuning step of OE-FSMC (method.md §4), compiled once per run.
+
+One call of the step, all inside a single ``jax.jit``:
+
+1. From ``fold_in(rng, step)`` it draws, for the *global* batch, the ID indices (uniform from ``D``), the OOD indices
+   (uniform from ``D_o``), one augmentation key per image and the OOD images' complementary labels
+   ``y~ ~ Categorical(Gamma)``. Drawing globally (per example) makes the result independent of the device count.
+2. ``jax.shard_map`` over the ``data`` axis runs the per-device step: augment and normalise the local images, run
+   the teacher in eval mode and the student in train mode on ``ID ∪ OOD`` (BatchNorm statistics synced with
+   ``lax.pmean`` across devices), compute ``L = L_base + lambda_jd * L_jd + eta * R``, ``lax.pmean`` the gradients,
+   apply the optax update and re-apply the pruning masks to parameters and optimizer moments.
+
+The few-sample sets are tiny, so they live on every device and no host input pipeline runs during training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from oefsmc_jax import losses
+from oefsmc_jax.data.augment import augment_batch, normalize
+from oefsmc_jax.methods.base import Method
+from oefsmc_jax.parallel import AXIS, num_devices, replicated, shard_batch
+
+BN_MODES = ("joint", "separate")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during fine-tuning (checkpointed as one pytree)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key; step keys are fold_in(rng, step)
+
+
+@flax.struct.dataclass
+class StepData:
+    """Device-resident training data and constants of one run (replicated on every device)."""
+
+    x_id: jax.Array  # uint8 [n, H, W, C]
+    y_id: jax.Array  # int32 [n]
+    x_ood: jax.Array | None  # uint8 [m, H, W, C] or None when OE is off
+    id_probs: jax.Array | None  # sampling probabilities of the ID images, None = uniform
+    gamma: jax.Array  # complementary distribution [K]
+    reg_weights: jax.Array  # class-dependent weights w_k = K * Gamma_k  [K]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the train step (a change recompiles)."""
+
+    batch_id: int
+    batch_ood: int = 0
+    pad: int = 4
+    flip: bool = True
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    lambda_jd: float = 1.0
+    eta: float = 0.1
+    tau: float = 4.0
+    bn_mode: str = "joint"  # 'joint': BN sees ID and OOD together; 'separate': BN statistics from ID only
+
+
+def init_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh train state for the student ``variables`` (host arrays are fine)."""
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      rng=jax.random.PRNGKey(seed))
+
+
+def _path_key(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def apply_multipliers(tree: Any, params_like: Any, multipliers: Any) -> Any:
+    """Multiply every leaf of ``tree`` that corresponds to a parameter by that parameter's mask multiplier.
+
+    A leaf corresponds to a parameter when its path ends with the parameter's path and the shapes agree; this finds
+    the parameter-shaped moments inside any optax state (``trace``, ``mu``, ``nu``, masked/multi-transform states).
+    """
+    flat_params = jax.tree_util.tree_flatten_with_path(params_like)[0]
+    mult_leaves = jax.tree.leaves(multipliers)
+    table = {_path_key(p): (np.shape(x), m) for (p, x), m in zip(flat_params, mult_leaves)}
+    lengths = sorted({len(k) for k in table}, reverse=True)
+
+    def fn(path, leaf):
+        key = _path_key(path)
+        for n in lengths:
+            hit = table.get(key[-n:]) if len(key) >= n else None
+            if hit is not None and np.shape(leaf) == hit[0]:
+                return leaf * hit[1]
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(fn, tree)
+
+
+def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, method: Method,
+                    tx: optax.GradientTransformation, cfg: StepConfig) -> Callable:
+    """Build the jitted step ``(state, data, teacher_vars, masks, multipliers) -> (state, metrics)``.
+
+    ``teacher`` may be None when neither the method nor joint distillation needs it. ``multipliers`` is the
+    pytree of pruning-mask multipliers over ``params`` (see ``models.mask_multipliers``) or None.
+    """
+    ndev = num_devices(mesh)
+    for name, b in (("batch_id", cfg.batch_id), ("batch_ood", cfg.batch_ood)):
+        if b % ndev:
+            raise ValueError(f"{name}={b} must be divisible by the device count {ndev}")
+    if cfg.bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {cfg.bn_mode!r}")
+    use_ood = cfg.batch_ood > 0
+    use_jd = use_ood and cfg.lambda_jd > 0
+    use_reg = use_ood and cfg.eta > 0
+    needs_teacher = method.needs_teacher or use_jd
+    if needs_teacher and teacher is None:
+        raise ValueError(f"method {method.name!r} with these OE settings needs a teacher")
+    mean, std = jnp.asarray(cfg.mean, jnp.float32), jnp.asarray(cfg.std, jnp.float32)
+
+    def prep(keys, images):
+        return normalize(augment_batch(keys, images, pad=cfg.pad, flip=cfg.flip), mean, std)
+
+    def per_device(state: TrainState, masks, mult, teacher_vars, reg_w, x_id, y_id, k_id, x_ood, y_ood, k_ood):
+        xs = [prep(k_id, x_id)]
+        if use_ood:
+            xs.append(prep(k_ood, x_ood))
+        x_all = jnp.concatenate(xs) if use_ood else xs[0]
+        b_loc = x_id.shape[0]
+        t_out = None
+        if needs_teacher:
+            t_out = teacher.apply(teacher_vars, x_all, train=False)
+            t_out = jax.tree.map(lax.stop_gradient, t_out)
+
+        def loss_fn(params):
+            variables = {"params": params, "batch_stats": state.batch_stats, "masks": masks}
+            if cfg.bn_mode == "joint" or not use_ood:
+                out, upd = student.apply(variables, x_all, train=True, mutable=["batch_stats"])
+            else:
+                out_id, upd = student.apply(variables, xs[0], train=True, mutable=["batch_stats"])
+                out_ood, _ = student.apply(variables, xs[1], train=True, mutable=["batch_stats"])
+                out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out_id, out_ood)
+            s_id = jax.tree.map(lambda a: a[:b_loc], out)
+            t_id = None if t_out is None else jax.tree.map(lambda a: a[:b_loc], t_out)
+            base = method.base_loss(s_id, t_id, y_id)
+            parts = {"base": base}
+            total = base
+            if use_jd:
+                jd = losses.joint_distillation(method.jd_kind, out, t_out, cfg.tau)
+                parts["jd"] = jd
+                total = total + cfg.lambda_jd * jd
+            if use_reg:
+                reg = losses.class_dependent_regularizer(out["logits"][b_loc:], y_ood, reg_w)
+                parts["reg"] = reg
+                total = total + cfg.eta * reg
+            parts["loss"] = total
+            parts["train_acc"] = 100.0 * jnp.mean(jnp.argmax(s_id["logits"], -1) == y_id)
+            return total, (upd["batch_stats"], parts)
+
+        grads, (batch_stats, parts) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads = lax.pmean(grads, AXIS)
+        parts = lax.pmean(parts, AXIS)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if mult is not None:
+            params = jax.tree.map(jnp.multiply, params, mult)
+            opt_state = apply_multipliers(opt_state, params, mult)
+        parts["grad_norm"] = optax.global_norm(grads)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state)
+        return new_state, parts
+
+    rep, bat = P(), P(AXIS)
+    sharded = jax.shard_map(
+        per_device, mesh=mesh,
+        in_specs=(rep, rep, rep, rep, rep, bat, bat, bat, bat, bat, bat),
+        out_specs=(rep, rep), check_vma=False)
+
+    def step(state: TrainState, data: StepData, teacher_vars, masks, mult):
+        key = jax.random.fold_in(state.rng, state.step)
+        k_idx, k_idx_ood, k_aug, k_aug_ood, k_lab = jax.random.split(key, 5)
+        n = data.x_id.shape[0]
+        idx = jax.random.choice(k_idx, n, (cfg.batch_id,), replace=cfg.batch_id > n or data.id_probs is not None,
+                                p=data.id_probs)
+        x_id, y_id = data.x_id[idx], data.y_id[idx]
+        k_id = jax.random.split(k_aug, cfg.batch_id)
+        x_ood = y_ood = k_ood = None
+        if use_ood:
+            m = data.x_ood.shape[0]
+            idx_ood = jax.random.choice(k_idx_ood, m, (cfg.batch_ood,), replace=cfg.batch_ood > m)
+            x_ood = data.x_ood[idx_ood]
+            k_ood = jax.random.split(k_aug_ood, cfg.batch_ood)
+            y_ood = jax.random.categorical(k_lab, jnp.log(jnp.maximum(data.gamma, 1e-30)), shape=(cfg.batch_ood,))
+        return sharded(state, masks, mult, teacher_vars, data.reg_weights, x_id, y_id, k_id, x_ood, y_ood, k_ood)
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_predict(mesh: Mesh, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
+                 batch_size: int = 256) -> Callable[[dict, np.ndarray], dict[str, np.ndarray]]:
+    """A function ``(variables, x_uint8) -> {'logits': [N, K]}`` that evaluates in batches split over the mesh.
+
+    The last batch is padded to the global batch size and trimmed; the compiled forward is reused across calls.
+    """
+    ndev = num_devices(mesh)
+    batch_size = max(ndev, batch_size - batch_size % ndev)
+    mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+    @jax.jit
+    def forward(variables, x):
+        return model.apply(variables, normalize(x, mean_a, std_a), train=False)["logits"]
+
+    def predict(variables: dict, x: np.ndarray) -> dict[str, np.ndarray]:
+        variables = jax.device_put(variables, replicated(mesh))
+        out = []
+        for start in range(0, len(x), batch_size):
+            chunk = np.asarray(x[start:start + batch_size])
+            pad = batch_size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+            logits = forward(variables, shard_batch(chunk, mesh))
+            out.append(np.asarray(jax.device_get(logits))[:batch_size - pad])
+        logits = np.concatenate(out) if out else np.zeros((0,), np.float32)
+        return {"logits": logits}
+
+    return predict

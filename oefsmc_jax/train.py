@@ -1,0 +1,179 @@
+"""The fine-tuning loop: progress, metrics (JSONL + TensorBoard), early stopping, resumable Orbax checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from oefsmc_jax.checkpoint import Checkpointer
+from oefsmc_jax.methods.base import Method
+from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
+from oefsmc_jax.optim import make_optimizer
+from oefsmc_jax.parallel import replicate
+from oefsmc_jax.step import StepConfig, StepData, TrainState, init_state, make_predict, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long to train and how often to log, evaluate and checkpoint."""
+
+    steps: int
+    log_every: int = 50
+    eval_every: int = 0  # 0 = no early stopping (fixed budget)
+    patience: int = 5
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """Outcome of one fine-tuning run."""
+
+    variables: dict
+    steps_run: int
+    best_step: int
+    best_agreement: float | None
+    stopped_early: bool
+    wall_s: float
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MetricWriter:
+    """Appends metric records to ``metrics.jsonl`` and TensorBoard event files in ``directory``."""
+
+    def __init__(self, directory: str | pathlib.Path):
+        self.directory = pathlib.Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.directory / "metrics.jsonl", "a")  # noqa: SIM115
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+        except ImportError:  # pragma: no cover - tensorboardX is a listed dependency
+            self._tb = None
+
+    def write(self, step: int, split: str, values: dict[str, float]) -> None:
+        """Record ``values`` at ``step`` under ``split`` (e.g. 'train', 'eval')."""
+        rec = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSpec, variables: dict,
+             method: Method, teacher_spec: ArchSpec | None, teacher_variables: dict | None, data: StepData,
+             step_cfg: StepConfig, optim_cfg: dict, loop: LoopConfig, seed: int,
+             heldout: tuple[np.ndarray, np.ndarray] | None = None, meta: dict | None = None,
+             log: Callable[[str], None] | None = None) -> FinetuneResult:
+    """Fine-tune the student ``(spec, variables)`` for ``loop.steps`` steps, resuming from ``workdir``.
+
+    ``heldout`` = (uint8 images, teacher predictions) enables early stopping on student-teacher agreement every
+    ``loop.eval_every`` steps; the best weights are kept. Checkpoints hold the train state, the early-stopping
+    state and ``meta``; rerunning with the same ``workdir`` continues from the newest one and ends with the same
+    parameters as an uninterrupted run.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    workdir = pathlib.Path(workdir)
+    t0 = time.time()
+    student = build_model(spec, bn_axis_name="data")
+    teacher = build_model(teacher_spec) if teacher_spec is not None else None
+    tx, schedule = make_optimizer(optim_cfg, loop.steps, method.trainable(variables["params"]))
+    masks = variables.get("masks", {})
+    mult = mask_multipliers(spec, variables)
+    step_fn = make_train_step(mesh, student, teacher, method, tx, step_cfg)
+    predict = make_predict(mesh, student, step_cfg.mean, step_cfg.std) if heldout is not None else None
+
+    state = init_state(variables, tx, seed)
+    es = {"best_params": variables["params"], "best_batch_stats": variables.get("batch_stats", {}),
+          "best_agreement": jnp.asarray(-1.0, jnp.float32), "best_step": jnp.asarray(0, jnp.int32),
+          "bad_evals": jnp.asarray(0, jnp.int32)}
+    ckpt_tree = replicate({"state": state, "es": es}, mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=loop.keep_checkpoints)
+    start = ckpt.latest_step()
+    stopped = False
+    if start is not None:
+        ckpt_tree, saved_meta = ckpt.restore(start, ckpt_tree)
+        stopped = bool(saved_meta.get("stopped", False))
+        log(f"[{name}] resumed from step {start}" + (" (run had already finished)" if stopped else ""))
+    state, es = ckpt_tree["state"], ckpt_tree["es"]
+    teacher_vars, masks, mult = replicate((teacher_variables, masks, mult), mesh)
+    writer = MetricWriter(workdir)
+    step = int(state.step)
+    imgs_per_step = step_cfg.batch_id + step_cfg.batch_ood
+    last_t, last_step = time.time(), step
+    run_t0 = time.time()
+
+    def save(force: bool = False, stopped_flag: bool = False):
+        ckpt.save(step, {"state": state, "es": es}, {**(meta or {}), "stopped": stopped_flag, "name": name},
+                  force=force)
+
+    while step < loop.steps and not stopped:
+        state, metrics = step_fn(state, data, teacher_vars, masks, mult)
+        step += 1
+        if step % loop.log_every == 0 or step == loop.steps:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics["lr"] = float(schedule(step - 1))
+            now = time.time()
+            ips = (step - last_step) * imgs_per_step / max(now - last_t, 1e-9)
+            eta = (loop.steps - step) * (now - run_t0) / max(step - (start or 0), 1)
+            metrics["images_per_s"] = ips
+            writer.write(step, "train", metrics)
+            terms = " ".join(f"{k} {metrics[k]:.4f}" for k in ("base", "jd", "reg") if k in metrics)
+            log(f"[{name}] step {step}/{loop.steps} loss {metrics['loss']:.4f} ({terms}) "
+                f"acc {metrics['train_acc']:.1f}% lr {metrics['lr']:.2e} {ips:,.0f} img/s ETA {_format_eta(eta)}")
+            last_t, last_step = now, step
+        if heldout is not None and loop.eval_every and step % loop.eval_every == 0:
+            cur = {"params": state.params, "batch_stats": state.batch_stats, "masks": masks}
+            preds = np.argmax(predict(cur, heldout[0])["logits"], -1)
+            agree = float(np.mean(preds == heldout[1]) * 100.0)
+            best = float(es["best_agreement"])
+            if agree > best:
+                es = {"best_params": jax.tree.map(jnp.copy, state.params),
+                      "best_batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
+                      "best_agreement": jnp.asarray(agree, jnp.float32),
+                      "best_step": jnp.asarray(step, jnp.int32), "bad_evals": jnp.asarray(0, jnp.int32)}
+            else:
+                es = {**es, "bad_evals": es["bad_evals"] + 1}
+            writer.write(step, "eval", {"heldout_agreement": agree, "best_agreement": max(agree, best)})
+            log(f"[{name}] step {step}: held-out OOD agreement with teacher {agree:.2f}% "
+                f"(best {max(agree, best):.2f}% at step {int(es['best_step'])})")
+            if int(es["bad_evals"]) >= loop.patience:
+                stopped = True
+                log(f"[{name}] early stop at step {step}: no improvement in {loop.patience} evaluations")
+        if stopped or step == loop.steps:
+            save(force=True, stopped_flag=True)
+            stopped = True
+        elif step % loop.ckpt_every == 0:
+            save()
+    ckpt.close()
+    writer.close()
+
+    use_best = heldout is not None and loop.eval_every and float(es["best_agreement"]) >= 0
+    params = es["best_params"] if use_best else state.params
+    batch_stats = es["best_batch_stats"] if use_best else state.batch_stats
+    out_vars = jax.device_get({"params": params, "batch_stats": batch_stats, "masks": masks})
+    return FinetuneResult(variables=out_vars, steps_run=step, best_step=int(es["best_step"]) if use_best else step,
+                          best_agreement=float(es["best_agreement"]) if use_best else None,
+                          stopped_early=step < loop.steps, wall_s=time.time() - t0)
