@@ -178,7 +178,7 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, m
         if mult is not None:
             params = jax.tree.map(jnp.multiply, params, mult)
             opt_state = apply_multipliers(opt_state, params, mult)
-        parts["grad_norm"] = optax.global_norm(grads)
+        parts["grad_norm"] = optax.tree.norm(grads)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)
         return new_state, parts
