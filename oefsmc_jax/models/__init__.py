@@ -1,0 +1,71 @@
+"""Models: architecture specs, Flax builders, pruning surgery and analytic cost counts.
+
+``build_model(spec).apply(variables, x, train=False)`` returns
+``{'logits': [B, K], 'features': [B, H, W, C]}``; variables have the
+collections 'params', 'batch_stats' and 'masks'.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from oefsmc_jax.models.flops import count_flops, count_params
+from oefsmc_jax.models.resnet import ResidualBlock, ResNet
+from oefsmc_jax.models.spec import (
+    ArchSpec,
+    cifar_resnet_spec,
+    imagenet_resnet_spec,
+    resnet_spec,
+    vgg16_spec,
+    vgg_spec,
+)
+from oefsmc_jax.models.surgery import (
+    WidthLink,
+    drop_blocks,
+    droppable_blocks,
+    l1_prune,
+    mask_multipliers,
+    prunable_widths,
+    set_masks,
+    shrink,
+    width_links,
+)
+from oefsmc_jax.models.vgg import VGG, VGGLayer
+
+
+def build_model(spec: ArchSpec, *, bn_axis_name: str | None = None, dtype: Any = jnp.float32) -> nn.Module:
+    """Flax module for ``spec``; ``bn_axis_name`` syncs BN batch statistics across that mapped axis."""
+    if not isinstance(spec, ArchSpec):
+        raise TypeError(f"build_model expects an ArchSpec, got {type(spec).__name__}")
+    if spec.family == "vgg":
+        return VGG(spec=spec, bn_axis_name=bn_axis_name, dtype=dtype)
+    return ResNet(spec=spec, bn_axis_name=bn_axis_name, dtype=dtype)
+
+
+__all__ = [
+    "VGG",
+    "ArchSpec",
+    "ResNet",
+    "ResidualBlock",
+    "VGGLayer",
+    "WidthLink",
+    "build_model",
+    "cifar_resnet_spec",
+    "count_flops",
+    "count_params",
+    "drop_blocks",
+    "droppable_blocks",
+    "imagenet_resnet_spec",
+    "l1_prune",
+    "mask_multipliers",
+    "prunable_widths",
+    "resnet_spec",
+    "set_masks",
+    "shrink",
+    "vgg16_spec",
+    "vgg_spec",
+    "width_links",
+]

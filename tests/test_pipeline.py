@@ -1,0 +1,141 @@
+"""End to end: the demo pipeline on a tiny model, exact report metrics, and resume after a real kill."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from oefsmc_jax.checkpoint import load_model
+from oefsmc_jax.evaluation import classification_metrics
+from oefsmc_jax.models import build_model
+from oefsmc_jax.parallel import make_mesh
+from oefsmc_jax.step import make_predict
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import demo  # noqa: E402
+
+OVERRIDES = {
+    "data.image_size": 8, "data.id.image_size": 8, "data.test.image_size": 8, "data.ood.image_size": 8,
+    "data.ood.num_images": 600, "data.pad": 1, "arch.widths": (4, 8, 8), "teacher.steps": 40,
+    "teacher.batch_size": 64, "train.steps": 400, "train.batch_id": 16, "train.batch_ood": 16,
+    "train.log_every": 100, "train.ckpt_every": 50, "oe.heldout": 100, "oe.eval_every": 50, "oe.patience": 100,
+    "eval.latency": False,
+}
+
+
+def tiny_config():
+    c = demo.get_config("per_class=5")
+    for key, value in OVERRIDES.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def _flags():
+    out = []
+    for key, value in OVERRIDES.items():
+        v = f"({','.join(map(str, value))},)" if isinstance(value, tuple) else str(value)
+        out.append(f"--config.{key}={v}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from oefsmc_jax.pipeline import run
+
+    workdir = tmp_path_factory.mktemp("run")
+    return workdir, run(tiny_config(), workdir)
+
+
+def test_run_writes_results_report_and_plot(finished_run):
+    workdir, out = finished_run
+    for arm in ("base", "oe"):
+        res = json.loads((workdir / arm / "result.json").read_text())
+        assert res["steps"] == 400
+        assert 0.0 <= res["metrics"]["top1"] <= 100.0
+    report = (workdir / "report.md").read_text()
+    assert "| KD + OE-FSMC |" in report and "| Teacher " in report
+    assert (workdir / "per_class_accuracy.png").stat().st_size > 1000
+    subset = json.loads((workdir / "subset.json").read_text())
+    assert sum(subset["counts"]) == len(subset["id_indices"]) == 49
+    assert len(subset["ood_indices"]) == 10 * max(subset["counts"]) - 49
+    assert set(subset["ood_indices"]).isdisjoint(subset["heldout_indices"])
+    lines = [json.loads(x) for x in (workdir / "oe" / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["split"] == "train"]
+    assert [x["step"] for x in train] == [100, 200, 300, 400]
+    assert all({"loss", "base", "jd", "reg", "lr", "images_per_s"} <= set(x) for x in train)
+    assert [x["step"] for x in lines if x["split"] == "eval"] == [50, 100, 150, 200, 250, 300, 350, 400]
+    assert list((workdir / "oe" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_reported_metrics_are_exactly_those_of_the_exported_student(finished_run):
+    from oefsmc_jax.data import load_source
+
+    workdir, out = finished_run
+    cfg = tiny_config()
+    test = load_source(cfg.data.test)
+    counts = np.array(json.loads((workdir / "subset.json").read_text())["counts"])
+    for arm in ("base", "oe"):
+        spec, variables, meta = load_model(workdir / arm / "student")
+        assert meta["arm"] == arm
+        predict = make_predict(make_mesh(), build_model(spec), cfg.data.mean, cfg.data.std, 64)
+        pred = np.argmax(predict(variables, test.x)["logits"], -1)
+        expected = classification_metrics(pred, test.y, 10, counts)
+        got = out["arms"][arm]["metrics"]
+        for key in ("top1", "balanced", "many", "medium", "few", "per_class"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+    # the student is really smaller than the teacher
+    t_spec, _, _ = load_model(workdir / "teacher" / "model")
+    s_spec, _, _ = load_model(workdir / "oe" / "student")
+    from oefsmc_jax.models import count_params
+
+    assert count_params(s_spec) < 0.7 * count_params(t_spec)
+
+
+def test_rerun_reuses_finished_arms(finished_run, capfd):
+    from oefsmc_jax.pipeline import run
+
+    workdir, out = finished_run
+    before = (workdir / "oe" / "result.json").read_text()
+    again = run(tiny_config(), workdir)
+    assert (workdir / "oe" / "result.json").read_text() == before
+    assert again["arms"]["oe"]["metrics"] == out["arms"]["oe"]["metrics"]
+    assert "finished earlier; reusing" in capfd.readouterr().err
+
+
+def test_killed_run_resumes_to_identical_parameters(finished_run, tmp_path):
+    workdir_ref, _ = finished_run
+    workdir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "oefsmc_jax", "--config", f"{REPO / 'configs' / 'demo.py'}:per_class=5",
+           "--workdir", str(workdir), *_flags()]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt_dir = workdir / "base" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "base" / "result.json").exists(), "the run finished before it could be killed"
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[base] resumed from step" in done.stderr
+    for arm in ("base", "oe"):
+        _, ref, _ = load_model(workdir_ref / arm / "student")
+        _, got, _ = load_model(workdir / arm / "student")
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
