@@ -1,4 +1,9 @@
-"""Command line: ``python -m oefsmc_jax --config configs/NAME.py[:arg] --workdir DIR [--config.FIELD=VALUE ...]``."""
+"""Command line.
+
+``python -m oefsmc_jax --config configs/NAME.py[:arg] --workdir DIR [--config.FIELD=VALUE ...]`` runs a compression;
+``python -m oefsmc_jax import-teacher SRC OUT_DIR [--depth N] [--check-npz NPZ]`` converts a pretrained PyTorch
+CIFAR ResNet (akamaster ``.npz`` export or ``.th``) into an Orbax model checkpoint that ``teacher.checkpoint`` names.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +66,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def cli() -> None:
-    """Entry point."""
+    """Entry point: ``import-teacher`` subcommand, or a compression run."""
+    if len(sys.argv) > 1 and sys.argv[1] == "import-teacher":
+        from oefsmc_jax.convert import main as import_main
+
+        sys.exit(import_main(sys.argv[2:], prog="python -m oefsmc_jax import-teacher"))
     app.run(main, flags_parser=parse_flags)
 
 

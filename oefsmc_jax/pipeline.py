@@ -81,7 +81,7 @@ class RunData:
 
 def _labels_and_loader(cfg: Any, cache: pathlib.Path) -> tuple[np.ndarray, Callable[[np.ndarray], ImageSet],
                                                                 ImageSet | None]:
-    if cfg.kind == "tfds":
+    if cfg.kind == "tfds" and cfg.get("lazy", False):
         labels = tfds_labels(cfg, cache)
         return labels, lambda idx: load_source(cfg, idx), None
     full = load_source(cfg)
@@ -159,7 +159,14 @@ def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) ->
     """Load the teacher from ``config.teacher.checkpoint``, or train it (once, cached in the workdir)."""
     path = config.teacher.checkpoint
     if path:
-        spec, variables, _ = load_model(path)
+        if str(path).endswith((".npz", ".th", ".pth", ".pt")):
+            from oefsmc_jax.convert import load_akamaster_npz, load_akamaster_th
+
+            loader = load_akamaster_npz if str(path).endswith(".npz") else load_akamaster_th
+            spec, variables = loader(path)
+            log(f"teacher: imported {path} ({spec.family}, {count_params(spec):,} parameters)")
+        else:
+            spec, variables, _ = load_model(path)
         if spec.num_classes != config.data.num_classes:
             raise ValueError(f"teacher.checkpoint: the teacher has {spec.num_classes} classes but "
                              f"data.num_classes is {config.data.num_classes}")
@@ -170,8 +177,8 @@ def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) ->
         log(f"teacher: reusing {tdir / 'model'}")
         return spec, variables
     if data.full_train is None:
-        raise ValueError("teacher.checkpoint is empty and the ID source cannot be loaded whole to train one; "
-                         "give teacher.checkpoint")
+        raise ValueError("teacher.checkpoint is empty and data.id is a lazy tfds source that is not loaded whole; "
+                         "give teacher.checkpoint (an Orbax model, or an akamaster .npz/.th file)")
     tc = config.teacher
     spec = build_arch(config.arch, config.data.num_classes)
     variables = init_variables(spec, config.data.image_size, config.seed)
@@ -289,7 +296,12 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     """Run every arm of ``config`` in ``workdir`` and write ``report.md`` and the per-class plot; returns results."""
     from oefsmc_jax.config_validation import validate
 
+    from oefsmc_jax.config_validation import ConfigError
+
     workdir = pathlib.Path(workdir).absolute()
+    if config.num_devices < 0 or config.num_devices > jax.device_count():
+        raise ConfigError(f"config.num_devices: {config.num_devices} is not allowed; 0 (all) to "
+                          f"{jax.device_count()} devices are visible")
     mesh = make_mesh(config.num_devices or None)
     validate(config, num_devices=mesh.shape["data"])
     workdir.mkdir(parents=True, exist_ok=True)

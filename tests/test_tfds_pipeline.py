@@ -1,0 +1,97 @@
+"""End-to-end runs of the tfds configs on mock data (``tfds.testing.mock_data``; no download, no TensorFlow).
+
+The mock serves distinct random images per split (TFDS' own generator repeats the same images in every split,
+which the pipeline rightly refuses as an overlap between training and evaluation data).
+"""
+
+import json
+import pathlib
+import sys
+import zlib
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from oefsmc_jax.checkpoint import save_model
+from oefsmc_jax.models import imagenet_resnet_spec
+from oefsmc_jax.pipeline import init_variables, run
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import cifar10  # noqa: E402
+import imagenet  # noqa: E402
+
+
+class FakeSource:
+    """A random-access source of distinct random images per (dataset, split)."""
+
+    def __init__(self, key: str, n: int, num_classes: int, side: int, reads: list):
+        rng = np.random.default_rng(zlib.crc32(key.encode()))
+        self.x = rng.integers(0, 256, (n, side, side + 4, 3), dtype=np.uint8)  # non-square: exercises the crop
+        self.y = np.arange(n) % num_classes
+        self.reads = reads
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads.append(i)
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def mock(num_examples, num_classes, side, reads):
+    def as_data_source(builder, split, decoders=None, **kwargs):
+        return FakeSource(f"{builder.name}/{split}", num_examples, num_classes, side, reads)
+
+    return tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=as_data_source)
+
+
+def shrink_for_test(c, size):
+    for k in ("id", "test", "ood"):
+        c.data[k].image_size = size
+    c.data.image_size = size
+    c.data.pad = 1
+    c.train.batch_id = 8
+    c.train.batch_ood = 8
+    return c
+
+
+def test_cifar10_tfds_config_end_to_end_on_mock_data(tmp_path):
+    c = shrink_for_test(cifar10.get_config("data=tfds,runlocal=1,per_class=3"), 8)
+    c.arch.name = "resnet8"
+    c.arch.widths = (4, 8, 8)
+    c.teacher.steps = 10
+    c.teacher.batch_size = 32
+    with mock(200, 10, 32, []):
+        out = run(c, tmp_path)
+    assert set(out["arms"]) == {"base", "oe"}
+    assert "| KD + OE-FSMC |" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "subset.json").read_text())["id_source"] == "tfds:cifar10/train"
+
+
+def test_imagenet_config_reads_only_the_few_samples_lazily(tmp_path):
+    spec = imagenet_resnet_spec(18, 1000, widths=(4, 8, 8, 8), stem_width=4)
+    save_model(tmp_path / "teacher", spec, init_variables(spec, 32, 0))
+    c = shrink_for_test(imagenet.get_config(f"runlocal=1,per_class=1,rho=1,teacher={tmp_path / 'teacher'}"), 32)
+    c.data.ood.max_examples = 400
+    c.oe.heldout = 16
+    c.train.steps = 4
+    c.method.prune_ratio = 0.5
+    reads = []
+    with mock(3000, 1000, 40, reads):
+        out = run(c, tmp_path / "run")
+    # labels are scanned once (3000 reads) and only the 1000 chosen training images are decoded afterwards
+    assert out["arms"]["oe"]["steps"] == 4
+    train_reads = len(reads) - 3000 - 3000 - 400  # minus label scan, the whole test split and the OOD pool
+    assert train_reads == 1000
+    assert (tmp_path / "run" / "cache" / "id_labels.npz").exists()
+    student = out["arms"]["oe"]["spec"]
+    assert student["inner_widths"] != spec.to_dict()["inner_widths"]
+    assert jax.device_count() == 4
+
+
+@pytest.fixture(autouse=True)
+def _no_download(monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", "/nonexistent-tfds-dir")
