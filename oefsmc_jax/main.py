@@ -17,6 +17,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, optionally with an
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, results and report. Rerunning with the "
                     "same workdir resumes.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one process per host of a TPU pod "
+                  "or a multi-node GPU job); the mesh then spans the devices of all hosts.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -29,6 +31,10 @@ def main(argv: list[str]) -> None:
     from oefsmc_jax.data import DataOverlapError
     from oefsmc_jax.pipeline import run
 
+    if FLAGS.multihost:
+        import jax
+
+        jax.distributed.initialize()
     try:
         run(FLAGS.config, FLAGS.workdir)
     except (ConfigError, DataOverlapError, FileNotFoundError) as e:

@@ -50,7 +50,9 @@ def log(msg: str) -> None:
 
 
 def write_json(path: pathlib.Path, obj: Any) -> None:
-    """Write JSON atomically (a crash never leaves a half-written result)."""
+    """Write JSON atomically (a crash never leaves a half-written result); only process 0 writes."""
+    if jax.process_index() != 0:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
@@ -294,9 +296,7 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
 
 def run(config: Any, workdir: str | os.PathLike) -> dict:
     """Run every arm of ``config`` in ``workdir`` and write ``report.md`` and the per-class plot; returns results."""
-    from oefsmc_jax.config_validation import validate
-
-    from oefsmc_jax.config_validation import ConfigError
+    from oefsmc_jax.config_validation import ConfigError, validate
 
     workdir = pathlib.Path(workdir).absolute()
     if config.num_devices < 0 or config.num_devices > jax.device_count():
@@ -331,9 +331,11 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
         model["teacher_latency_ms"] = measure_latency(t_spec, t_vars, config.data.image_size)
         model["student_latency_ms"] = first["latency_ms"]
     names = list(config.data.class_names) if config.data.class_names else [str(i) for i in range(k)]
-    report = write_report(workdir, {"title": config.title, "class_names": names,
-                                    "train_counts": data.counts.tolist(), "arms": arms, "teacher": teacher_metrics,
-                                    "model": model, "config": config.to_dict()})
+    report = workdir / "report.md"
+    if jax.process_index() == 0:
+        write_report(workdir, {"title": config.title, "class_names": names, "train_counts": data.counts.tolist(),
+                               "arms": arms, "teacher": teacher_metrics, "model": model,
+                               "config": config.to_dict()})
     table = side_by_side(arms, teacher_metrics)
     print(table, flush=True)
     log(f"report: {report}")

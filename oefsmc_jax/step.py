@@ -2,10 +2,11 @@
 
 One call of the step, all inside a single ``jax.jit``:
 
-1. From ``fold_in(rng, step)`` it draws, for the *global* batch, the ID indices (uniform from ``D``), the OOD indices
-   (uniform from ``D_o``), one augmentation key per image and the OOD images' complementary labels
-   ``y~ ~ Categorical(Gamma)``. Drawing globally (per example) makes the result independent of the device count.
-2. ``jax.shard_map`` over the ``data`` axis runs the per-device step: augment and normalise the local images, run
+1. Inside ``jax.shard_map`` over the ``data`` axis, every device draws from ``fold_in(rng, step)`` the *global*
+   batch's ID indices (uniform from ``D``), OOD indices (uniform from ``D_o``), one augmentation key per image and
+   the OOD images' complementary labels ``y~ ~ Categorical(Gamma)``, and keeps its own slice. Drawing globally
+   (per example) makes the result independent of the device count, and no communication is needed for it.
+2. The per-device step then augments and normalises the local images, runs
    the teacher in eval mode and the student in train mode on ``ID ∪ OOD`` (BatchNorm statistics synced with
    ``lax.pmean`` across devices), compute ``L = L_base + lambda_jd * L_jd + eta * R``, ``lax.pmean`` the gradients,
    apply the optax update and re-apply the pruning masks to parameters and optimizer moments.
@@ -134,12 +135,40 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, m
     def prep(keys, images):
         return normalize(augment_batch(keys, images, pad=cfg.pad, flip=cfg.flip), mean, std)
 
-    def per_device(state: TrainState, masks, mult, teacher_vars, reg_w, x_id, y_id, k_id, x_ood, y_ood, k_ood):
-        xs = [prep(k_id, x_id)]
+    def draw(state: TrainState, data: StepData):
+        """This device's slice of the step's global draws (the same on every device count)."""
+        key = jax.random.fold_in(state.rng, state.step)
+        k_idx, k_idx_ood, k_aug, k_aug_ood, k_lab = jax.random.split(key, 5)
+        dev = lax.axis_index(AXIS)
+
+        def local(a, b_global):
+            b = b_global // ndev
+            return lax.dynamic_slice_in_dim(a, dev * b, b)
+
+        n = data.x_id.shape[0]
+        idx = jax.random.choice(k_idx, n, (cfg.batch_id,), replace=cfg.batch_id > n or data.id_probs is not None,
+                                p=data.id_probs)
+        idx = local(idx, cfg.batch_id)
+        out = {"x_id": data.x_id[idx], "y_id": data.y_id[idx],
+               "k_id": local(jax.random.split(k_aug, cfg.batch_id), cfg.batch_id)}
         if use_ood:
-            xs.append(prep(k_ood, x_ood))
+            m = data.x_ood.shape[0]
+            idx_ood = local(jax.random.choice(k_idx_ood, m, (cfg.batch_ood,), replace=cfg.batch_ood > m),
+                            cfg.batch_ood)
+            out["x_ood"] = data.x_ood[idx_ood]
+            out["k_ood"] = local(jax.random.split(k_aug_ood, cfg.batch_ood), cfg.batch_ood)
+            y_ood = jax.random.categorical(k_lab, jnp.log(jnp.maximum(data.gamma, 1e-30)), shape=(cfg.batch_ood,))
+            out["y_ood"] = local(y_ood, cfg.batch_ood)
+        return out
+
+    def per_device(state: TrainState, data: StepData, teacher_vars, masks, mult):
+        b = draw(state, data)
+        xs = [prep(b["k_id"], b["x_id"])]
+        if use_ood:
+            xs.append(prep(b["k_ood"], b["x_ood"]))
         x_all = jnp.concatenate(xs) if use_ood else xs[0]
-        b_loc = x_id.shape[0]
+        y_id = b["y_id"]
+        b_loc = y_id.shape[0]
         t_out = None
         if needs_teacher:
             t_out = teacher.apply(teacher_vars, x_all, train=False)
@@ -163,7 +192,7 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, m
                 parts["jd"] = jd
                 total = total + cfg.lambda_jd * jd
             if use_reg:
-                reg = losses.class_dependent_regularizer(out["logits"][b_loc:], y_ood, reg_w)
+                reg = losses.class_dependent_regularizer(out["logits"][b_loc:], b["y_ood"], data.reg_weights)
                 parts["reg"] = reg
                 total = total + cfg.eta * reg
             parts["loss"] = total
@@ -183,29 +212,11 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, m
                                   opt_state=opt_state)
         return new_state, parts
 
-    rep, bat = P(), P(AXIS)
-    sharded = jax.shard_map(
-        per_device, mesh=mesh,
-        in_specs=(rep, rep, rep, rep, rep, bat, bat, bat, bat, bat, bat),
-        out_specs=(rep, rep), check_vma=False)
-
-    def step(state: TrainState, data: StepData, teacher_vars, masks, mult):
-        key = jax.random.fold_in(state.rng, state.step)
-        k_idx, k_idx_ood, k_aug, k_aug_ood, k_lab = jax.random.split(key, 5)
-        n = data.x_id.shape[0]
-        idx = jax.random.choice(k_idx, n, (cfg.batch_id,), replace=cfg.batch_id > n or data.id_probs is not None,
-                                p=data.id_probs)
-        x_id, y_id = data.x_id[idx], data.y_id[idx]
-        k_id = jax.random.split(k_aug, cfg.batch_id)
-        x_ood = y_ood = k_ood = None
-        if use_ood:
-            m = data.x_ood.shape[0]
-            idx_ood = jax.random.choice(k_idx_ood, m, (cfg.batch_ood,), replace=cfg.batch_ood > m)
-            x_ood = data.x_ood[idx_ood]
-            k_ood = jax.random.split(k_aug_ood, cfg.batch_ood)
-            y_ood = jax.random.categorical(k_lab, jnp.log(jnp.maximum(data.gamma, 1e-30)), shape=(cfg.batch_ood,))
-        return sharded(state, masks, mult, teacher_vars, data.reg_weights, x_id, y_id, k_id, x_ood, y_ood, k_ood)
-
+    # Everything is replicated in and out: each device draws the global batch's indices, keys and labels from the
+    # same step key and takes its own slice, so the only communication is the explicit pmean collectives.
+    rep = P()
+    step = jax.shard_map(per_device, mesh=mesh, in_specs=(rep, rep, rep, rep, rep), out_specs=(rep, rep),
+                         check_vma=False)
     return jax.jit(step, donate_argnums=(0,))
 
 

@@ -8,7 +8,6 @@ import pathlib
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from oefsmc_jax.methods.base import Method
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
 from oefsmc_jax.optim import make_optimizer
 from oefsmc_jax.parallel import replicate
-from oefsmc_jax.step import StepConfig, StepData, TrainState, init_state, make_predict, make_train_step
+from oefsmc_jax.step import StepConfig, StepData, init_state, make_predict, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,33 +51,49 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _summary_writer_cls() -> type:
+    """tensorboardX's SummaryWriter, imported without letting it import PyTorch.
+
+    tensorboardX imports torch whenever it is installed; loading torch beside JAX costs seconds of start-up and
+    has aborted processes at exit on this project's machines, so the import is blocked for tensorboardX only.
+    """
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # makes "import torch" raise ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Appends metric records to ``metrics.jsonl`` and TensorBoard event files in ``directory``."""
 
     def __init__(self, directory: str | pathlib.Path):
         self.directory = pathlib.Path(directory)
+        self.enabled = jax.process_index() == 0  # one writer for a multi-host run
+        if not self.enabled:
+            return
         self.directory.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.directory / "metrics.jsonl", "a")  # noqa: SIM115
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.directory / "tensorboard"))
-        except ImportError:  # pragma: no cover - tensorboardX is a listed dependency
-            self._tb = None
+        self._tb = _summary_writer_cls()(str(self.directory / "tensorboard"))
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         """Record ``values`` at ``step`` under ``split`` (e.g. 'train', 'eval')."""
+        if not self.enabled:
+            return
         rec = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(rec) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in values.items():
-                self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
+        for k, v in values.items():
+            self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
     def close(self) -> None:
         """Flush and close the files."""
-        self._jsonl.close()
-        if self._tb is not None:
+        if self.enabled:
+            self._jsonl.close()
             self._tb.close()
 
 

@@ -132,7 +132,8 @@ def test_killed_run_resumes_to_identical_parameters(finished_run, tmp_path):
     proc.wait()
     assert not (workdir / "base" / "result.json").exists(), "the run finished before it could be killed"
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    fatal = done.stderr.find("Fatal Python error")
+    assert done.returncode == 0, done.stderr[max(0, fatal - 2000):fatal + 2500] if fatal >= 0 else done.stderr[-3000:]
     assert "[base] resumed from step" in done.stderr
     for arm in ("base", "oe"):
         _, ref, _ = load_model(workdir_ref / arm / "student")

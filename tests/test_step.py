@@ -92,7 +92,7 @@ def test_params_change_and_masked_slices_stay_exactly_zero(setup, runs):
     s1, _, _ = runs[1]
     mult = mask_multipliers(s_spec, s_vars)
     zeros_seen = 0
-    for p0, p, m in zip(jax.tree.leaves(s_vars["params"]), jax.tree.leaves(s1.params), jax.tree.leaves(mult)):
+    for p, m in zip(jax.tree.leaves(s1.params), jax.tree.leaves(mult)):
         m = np.broadcast_to(np.asarray(m), np.shape(p))
         assert np.all(np.asarray(p)[m == 0] == 0.0)
         zeros_seen += int((m == 0).sum())

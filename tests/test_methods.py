@@ -1,0 +1,136 @@
+"""BP and KD: compression stage, losses, the calibration set, switchable OE terms and early stopping."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from oefsmc_jax import losses, sampler
+from oefsmc_jax.data import ImageSet
+from oefsmc_jax.evaluation import agreement
+from oefsmc_jax.methods import BP, KD, CompressionContext, build_method
+from oefsmc_jax.models import build_model, cifar_resnet_spec
+from oefsmc_jax.optim import make_optimizer
+from oefsmc_jax.parallel import make_mesh, replicate
+from oefsmc_jax.pipeline import RunData, calibration_set, init_variables
+from oefsmc_jax.step import StepConfig, StepData, init_state, make_predict, make_train_step
+from oefsmc_jax.train import LoopConfig, finetune
+
+K, SIZE = 10, 8
+SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return init_variables(SPEC, SIZE, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    rng = np.random.default_rng(0)
+    counts = np.array([6, 5, 4, 3, 3, 2, 2, 1, 1, 1])
+    y = np.repeat(np.arange(K), counts).astype(np.int32)
+    train = ImageSet(rng.integers(0, 256, (len(y), SIZE, SIZE, 3), dtype=np.uint8), y, "train")
+    ood = ImageSet(rng.integers(0, 256, (40, SIZE, SIZE, 3), dtype=np.uint8), np.full(40, -1, np.int32), "ood")
+    held = ImageSet(rng.integers(0, 256, (32, SIZE, SIZE, 3), dtype=np.uint8), np.full(32, -1, np.int32), "held")
+    return RunData(train, counts, ood, held, train, None)
+
+
+def test_build_method_and_prune_ratio_validation():
+    m = build_method({"name": "kd", "prune_ratio": [0.25, 0.5, 0.75], "kd_gamma": 0.5, "tau": 2.0}, 3)
+    assert isinstance(m, KD) and m.prune_ratio == (0.25, 0.5, 0.75) and (m.gamma, m.tau) == (0.5, 2.0)
+    assert isinstance(build_method({"name": "bp", "prune_ratio": 0.5}, 3), BP)
+    with pytest.raises(ValueError, match="method.name: unknown method 'mir'; allowed: bp, kd"):
+        build_method({"name": "mir", "prune_ratio": 0.5}, 3)
+    with pytest.raises(ValueError, match=r"method.prune_ratio: 1.0 is outside the allowed range \[0, 1\)"):
+        build_method({"name": "kd", "prune_ratio": 1.0}, 3)
+    with pytest.raises(ValueError, match="expected 1 or 3 values"):
+        build_method({"name": "kd", "prune_ratio": [0.5, 0.5]}, 3)
+
+
+def test_base_losses():
+    s = {"logits": jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])}
+    t = {"logits": jnp.array([[1.0, 1.0, 0.0], [0.0, 2.0, 0.0]])}
+    y = jnp.array([0, 1])
+    assert float(BP((0.5,)).base_loss(s, None, y)) == pytest.approx(float(losses.cross_entropy(s["logits"], y)))
+    kd = KD((0.5,), gamma=0.7, tau=3.0)
+    assert float(kd.base_loss(s, t, y)) == pytest.approx(
+        0.3 * float(losses.cross_entropy(s["logits"], y)) + 0.7 * float(losses.kd_kl(s["logits"], t["logits"], 3.0)))
+
+
+def test_kd_compression_prunes_each_stage_at_its_ratio(teacher, tiny_data):
+    ctx = CompressionContext(SPEC, teacher, calibration_set(_cfg(), tiny_data, False, np.ones(K) / K),
+                             (0.5,) * 3, (0.25,) * 3, jax.random.PRNGKey(0))
+    spec, variables = KD((0.25, 0.5, 0.75)).compress(ctx)
+    kept = {name: int(np.sum(m["mask0"])) for name, m in variables["masks"].items() if "mask0" in m}
+    assert kept == {"s0b0": 3, "s1b0": 4, "s2b0": 2}
+    # the kept filters are the ones with the largest L1 norm
+    k = np.asarray(teacher["params"]["s1b0"]["conv1"]["kernel"])
+    l1 = np.abs(k).sum(axis=(0, 1, 2))
+    np.testing.assert_array_equal(np.asarray(variables["masks"]["s1b0"]["mask0"]) > 0, l1 >= np.sort(l1)[-4])
+
+
+def _cfg(**oe):
+    c = ml_collections.ConfigDict({"seed": 0, "data": {"num_classes": K},
+                                   "oe": {"in_compression": True, **oe}})
+    return c
+
+
+def test_calibration_set_with_and_without_oe(tiny_data):
+    gamma = np.asarray(sampler.complementary_distribution(jnp.asarray(tiny_data.counts), alpha=0.2))
+    assert gamma[0] == 0.0  # class 0 is the most frequent: alpha = max(beta) gives it no OOD labels
+    base = calibration_set(_cfg(), tiny_data, False, gamma)
+    assert len(base.y) == 28 and not base.is_ood.any()
+    with_oe = calibration_set(_cfg(), tiny_data, True, gamma)
+    assert len(with_oe.y) == 28 + 40 and with_oe.is_ood.sum() == 40
+    assert not np.any(with_oe.y[with_oe.is_ood] == 0)
+    totals = np.bincount(with_oe.y, weights=with_oe.weights, minlength=K)
+    present = np.bincount(with_oe.y, minlength=K) > 0
+    np.testing.assert_allclose(totals[present], totals[present][0], rtol=1e-5)  # every class weighs the same
+    off = calibration_set(_cfg(in_compression=False), tiny_data, True, gamma)
+    assert len(off.y) == 28
+
+
+@pytest.mark.parametrize("lambda_jd,eta,expected", [(0.0, 0.1, {"base", "reg"}), (1.0, 0.0, {"base", "jd"}),
+                                                    (0.0, 0.0, {"base"})])
+def test_each_oe_loss_term_switches_off(teacher, tiny_data, lambda_jd, eta, expected):
+    mesh = make_mesh(1)
+    tx, _ = make_optimizer({"name": "sgd", "lr": 0.01, "schedule": "constant"}, 1)
+    cfg = StepConfig(batch_id=8, batch_ood=8, pad=1, lambda_jd=lambda_jd, eta=eta)
+    step = make_train_step(mesh, build_model(SPEC), build_model(SPEC), KD((0.5,) * 3), tx, cfg)
+    d = tiny_data
+    data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32),
+                              np.ones(K, np.float32)), mesh)
+    state = replicate(init_state(teacher, tx, 0), mesh)
+    _, metrics = step(state, data, replicate(teacher, mesh), replicate(teacher["masks"], mesh), None)
+    assert {"base", "jd", "reg"} & set(metrics) == expected
+    total = sum(float(metrics[k]) * w for k, w in (("base", 1.0), ("jd", lambda_jd), ("reg", eta)) if k in metrics)
+    assert float(metrics["loss"]) == pytest.approx(total, rel=1e-5)
+
+
+def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
+    mesh = make_mesh(1)
+    d = tiny_data
+    t_pred = np.argmax(make_predict(mesh, build_model(SPEC), (0.5,) * 3, (0.25,) * 3)(teacher, d.heldout.x)["logits"], -1)
+    data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32),
+                              np.ones(K, np.float32)), mesh)
+    res = finetune(name="es", workdir=tmp_path, mesh=mesh, spec=SPEC, variables=teacher, method=BP((0.5,) * 3),
+                   teacher_spec=SPEC, teacher_variables=teacher, data=data,
+                   step_cfg=StepConfig(batch_id=8, batch_ood=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3),
+                   optim_cfg={"name": "sgd", "lr": 0.5, "schedule": "constant"},
+                   loop=LoopConfig(steps=60, log_every=60, eval_every=2, patience=2, ckpt_every=100), seed=0,
+                   heldout=(d.heldout.x, t_pred))
+    # stops `patience` evaluations after the best one, long before the 60-step budget
+    assert res.stopped_early and res.steps_run == res.best_step + 2 * 2 < 60
+    pred = np.argmax(make_predict(mesh, build_model(SPEC), (0.5,) * 3, (0.25,) * 3)(res.variables, d.heldout.x)
+                     ["logits"], -1)
+    assert agreement(pred, t_pred) == pytest.approx(res.best_agreement)
+    evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["split"] == "eval"]
+    assert [e["step"] for e in evals] == list(range(2, res.steps_run + 1, 2))
+    best = max(e["heldout_agreement"] for e in evals)
+    assert best == pytest.approx(res.best_agreement)
+    assert min(e["step"] for e in evals if e["heldout_agreement"] == best) == res.best_step
