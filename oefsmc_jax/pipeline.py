@@ -79,6 +79,7 @@ class RunData:
     heldout: ImageSet | None  # held-out OOD slice for early stopping
     test: ImageSet
     full_train: ImageSet | None  # the whole ID training split (only for sources that are cheap to load)
+    subset: dict | None = None  # counts and chosen indices (also in subset.json and in every checkpoint)
 
 
 def _labels_and_loader(cfg: Any, cache: pathlib.Path) -> tuple[np.ndarray, Callable[[np.ndarray], ImageSet],
@@ -119,10 +120,19 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
         check_disjoint(used, test, "the OOD images overlap the evaluation split (it must never be used to train)")
         log(f"data: OOD subset {len(ood)} images, held-out OOD slice {len(heldout)} from {pool.name}")
     check_disjoint(train, test, "the few-sample training set overlaps the evaluation split")
-    write_json(workdir / "subset.json", {
-        "counts": counts.tolist(), "id_indices": np.asarray(idx).tolist(), "ood_indices": ood_idx.tolist(),
-        "heldout_indices": held_idx.tolist(), "id_source": train.name, "test_source": test.name})
-    return RunData(train, counts, ood, heldout, test, full_train)
+    subset = {"counts": counts.tolist(), "id_indices": np.asarray(idx).tolist(), "ood_indices": ood_idx.tolist(),
+              "heldout_indices": held_idx.tolist(), "id_source": train.name, "test_source": test.name}
+    previous = workdir / "subset.json"
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        if any(old.get(k) != subset[k] for k in ("counts", "id_indices", "id_source")) or (
+                uses_ood(config) and old.get("ood_indices") and old["ood_indices"] != subset["ood_indices"]):
+            from oefsmc_jax.config_validation import ConfigError
+
+            raise ConfigError(f"workdir {workdir} holds a run on a different few-sample or OOD subset (the data, "
+                              "subset or seed settings changed); use a new --workdir, or delete this one")
+    write_json(previous, subset)
+    return RunData(train, counts, ood, heldout, test, full_train, subset)
 
 
 def uses_ood(config: Any) -> bool:
@@ -274,7 +284,7 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
     res = finetune(name=arm, workdir=adir, mesh=mesh, spec=spec, variables=variables, method=method,
                    teacher_spec=t_spec, teacher_variables=t_vars, data=step_data, step_cfg=step_cfg,
                    optim_cfg=config.optim.to_dict(), loop=loop, seed=config.seed, heldout=heldout,
-                   meta={"arm": arm, "spec": spec.to_dict()})
+                   meta={"arm": arm, "spec": spec.to_dict(), "subset": data.subset})
     spec_x, vars_x = shrink(spec, res.variables)
     save_model(adir / "student", spec_x, vars_x, {"arm": arm, "method": method.name})
     predict = make_predict(mesh, build_model(spec_x), config.data.mean, config.data.std, config.eval.batch_size)

@@ -107,7 +107,9 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
     ``heldout`` = (uint8 images, teacher predictions) enables early stopping on student-teacher agreement every
     ``loop.eval_every`` steps; the best weights are kept. Checkpoints hold the train state, the early-stopping
     state and ``meta``; rerunning with the same ``workdir`` continues from the newest one and ends with the same
-    parameters as an uninterrupted run.
+    parameters as an uninterrupted run. The checkpoint holds the student's variables (parameters, BatchNorm
+    statistics, masks), the optimizer state, the step, the RNG key, the early-stopping state, and ``meta`` (the
+    pipeline stores the architecture spec and the subset indices there).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     workdir = pathlib.Path(workdir)
@@ -124,7 +126,7 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
     es = {"best_params": variables["params"], "best_batch_stats": variables.get("batch_stats", {}),
           "best_agreement": jnp.asarray(-1.0, jnp.float32), "best_step": jnp.asarray(0, jnp.int32),
           "bad_evals": jnp.asarray(0, jnp.int32)}
-    ckpt_tree = replicate({"state": state, "es": es}, mesh)
+    ckpt_tree = replicate({"state": state, "es": es, "masks": masks}, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=loop.keep_checkpoints)
     start = ckpt.latest_step()
     stopped = False
@@ -132,8 +134,8 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
         ckpt_tree, saved_meta = ckpt.restore(start, ckpt_tree)
         stopped = bool(saved_meta.get("stopped", False))
         log(f"[{name}] resumed from step {start}" + (" (run had already finished)" if stopped else ""))
-    state, es = ckpt_tree["state"], ckpt_tree["es"]
-    teacher_vars, masks, mult = replicate((teacher_variables, masks, mult), mesh)
+    state, es, masks = ckpt_tree["state"], ckpt_tree["es"], ckpt_tree["masks"]
+    teacher_vars, mult = replicate((teacher_variables, mult), mesh)
     writer = MetricWriter(workdir)
     step = int(state.step)
     imgs_per_step = step_cfg.batch_id + step_cfg.batch_ood
@@ -141,8 +143,8 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
     run_t0 = time.time()
 
     def save(force: bool = False, stopped_flag: bool = False):
-        ckpt.save(step, {"state": state, "es": es}, {**(meta or {}), "stopped": stopped_flag, "name": name},
-                  force=force)
+        ckpt.save(step, {"state": state, "es": es, "masks": masks},
+                  {**(meta or {}), "stopped": stopped_flag, "name": name}, force=force)
 
     while step < loop.steps and not stopped:
         state, metrics = step_fn(state, data, teacher_vars, masks, mult)

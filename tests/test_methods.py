@@ -114,7 +114,8 @@ def test_each_oe_loss_term_switches_off(teacher, tiny_data, lambda_jd, eta, expe
 def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
     mesh = make_mesh(1)
     d = tiny_data
-    t_pred = np.argmax(make_predict(mesh, build_model(SPEC), (0.5,) * 3, (0.25,) * 3)(teacher, d.heldout.x)["logits"], -1)
+    predict = make_predict(mesh, build_model(SPEC), (0.5,) * 3, (0.25,) * 3)
+    t_pred = np.argmax(predict(teacher, d.heldout.x)["logits"], -1)
     data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32),
                               np.ones(K, np.float32)), mesh)
     res = finetune(name="es", workdir=tmp_path, mesh=mesh, spec=SPEC, variables=teacher, method=BP((0.5,) * 3),

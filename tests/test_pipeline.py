@@ -140,3 +140,16 @@ def test_killed_run_resumes_to_identical_parameters(finished_run, tmp_path):
         _, got, _ = load_model(workdir / arm / "student")
         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_workdir_of_a_different_subset_is_refused(finished_run):
+    from oefsmc_jax.config_validation import ConfigError
+    from oefsmc_jax.pipeline import run
+
+    workdir, _ = finished_run
+    c = tiny_config()
+    c.subset.seed = 7
+    before = (workdir / "subset.json").read_text()
+    with pytest.raises(ConfigError, match="holds a run on a different few-sample or OOD subset"):
+        run(c, workdir)
+    assert (workdir / "subset.json").read_text() == before
