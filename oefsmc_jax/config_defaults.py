@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.title = "few-sample compression"
     c.seed = 0
     c.num_devices = 0  # 0 = all visible devices
-    c.arms = "base,oe"  # comma-separated: base (method alone), oe (method + OE-FSMC)
+    c.arms = "base,oe"  # comma-separated: base (method alone), oe (method + OE-FSMC), and the no-OOD rebalancing
+    # baselines resample (class-balanced sampling of the ID images) and logit_adjust (logit-adjusted CE)
 
     c.data = ml_collections.ConfigDict()
     c.data.num_classes = 10
@@ -98,6 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
     c.eval.latency = True
+    c.eval.split = "test"  # test: data.test | val: a balanced split of held-back ID training images (for tuning)
+    c.eval.val_per_class = 100
     return c
 
 

@@ -153,5 +153,9 @@ def validate(config: Any, num_devices: int = 1) -> None:
                                         f"{num_devices}")
         if config.teacher.steps < 1:
             _fail("teacher.steps", "must be >= 1 when no teacher.checkpoint is given")
+    if config.eval.split not in ("test", "val"):
+        _fail("eval.split", f"must be 'test' or 'val', got {config.eval.split!r}")
+    if config.eval.split == "val" and config.eval.val_per_class < 1:
+        _fail("eval.val_per_class", f"must be >= 1, got {config.eval.val_per_class}")
     if config.eval.batch_size < 1:
         _fail("eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")

@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from oefsmc_jax.cli_util import parse_config_flags
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with an argument: configs/NAME.py[:arg]",
                                 lock_config=True)
@@ -42,33 +44,9 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
-def _one_line(e: BaseException) -> str:
-    """The useful last line of an error whose text may carry a traceback (as config_flags' errors do)."""
-    text = str(e).replace("\\n", "\n").replace("\\'", "'")
-    lines = [ln.strip() for ln in text.strip().strip("'\"").splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    for ln in reversed(lines):
-        for prefix in ("ValueError: ", "KeyError: ", "TypeError: ", "AttributeError: ", "FileNotFoundError: "):
-            if ln.startswith(prefix):
-                return ln[len(prefix):]
-    if len(lines) > 1 and lines[-1].startswith("[Errno"):
-        return f"{lines[0].split(':')[0]}: {lines[-1]}"
-    return " ".join(lines[:2]) if len(lines) > 1 and len(lines[0]) < 40 else lines[0]
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """Parse flags and load the config; a bad config file, argument or override exits with one line naming it."""
-    try:
-        rest = FLAGS(argv)
-        FLAGS.config.keys()  # config_flags defers load errors to the first access
-    except AttributeError as e:  # an override names a field the config does not have
-        print(f"error: unknown config field in an override: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as e:  # noqa: BLE001 - any failure here is a user error in the command line
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    return rest
+    return parse_config_flags(FLAGS, argv)
 
 
 def cli() -> None:

@@ -8,6 +8,7 @@ same code runs on 1 CPU, N simulated CPU devices, a GPU, a TPU VM and several ho
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -19,13 +20,22 @@ AXIS = "data"
 
 
 def make_mesh(num_devices: int | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named ``data`` over ``devices`` (default: all devices, or the first ``num_devices``)."""
+    """A 1-D mesh named ``data`` over ``devices`` (default: all devices, or the first ``num_devices``).
+
+    The same arguments give the same (cached) mesh object, so compiled functions keyed on it are reused.
+    """
     if devices is None:
-        devices = jax.devices()
-        if num_devices:
-            if num_devices > len(devices):
-                raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are visible")
-            devices = devices[:num_devices]
+        return _cached_mesh(num_devices or 0)
+    return Mesh(np.asarray(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@functools.cache
+def _cached_mesh(num_devices: int) -> Mesh:
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are visible")
+        devices = devices[:num_devices]
     return Mesh(np.asarray(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 

@@ -9,6 +9,7 @@ checkpoints, exported student, per-arm result) is written to the workdir and reu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -41,7 +42,9 @@ from oefsmc_jax.parallel import make_mesh, replicate
 from oefsmc_jax.step import StepConfig, StepData, make_predict
 from oefsmc_jax.train import LoopConfig, finetune
 
-ARMS = ("base", "oe")
+ARMS = ("base", "oe", "resample", "logit_adjust")
+ARM_LABELS = {"base": "{M}", "oe": "{M} + OE-FSMC", "resample": "{M} + class-balanced resampling",
+              "logit_adjust": "{M} + logit adjustment"}
 
 
 def log(msg: str) -> None:
@@ -101,7 +104,17 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
     counts = class_counts(k, s.mode, s.per_class, s.rho, s.equal_total, order)
     idx = few_sample_indices(jax.random.PRNGKey(s.seed), labels, counts)
     train = load_train(idx)
-    test = load_source(config.data.test)
+    if config.eval.split == "val":
+        # a balanced validation split carved from the ID training images outside the few-sample set: for tuning,
+        # so that no choice is ever made on the test split
+        rest = np.asarray(labels).copy()
+        rest[np.asarray(idx)] = -1
+        val_idx = few_sample_indices(jax.random.PRNGKey(s.seed + 5), rest,
+                                     np.full(k, config.eval.val_per_class, np.int64))
+        test = load_train(val_idx)
+        test = ImageSet(test.x, test.y, f"{test.name}[val]")
+    else:
+        test = load_source(config.data.test)
     log(f"data: few-sample set {len(train)} images, counts per class {counts.tolist()}; test {len(test)} images")
 
     ood = heldout = None
@@ -226,6 +239,20 @@ def calibration_set(config: Any, data: RunData, oe_on: bool, gamma: np.ndarray) 
     return Calibration(x=x, y=y, weights=w, is_ood=is_ood)
 
 
+@functools.lru_cache(maxsize=64)
+def predict_fn(mesh: Any, spec: ArchSpec, mean: tuple, std: tuple, batch_size: int) -> Callable:
+    """A cached sharded eval forward for ``spec`` (compiled once per architecture and image shape)."""
+    return make_predict(mesh, build_model(spec), mean, std, batch_size)
+
+
+def class_balanced_probs(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Sampling probabilities that draw every class equally often (``1 / n_y``, normalised): the resampling
+    baseline."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    p = 1.0 / counts[labels]
+    return (p / p.sum()).astype(np.float32)
+
+
 def measure_latency(spec: ArchSpec, variables: dict, image_size: int, batch: int = 128, reps: int = 10) -> float:
     """Median milliseconds of one jitted eval forward pass on ``batch`` images (default device)."""
     model = build_model(spec)
@@ -251,6 +278,8 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
     t0 = time.time()
     oe_on = arm == "oe"
     k = config.data.num_classes
+    if arm == "logit_adjust":
+        method = method.with_logit_adjustment(data.counts / data.counts.sum())
     alpha = config.oe.alpha if config.oe.alpha >= 0 else None
     gamma = np.asarray(sampler.complementary_distribution(jnp.asarray(data.counts), alpha))
     t_spec, t_vars = teacher
@@ -269,7 +298,8 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
     use_ood = oe_on and data.ood is not None and len(data.ood) > 0
     step_data = StepData(
         x_id=replicate(data.train.x, mesh), y_id=replicate(data.train.y.astype(np.int32), mesh),
-        x_ood=replicate(data.ood.x, mesh) if use_ood else None, id_probs=None,
+        x_ood=replicate(data.ood.x, mesh) if use_ood else None,
+        id_probs=replicate(class_balanced_probs(data.train.y, k), mesh) if arm == "resample" else None,
         gamma=replicate(gamma.astype(np.float32), mesh),
         reg_weights=replicate(np.asarray(sampler.class_weights(jnp.asarray(gamma)), np.float32), mesh))
     tr = config.train
@@ -287,7 +317,7 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
                    meta={"arm": arm, "spec": spec.to_dict(), "subset": data.subset})
     spec_x, vars_x = shrink(spec, res.variables)
     save_model(adir / "student", spec_x, vars_x, {"arm": arm, "method": method.name})
-    predict = make_predict(mesh, build_model(spec_x), config.data.mean, config.data.std, config.eval.batch_size)
+    predict = predict_fn(mesh, spec_x, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
     pred = np.argmax(predict(vars_x, data.test.x)["logits"], -1)
     metrics = classification_metrics(pred, data.test.y, k, data.counts)
     metrics["agreement"] = agreement(pred, teacher_test_pred)
@@ -320,7 +350,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     data = prepare_data(config, workdir)
     t_spec, t_vars = get_teacher(config, workdir, mesh, data)
     k = config.data.num_classes
-    t_predict = make_predict(mesh, build_model(t_spec), config.data.mean, config.data.std, config.eval.batch_size)
+    t_predict = predict_fn(mesh, t_spec, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
     t_test_pred = np.argmax(t_predict(t_vars, data.test.x)["logits"], -1)
     teacher_metrics = classification_metrics(t_test_pred, data.test.y, k, data.counts)
     held_pred = (np.argmax(t_predict(t_vars, data.heldout.x)["logits"], -1)
@@ -331,8 +361,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     for arm in arm_names(config):
         results[arm] = run_arm(config, arm, workdir, mesh, data, method, (t_spec, t_vars), t_test_pred,
                                held_pred)
-    labels = {"base": method.name.upper(), "oe": f"{method.name.upper()} + OE-FSMC"}
-    arms = {labels.get(a, a): {**r["metrics"], "steps": r["steps"], "wall_s": r["wall_s"]}
+    arms = {ARM_LABELS[a].format(M=method.name.upper()): {**r["metrics"], "steps": r["steps"], "wall_s": r["wall_s"]}
             for a, r in results.items()}
     first = next(iter(results.values()))
     model = {"teacher_params": count_params(t_spec), "teacher_flops": count_flops(t_spec, config.data.image_size),

@@ -46,6 +46,9 @@ class FinetuneResult:
     wall_s: float
 
 
+_STEP_CACHE: dict = {}
+
+
 def _format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -114,13 +117,17 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     workdir = pathlib.Path(workdir)
     t0 = time.time()
-    student = build_model(spec, bn_axis_name="data")
-    teacher = build_model(teacher_spec) if teacher_spec is not None else None
-    tx, schedule = make_optimizer(optim_cfg, loop.steps, method.trainable(variables["params"]))
+    cache_key = (mesh, spec, teacher_spec, type(method).__name__, method.describe(), step_cfg,
+                 json.dumps(dict(optim_cfg), sort_keys=True, default=str), loop.steps)
+    if cache_key not in _STEP_CACHE:  # a grid of runs reuses compiled steps across cells of the same shapes
+        student = build_model(spec, bn_axis_name="data")
+        teacher = build_model(teacher_spec) if teacher_spec is not None else None
+        tx, schedule = make_optimizer(optim_cfg, loop.steps, method.trainable(variables["params"]))
+        _STEP_CACHE[cache_key] = (tx, schedule, make_train_step(mesh, student, teacher, method, tx, step_cfg),
+                                  make_predict(mesh, build_model(spec), step_cfg.mean, step_cfg.std))
+    tx, schedule, step_fn, predict = _STEP_CACHE[cache_key]
     masks = variables.get("masks", {})
     mult = mask_multipliers(spec, variables)
-    step_fn = make_train_step(mesh, student, teacher, method, tx, step_cfg)
-    predict = make_predict(mesh, student, step_cfg.mean, step_cfg.std) if heldout is not None else None
 
     state = init_state(variables, tx, seed)
     es = {"best_params": variables["params"], "best_batch_stats": variables.get("batch_stats", {}),

@@ -14,12 +14,15 @@ A method has two stages (method.md §3-5):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from oefsmc_jax import losses
 from oefsmc_jax.models import ArchSpec
 
 
@@ -63,6 +66,20 @@ class Method:
     def base_loss(self, student: dict, teacher: dict | None, labels: jax.Array) -> jax.Array:
         """The method's own fine-tuning loss on the ID images (model outputs have ``logits``/``features``)."""
         raise NotImplementedError
+
+    label_prior: tuple[float, ...] | None = None  # set by with_logit_adjustment
+
+    def label_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        """The supervised term on ID labels: cross-entropy, or logit-adjusted CE when a prior is set."""
+        if self.label_prior is None:
+            return losses.cross_entropy(logits, labels)
+        return losses.logit_adjusted_cross_entropy(logits, labels, jnp.asarray(self.label_prior, jnp.float32))
+
+    def with_logit_adjustment(self, prior: np.ndarray) -> Method:
+        """A copy whose supervised term is logit-adjusted CE with the class ``prior`` (a no-OOD baseline)."""
+        out = copy.copy(self)
+        out.label_prior = tuple(float(p) for p in prior)
+        return out
 
     def trainable(self, params: dict) -> dict:
         """Pytree of bools over ``params``: True where fine-tuning updates the parameter (default: all)."""

@@ -30,7 +30,7 @@ class BP(L1PruneMixin, Method):
 
     def base_loss(self, student: dict, teacher: dict | None, labels: jax.Array) -> jax.Array:
         """Cross-entropy of the student on the ID labels."""
-        return losses.cross_entropy(student["logits"], labels)
+        return self.label_loss(student["logits"], labels)
 
 
 class KD(L1PruneMixin, Method):
@@ -45,7 +45,8 @@ class KD(L1PruneMixin, Method):
 
     def base_loss(self, student: dict, teacher: dict | None, labels: jax.Array) -> jax.Array:
         """Hinton's KD loss on the ID images."""
-        return losses.kd_loss(student["logits"], teacher["logits"], labels, self.gamma, self.tau)
+        return (1.0 - self.gamma) * self.label_loss(student["logits"], labels) + self.gamma * losses.kd_kl(
+            student["logits"], teacher["logits"], self.tau)
 
 
 class Supervised(Method):

@@ -1,0 +1,161 @@
+"""A resumable grid of compression runs in one process (reusing compiled steps across cells).
+
+A grid config (e.g. ``configs/paper_cifar10.py``) holds ``base`` (a full run config) and ``groups``: each group is a
+mapping of grid axes to lists (``method``, ``arch``, ``per_class``, ``mode``, ``seed``) plus ``arms`` and optional
+``overrides`` (dotted config fields to fixed values). A *cell* is one point of a group's product; it runs the
+pipeline on one few-sample subset with all its arms (so the arms are paired), in ``WORKDIR/cells/CELL``.
+Every finished arm appends one record to ``WORKDIR/results.jsonl``; a cell whose arms are all recorded is never run
+again, and a killed cell resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import ml_collections
+
+from oefsmc_jax import __version__
+
+AXES = ("method", "arch", "per_class", "mode", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One point of the grid."""
+
+    id: str
+    group: str
+    method: str
+    arch: str
+    per_class: int
+    mode: str
+    seed: int
+    arms: tuple[str, ...]
+    overrides: tuple[tuple[str, Any], ...]
+
+    def settings(self) -> dict:
+        """The cell's grid coordinates and overrides, for records and tables."""
+        return {"group": self.group, "method": self.method, "arch": self.arch, "per_class": self.per_class,
+                "mode": self.mode, "seed": self.seed, "overrides": dict(self.overrides)}
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def expand(groups: Iterable[Mapping[str, Any]]) -> list[Cell]:
+    """All cells of all groups, in order (groups in order, then the product of their axes)."""
+    cells, seen = [], set()
+    for g in groups:
+        missing = [a for a in AXES if a not in g]
+        if missing:
+            raise ValueError(f"grid group {g.get('name', '?')!r} lacks the axes {missing}; each group needs {AXES}")
+        overrides = tuple(sorted(dict(g.get("overrides", {})).items()))
+        arms = tuple(a.strip() for a in str(g.get("arms", "base,oe")).split(",") if a.strip())
+        for method, arch, per_class, mode, seed in itertools.product(*(list(g[a]) for a in AXES)):
+            tag = "".join(f"-{k.split('.')[-1]}{_fmt(v)}" for k, v in overrides)
+            cid = f"{method}-{arch}-n{per_class}-{mode}{tag}-s{seed}"
+            if cid in seen:
+                continue
+            seen.add(cid)
+            cells.append(Cell(cid, str(g.get("name", "grid")), method, arch, int(per_class), mode, int(seed), arms,
+                              overrides))
+    return cells
+
+
+def cell_config(base: ml_collections.ConfigDict, cell: Cell, teacher_for_arch: Mapping[str, str],
+                rho: float) -> ml_collections.ConfigDict:
+    """The run config of ``cell``: ``base`` with the cell's coordinates and overrides applied."""
+    c = ml_collections.ConfigDict(base.to_dict())
+    c.method.name = cell.method
+    c.arch.name = cell.arch
+    if cell.arch in teacher_for_arch:
+        c.teacher.checkpoint = teacher_for_arch[cell.arch]
+    c.subset.per_class = cell.per_class
+    c.subset.mode = cell.mode
+    c.subset.rho = rho if cell.mode == "exp" else 1.0
+    c.seed = cell.seed
+    c.subset.seed = cell.seed
+    c.arms = ",".join(cell.arms)
+    c.title = f"{cell.id}"
+    for key, value in cell.overrides:
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"grid override {key!r}: no such config field")
+        node[leaf] = value
+    return c
+
+
+def read_results(path: pathlib.Path) -> list[dict]:
+    """The records of a results file (missing file: none); a torn last line (killed mid-write) is ignored."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def _append(path: pathlib.Path, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only: str | None = None) -> list[dict]:
+    """Run every unfinished cell of ``config`` (optionally only the group ``only``); returns all records."""
+    from oefsmc_jax.config_validation import validate
+    from oefsmc_jax.parallel import make_mesh
+    from oefsmc_jax.pipeline import run
+
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = workdir / "results.jsonl"
+    groups = [g for g in config.groups if only is None or g["name"] == only]
+    cells = expand(groups)
+    teachers = dict(config.teacher_for_arch)
+    configs = [cell_config(config.base, cell, teachers, config.rho) for cell in cells]
+    n_dev = make_mesh(config.base.num_devices or None).shape["data"]
+    for cell, c in zip(cells, configs):  # validate the whole grid before running any of it
+        try:
+            validate(c, num_devices=n_dev)
+        except ValueError as e:
+            raise type(e)(f"grid cell {cell.id}: {e}") from None
+    done = {(r["cell"], r["arm"]) for r in read_results(results)}
+    todo = [(cell, c) for cell, c in zip(cells, configs) if not all((cell.id, a) in done for a in cell.arms)]
+    print(f"grid: {len(cells)} cells, {len(cells) - len(todo)} finished earlier, {len(todo)} to run; "
+          f"results in {results}", file=sys.stderr, flush=True)
+    t0 = time.time()
+    for i, (cell, c) in enumerate(todo):
+        t_cell = time.time()
+        out = run(c, workdir / "cells" / cell.id)
+        records = []
+        for arm, r in out["arms"].items():
+            if (cell.id, arm) in done:
+                continue
+            records.append({"cell": cell.id, "arm": arm, **cell.settings(), "metrics": r["metrics"],
+                            "teacher": out["teacher"], "steps": r["steps"], "best_step": r["best_step"],
+                            "params": r["params"], "flops": r["flops"], "wall_s": r["wall_s"],
+                            "version": __version__, "config": c.to_dict()})
+        _append(results, records)
+        elapsed = time.time() - t0
+        eta = elapsed / (i + 1) * (len(todo) - i - 1)
+        print(f"grid: cell {i + 1}/{len(todo)} {cell.id} done in {time.time() - t_cell:.0f} s; "
+              f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
+    return read_results(results)

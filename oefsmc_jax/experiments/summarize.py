@@ -1,0 +1,195 @@
+"""Tables and plots of a grid's ``results.jsonl``: mean ± std over seeds, the imbalance drop, paired arm gains."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from oefsmc_jax.evaluation import format_table, paired_difference, plot_per_class
+
+ARM_NAMES = {"base": "base", "oe": "+ OE-FSMC", "resample": "+ resampling", "logit_adjust": "+ logit adj."}
+METRICS = (("top1", "Top-1"), ("balanced", "Balanced"), ("few", "Few-shot"))
+
+
+def _key(r: dict) -> tuple:
+    ov = json.dumps(r.get("overrides", {}), sort_keys=True)
+    return (r["group"], r["method"], r["arch"], r["per_class"], r["mode"], ov)
+
+
+def _mean_std(values: list[float]) -> str:
+    v = np.asarray([x for x in values if x is not None], float)
+    if v.size == 0:
+        return "-"
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if v.size > 1 else f"{v.mean():.1f}"
+
+
+def _overrides_str(ov: str) -> str:
+    d = json.loads(ov)
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in d.items()) or "-"
+
+
+def summary_table(records: list[dict]) -> str:
+    """Mean ± std over seeds of top-1, balanced and few-shot accuracy, one row per (setting, arm)."""
+    groups: dict = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in records:
+        groups[_key(r)][r["arm"]].append(r)
+    rows = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "balanced", k[5])):
+        g, method, arch, n, mode, ov = key
+        for arm in ARM_NAMES:
+            rs = groups[key].get(arm)
+            if not rs:
+                continue
+            row = {"group": g, "method": method.upper(), "teacher": arch, "budget": n, "set": mode,
+                   "settings": _overrides_str(ov), "arm": ARM_NAMES[arm], "seeds": len(rs),
+                   "teacher_top1": np.mean([r["teacher"]["top1"] for r in rs])}
+            for m, _ in METRICS:
+                row[m] = _mean_std([r["metrics"].get(m) for r in rs])
+            rows.append(row)
+    cols = [("group", "Group", None), ("method", "Method", None), ("teacher", "Teacher", None),
+            ("budget", "Per class", None), ("set", "Set", None), ("settings", "Settings", None),
+            ("arm", "Arm", None), ("seeds", "Seeds", None)] + [(m, h, None) for m, h in METRICS] + [
+            ("teacher_top1", "Teacher top-1", ".1f")]
+    return format_table(rows, cols)
+
+
+def paired_table(records: list[dict], metric: str = "top1") -> str:
+    """For every setting and every arm other than ``base``: the mean paired difference to ``base`` (same seed,
+    same subset) with its 95 % t-interval."""
+    by = collections.defaultdict(dict)
+    for r in records:
+        by[_key(r) + (r["seed"],)][r["arm"]] = r["metrics"].get(metric)
+    diffs = collections.defaultdict(lambda: ([], []))
+    for key, arms in by.items():
+        if "base" not in arms or arms["base"] is None:
+            continue
+        for arm, v in arms.items():
+            if arm != "base" and v is not None:
+                a, b = diffs[key[:-1] + (arm,)]
+                a.append(v)
+                b.append(arms["base"])
+    rows = []
+    for key in sorted(diffs, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "balanced", k[5], k[6])):
+        a, b = diffs[key]
+        d = paired_difference(a, b)
+        ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+        per_seed = ", ".join(f"{x - y:+.1f}" for x, y in zip(a, b))
+        rows.append({"method": key[1].upper(), "teacher": key[2], "budget": key[3], "set": key[4],
+                     "settings": _overrides_str(key[5]), "arm": ARM_NAMES.get(key[6], key[6]), "n": d["n"],
+                     "mean": f"{d['mean']:+.2f}", "ci": ci, "per_seed": per_seed})
+    cols = [("method", "Method", None), ("teacher", "Teacher", None), ("budget", "Per class", None),
+            ("set", "Set", None), ("settings", "Settings", None), ("arm", "Arm vs base", None), ("n", "Seeds", None),
+            ("mean", f"Mean Δ {metric}", None), ("ci", "95 % CI", None), ("per_seed", "Per seed", None)]
+    return format_table(rows, cols)
+
+
+def imbalance_table(records: list[dict]) -> str:
+    """Mean top-1 on the balanced set minus mean top-1 on the long-tailed set of the same total, per arm."""
+    acc = collections.defaultdict(list)
+    for r in records:
+        if r.get("overrides"):
+            continue
+        acc[(r["method"], r["arch"], r["per_class"], r["arm"], r["mode"])].append(r["metrics"]["top1"])
+    rows = []
+    for (method, arch, n, arm, mode) in sorted(acc):
+        if mode != "balanced" or (method, arch, n, arm, "exp") not in acc:
+            continue
+        bal, exp = np.mean(acc[(method, arch, n, arm, "balanced")]), np.mean(acc[(method, arch, n, arm, "exp")])
+        rows.append({"method": method.upper(), "teacher": arch, "budget": n, "arm": ARM_NAMES.get(arm, arm),
+                     "bal": bal, "exp": exp, "drop": bal - exp})
+    return format_table(rows, [("method", "Method", None), ("teacher", "Teacher", None),
+                               ("budget", "Per class", None), ("arm", "Arm", None), ("bal", "Balanced set", ".1f"),
+                               ("exp", "Long-tailed set", ".1f"), ("drop", "Imbalance drop", "+.1f")])
+
+
+def plot_budget(records: list[dict], path: pathlib.Path) -> pathlib.Path | None:
+    """Accuracy against budget: one panel per (method, teacher); a line per (arm, set), mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if not r.get("overrides")]
+    panels = sorted({(r["method"], r["arch"]) for r in recs})
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (method, arch) in zip(axes[0], panels):
+        lines = collections.defaultdict(lambda: collections.defaultdict(list))
+        for r in recs:
+            if (r["method"], r["arch"]) == (method, arch):
+                lines[(r["arm"], r["mode"])][r["per_class"]].append(r["metrics"]["top1"])
+        for (arm, mode), pts in sorted(lines.items()):
+            xs = sorted(pts)
+            ys = [np.mean(pts[x]) for x in xs]
+            es = [np.std(pts[x]) for x in xs]
+            ax.errorbar(xs, ys, yerr=es, marker="o" if mode == "exp" else "s", capsize=3,
+                        linestyle="-" if mode == "exp" else "--", label=f"{ARM_NAMES.get(arm, arm)}, {mode}")
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({r["per_class"] for r in recs}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_title(f"{method.upper()}, teacher {arch}")
+        ax.set_xlabel("samples per class (mean)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_names: list[str] | None = None,
+              title: str = "Results") -> pathlib.Path:
+    """Write ``summary.md``, ``accuracy_vs_budget.png`` and one per-class plot into ``out_dir``."""
+    from oefsmc_jax.experiments.runner import read_results
+
+    records = read_results(pathlib.Path(results))
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"# {title}", "", f"{len(records)} arm results from `{pathlib.Path(results).name}` "
+             f"({len({r['cell'] for r in records})} cells). Accuracies in %, mean ± std over seeds.", ""]
+    parts += ["## All settings", "", summary_table(records), ""]
+    parts += ["## Paired differences to the base method (same seed, same subset, same test split)", "",
+              paired_table(records, "top1"), "", paired_table(records, "few"), ""]
+    parts += ["## What imbalance costs (balanced minus long-tailed set of the same total)", "",
+              imbalance_table(records), ""]
+    if plot_budget(records, out / "accuracy_vs_budget.png"):
+        parts += ["## Accuracy against budget", "", "![accuracy against budget](accuracy_vs_budget.png)", ""]
+    cell = next((r for r in records if r["mode"] == "exp" and not r.get("overrides") and r["arm"] == "oe"), None)
+    if cell is not None:
+        arms = {ARM_NAMES.get(r["arm"], r["arm"]): r["metrics"]["per_class"] for r in records
+                if r["cell"] == cell["cell"]}
+        train_counts = _counts_of(cell)
+        names = class_names or [str(i) for i in range(len(train_counts))]
+        plot_per_class(out / "per_class.png", names, train_counts, arms, cell["teacher"]["per_class"],
+                       title=f"per-class accuracy, {cell['cell']}")
+        parts += [f"## Per-class accuracy of one cell ({cell['cell']})", "", "![per-class](per_class.png)", ""]
+    path = out / "summary.md"
+    path.write_text("\n".join(parts))
+    return path
+
+
+def _counts_of(record: dict) -> list[int]:
+    from oefsmc_jax.data import class_counts
+
+    s = record["config"]["subset"]
+    k = record["config"]["data"]["num_classes"]
+    order = None
+    if s["class_order"] == "random":
+        from oefsmc_jax.data import class_order_permutation
+
+        order = class_order_permutation(k, s["seed"])
+    return class_counts(k, s["mode"], s["per_class"], s["rho"], s["equal_total"], order).tolist()
+
+
+def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Convenience: the records of a results file."""
+    from oefsmc_jax.experiments.runner import read_results
+
+    return read_results(pathlib.Path(path))

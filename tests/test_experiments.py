@@ -1,0 +1,130 @@
+"""The experiment runner: grid expansion, resumable results, paired summaries; the no-OOD baselines; val split."""
+
+import json
+import pathlib
+import sys
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from oefsmc_jax import losses
+from oefsmc_jax.checkpoint import save_model
+from oefsmc_jax.evaluation import paired_difference
+from oefsmc_jax.experiments import cell_config, expand, read_results, run_grid, summarize
+from oefsmc_jax.methods import BP, KD
+from oefsmc_jax.models import cifar_resnet_spec
+from oefsmc_jax.pipeline import class_balanced_probs, init_variables, prepare_data
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "configs"))
+import demo  # noqa: E402
+import paper_cifar10  # noqa: E402
+
+
+def test_expand_and_cell_config():
+    groups = [{"name": "g", "method": ["bp", "kd"], "arch": ["resnet8"], "per_class": [2, 4], "mode": ["exp"],
+               "seed": [0, 1], "arms": "base,oe", "overrides": {"oe.eta": 0.3}}]
+    cells = expand(groups)
+    assert len(cells) == 8 and len({c.id for c in cells}) == 8
+    assert cells[0].id == "bp-resnet8-n2-exp-eta0.3-s0" and cells[0].arms == ("base", "oe")
+    c = cell_config(demo.get_config(), cells[-1], {"resnet8": "/some/teacher"}, rho=5.0)
+    assert (c.method.name, c.subset.per_class, c.subset.rho, c.seed, c.subset.seed, c.oe.eta, c.arms) == (
+        "kd", 4, 5.0, 1, 1, 0.3, "base,oe")
+    assert c.teacher.checkpoint == "/some/teacher"
+    with pytest.raises(ValueError, match="grid group 'x' lacks the axes"):
+        expand([{"name": "x", "method": ["kd"]}])
+
+
+def test_paper_grid_validates():
+    from oefsmc_jax.config_validation import validate
+
+    grid = paper_cifar10.get_config()
+    cells = expand(grid.groups)
+    assert len(cells) == 12 + 12 + 4 + 2 + 18
+    for cell in cells:
+        validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
+
+
+def test_class_balanced_probs_and_logit_adjustment():
+    y = np.array([0, 0, 0, 1])
+    p = class_balanced_probs(y, 2)
+    np.testing.assert_allclose(p, [1 / 6, 1 / 6, 1 / 6, 1 / 2], rtol=1e-6)
+    prior = np.array([0.75, 0.25])
+    logits = jnp.array([[1.0, 0.0]])
+    labels = jnp.array([1])
+    la = losses.logit_adjusted_cross_entropy(logits, labels, jnp.asarray(prior))
+    assert float(BP((0.5,)).with_logit_adjustment(prior).base_loss({"logits": logits}, None, labels)) == (
+        pytest.approx(float(la)))
+    kd = KD((0.5,), gamma=0.9, tau=4.0).with_logit_adjustment(prior)
+    t = {"logits": jnp.array([[0.0, 1.0]])}
+    assert float(kd.base_loss({"logits": logits}, t, labels)) == pytest.approx(
+        0.1 * float(la) + 0.9 * float(losses.kd_kl(logits, t["logits"], 4.0)))
+    assert BP((0.5,)).label_prior is None  # the original is unchanged
+
+
+def test_validation_split_is_balanced_and_disjoint_from_the_few_samples(tmp_path):
+    c = demo.get_config("per_class=5,oe=0")
+    c.eval.split = "val"
+    c.eval.val_per_class = 20
+    data = prepare_data(c, tmp_path)
+    assert np.bincount(data.test.y, minlength=10).tolist() == [20] * 10
+    assert data.test.name.endswith("[val]")
+    train_ids = {bytes(x) for x in data.train.x}
+    assert not any(bytes(x) in train_ids for x in data.test.x)
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    save_model(root / "teacher", spec, init_variables(spec, 8, 0))
+    base = demo.get_config()
+    for k in ("id", "test", "ood"):
+        base.data[k].image_size = 8
+    base.data.image_size = 8
+    base.data.ood.num_images = 300
+    base.data.pad = 1
+    base.train.steps = 3
+    base.train.batch_id = 8
+    base.train.batch_ood = 8
+    base.oe.heldout = 16
+    base.oe.eval_every = 3
+    base.eval.latency = False
+    grid = ml_collections.ConfigDict({
+        "title": "tiny", "rho": 4.0, "base": base, "teacher_for_arch": {"resnet8": str(root / "teacher")},
+        "groups": [{"name": "g", "method": ["kd"], "arch": ["resnet8"], "per_class": [3], "mode": ["exp"],
+                    "seed": [0, 1], "arms": "base,oe,logit_adjust"}]})
+    records = run_grid(grid, root / "w")
+    return root, grid, records
+
+
+def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
+    root, grid, records = tiny_grid
+    assert sorted((r["cell"], r["arm"]) for r in records) == sorted(
+        (f"kd-resnet8-n3-exp-s{s}", a) for s in (0, 1) for a in ("base", "oe", "logit_adjust"))
+    r = records[0]
+    assert {"metrics", "config", "wall_s", "version", "teacher", "params", "flops", "seed"} <= set(r)
+    assert r["config"]["subset"]["rho"] == 4.0
+    again = run_grid(grid, root / "w")
+    assert len(again) == len(records)
+    assert "2 cells, 2 finished earlier, 0 to run" in capfd.readouterr().err
+
+
+def test_summary_reports_paired_differences(tiny_grid):
+    root, grid, records = tiny_grid
+    path = summarize(root / "w" / "results.jsonl", root / "summary", None, "tiny")
+    text = path.read_text()
+    by = {(r["seed"], r["arm"]): r["metrics"]["top1"] for r in records}
+    d = paired_difference([by[(0, "oe")], by[(1, "oe")]], [by[(0, "base")], by[(1, "base")]])
+    assert f"{d['mean']:+.2f}" in text and f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]" in text
+    assert (root / "summary" / "per_class.png").stat().st_size > 1000
+    assert "+ logit adj." in text
+    assert json.loads((root / "w" / "results.jsonl").read_text().splitlines()[0])["cell"].startswith("kd-")
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"cell": "a", "arm": "base"}\n{"cell": "b", "ar')
+    assert read_results(p) == [{"cell": "a", "arm": "base"}]
