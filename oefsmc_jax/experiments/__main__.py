@@ -1,5 +1,7 @@
-"""``python -m oefsmc_jax.experiments --config GRID.py[:arg] --workdir DIR [--only GROUP]`` runs (or resumes) a grid
-and summarises it into ``DIR/summary``; ``python -m oefsmc_jax.experiments summarize --workdir DIR [--out OUT]``
+"""Grids from the command line.
+
+``python -m oefsmc_jax.experiments --config GRID.py[:arg] --workdir DIR [--only GROUP] [--cell ID]`` runs (or
+resumes) a grid and summarises it into ``DIR/summary``; ``python -m oefsmc_jax.experiments summarize --workdir DIR [--out OUT]``
 only rewrites the summary."""
 
 import sys
@@ -12,6 +14,7 @@ config_flags.DEFINE_config_file("config", None, "Grid config file: configs/NAME.
 flags.DEFINE_string("workdir", None, "Grid directory: results.jsonl, one folder per cell, summary/.")
 flags.DEFINE_string("out", None, "Where to write the summary (default WORKDIR/summary).")
 flags.DEFINE_string("only", None, "Run only the group with this name.")
+flags.DEFINE_string("cell", None, "Run only the cell with this id (e.g. kd-resnet20-n10-exp-s0).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -33,7 +36,7 @@ def main(argv: list[str]) -> None:
         if len(argv) == 1:
             if cfg is None:
                 raise app.UsageError("--config is required to run a grid")
-            run_grid(cfg, workdir, FLAGS.only)
+            run_grid(cfg, workdir, FLAGS.only, FLAGS.cell)
     except (ConfigError, DataOverlapError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

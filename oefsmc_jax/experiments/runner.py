@@ -118,8 +118,10 @@ def _append(path: pathlib.Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only: str | None = None) -> list[dict]:
-    """Run every unfinished cell of ``config`` (optionally only the group ``only``); returns all records."""
+def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only: str | None = None,
+             cell_id: str | None = None) -> list[dict]:
+    """Run every unfinished cell of ``config`` (optionally only the group ``only`` or the cell ``cell_id``);
+    returns all records."""
     from oefsmc_jax.config_validation import validate
     from oefsmc_jax.parallel import make_mesh
     from oefsmc_jax.pipeline import run
@@ -129,6 +131,11 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     results = workdir / "results.jsonl"
     groups = [g for g in config.groups if only is None or g["name"] == only]
     cells = expand(groups)
+    if cell_id is not None:
+        ids = [c.id for c in cells]
+        cells = [c for c in cells if c.id == cell_id]
+        if not cells:
+            raise ValueError(f"no grid cell {cell_id!r}; cells: {', '.join(ids[:6])}, ... ({len(ids)} in all)")
     teachers = dict(config.teacher_for_arch)
     configs = [cell_config(config.base, cell, teachers, config.rho) for cell in cells]
     n_dev = make_mesh(config.base.num_devices or None).shape["data"]
