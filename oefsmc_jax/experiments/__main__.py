@@ -1,8 +1,8 @@
 """Grids from the command line.
 
 ``python -m oefsmc_jax.experiments --config GRID.py[:arg] --workdir DIR [--only GROUP] [--cell ID]`` runs (or
-resumes) a grid and summarises it into ``DIR/summary``; ``python -m oefsmc_jax.experiments summarize --workdir DIR [--out OUT]``
-only rewrites the summary."""
+resumes) a grid and summarises it into ``DIR/summary``;
+``python -m oefsmc_jax.experiments summarize --workdir DIR [--out OUT]`` only rewrites the summary."""
 
 import sys
 
