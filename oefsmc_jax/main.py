@@ -7,6 +7,7 @@ CIFAR ResNet (akamaster ``.npz`` export or ``.th``) into an Orbax model checkpoi
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -41,6 +42,11 @@ def main(argv: list[str]) -> None:
         run(FLAGS.config, FLAGS.workdir)
     except (ConfigError, DataOverlapError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # e.g. a class with fewer images than the subset asks for
+        if os.environ.get("OEFSMC_DEBUG"):
+            raise
+        print(f"error: {e} (set OEFSMC_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
 
 
