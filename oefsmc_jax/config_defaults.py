@@ -27,7 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.title = "few-sample compression"
     c.seed = 0
     c.num_devices = 0  # 0 = all visible devices
-    c.arms = "base,oe"  # comma-separated: base (method alone), oe (method + OE-FSMC), and the no-OOD rebalancing
+    c.arms = "base,oe"  # comma-separated: base (method alone), oe (method + OE-FSMC), oe_complement and
+    # oe_confidence (OE-FSMC with teacher-guided OOD selection, method.md §4b), and the no-OOD rebalancing
     # baselines resample (class-balanced sampling of the ID images) and logit_adjust (logit-adjusted CE)
 
     c.data = ml_collections.ConfigDict()
@@ -84,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.oe.heldout = 1000  # size of the held-out OOD slice
     c.oe.eval_every = 50
     c.oe.patience = 5
+    c.oe.selection = "random"  # the 'oe' arm's OOD subset: random (paper) | teacher_complement | teacher_confidence
+    c.oe.selection_factor = 2.5  # c: teacher-guided rules select ceil(c * (n_max - n_k)) images per class
+    c.oe.selection_eta = 0.0  # eta of the teacher-guided arms (method.md §4b: R off by default)
+    c.oe.cache_dir = ""  # where the teacher's pool probabilities are cached ('' = WORKDIR/cache)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300

@@ -99,7 +99,8 @@ def validate(config: Any, num_devices: int = 1) -> None:
         if a not in ARMS:
             _fail("arms", f"unknown arm {a!r}; allowed: {', '.join(ARMS)}")
     sources = [("data.id", config.data.id), ("data.test", config.data.test)]
-    if "oe" in arms:
+    uses_pool = any(a in ("oe", "oe_complement", "oe_confidence") for a in arms)
+    if uses_pool:
         sources.append(("data.ood", config.data.ood))
     for field, cfg in sources:
         _check_source(field, cfg)
@@ -107,13 +108,19 @@ def validate(config: Any, num_devices: int = 1) -> None:
             _fail(f"{field}.image_size", f"is {cfg.image_size} but data.image_size is {config.data.image_size}")
     if _source_key(config.data.id) == _source_key(config.data.test):
         _fail("data.test", "is the same split as data.id: the evaluation split must never be used for training")
-    if "oe" in arms:
+    if uses_pool:
         if _source_key(config.data.ood) == _source_key(config.data.id):
             _fail("data.ood", "is the same split as data.id: OOD images must be disjoint from the ID set")
         if _source_key(config.data.ood) == _source_key(config.data.test):
             _fail("data.ood", "is the same split as data.test: the evaluation split must never be used to train")
 
     oe = config.oe
+    from oefsmc_jax.data.selection import SELECTIONS
+
+    if oe.selection not in SELECTIONS:
+        _fail("oe.selection", f"unknown rule {oe.selection!r}; allowed: {', '.join(SELECTIONS)}")
+    if not oe.selection_factor > 0:
+        _fail("oe.selection_factor", f"must be > 0, got {oe.selection_factor}")
     if oe.bn_mode not in BN_MODES:
         _fail("oe.bn_mode", f"must be one of {', '.join(BN_MODES)}, got {oe.bn_mode!r}")
     if oe.alpha != -1 and not 0 < oe.alpha:
@@ -123,7 +130,7 @@ def validate(config: Any, num_devices: int = 1) -> None:
             _fail(f"oe.{f}", f"must be >= 0 (0 switches the term off), got {oe[f]}")
     if oe.size < -1:
         _fail("oe.size", f"must be -1 (automatic) or >= 0, got {oe.size}")
-    if oe.early_stopping and "oe" in arms and (oe.eval_every < 1 or oe.patience < 1 or oe.heldout < 1):
+    if oe.early_stopping and uses_pool and (oe.eval_every < 1 or oe.patience < 1 or oe.heldout < 1):
         _fail("oe.eval_every", "early stopping needs oe.eval_every >= 1, oe.patience >= 1 and oe.heldout >= 1")
 
     t = config.train

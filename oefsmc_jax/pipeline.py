@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -31,10 +32,12 @@ from oefsmc_jax.data import (
     class_order_permutation,
     default_ood_size,
     few_sample_indices,
+    image_hashes,
     load_source,
     ood_split,
     tfds_labels,
 )
+from oefsmc_jax.data.selection import select as select_ood
 from oefsmc_jax.evaluation import agreement, classification_metrics, side_by_side, write_report
 from oefsmc_jax.methods import Calibration, CompressionContext, Method, Supervised, build_method
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, count_params, shrink
@@ -42,8 +45,10 @@ from oefsmc_jax.parallel import make_mesh, replicate
 from oefsmc_jax.step import StepConfig, StepData, make_predict
 from oefsmc_jax.train import LoopConfig, finetune
 
-ARMS = ("base", "oe", "resample", "logit_adjust")
-ARM_LABELS = {"base": "{M}", "oe": "{M} + OE-FSMC", "resample": "{M} + class-balanced resampling",
+ARMS = ("base", "oe", "oe_complement", "oe_confidence", "resample", "logit_adjust")
+OOD_ARMS = ("oe", "oe_complement", "oe_confidence")
+ARM_LABELS = {"base": "{M}", "oe": "{M} + OE-FSMC", "oe_complement": "{M} + OOD by teacher complement",
+              "oe_confidence": "{M} + OOD by teacher confidence", "resample": "{M} + class-balanced resampling",
               "logit_adjust": "{M} + logit adjustment"}
 
 
@@ -83,6 +88,7 @@ class RunData:
     test: ImageSet
     full_train: ImageSet | None  # the whole ID training split (only for sources that are cheap to load)
     subset: dict | None = None  # counts and chosen indices (also in subset.json and in every checkpoint)
+    candidates: ImageSet | None = None  # the OOD pool minus the held-out slice: what teacher-guided selection sees
 
 
 def _labels_and_loader(cfg: Any, cache: pathlib.Path) -> tuple[np.ndarray, Callable[[np.ndarray], ImageSet],
@@ -117,7 +123,7 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
         test = load_source(config.data.test)
     log(f"data: few-sample set {len(train)} images, counts per class {counts.tolist()}; test {len(test)} images")
 
-    ood = heldout = None
+    ood = heldout = candidates = None
     ood_idx = held_idx = np.zeros(0, np.int64)
     if uses_ood(config):
         pool = load_source(config.data.ood)
@@ -129,6 +135,11 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
         ood_idx, held_idx = ood_split(jax.random.PRNGKey(s.seed + 1), len(pool), m, held_n)
         ood, heldout = pool.take(ood_idx), pool.take(held_idx)
         used = pool.take(np.concatenate([ood_idx, held_idx]))
+        if any(arm_selection(config, a) != "random" for a in arm_names(config)):
+            candidates = pool.take(np.setdiff1d(np.arange(len(pool)), held_idx))
+            check_disjoint(candidates, train, "the OOD pool overlaps the in-distribution few-sample set")
+            check_disjoint(candidates, test, "the OOD pool overlaps the evaluation split (it must never be used "
+                                             "to train)")
         check_disjoint(used, train, "the OOD images overlap the in-distribution few-sample set")
         check_disjoint(used, test, "the OOD images overlap the evaluation split (it must never be used to train)")
         log(f"data: OOD subset {len(ood)} images, held-out OOD slice {len(heldout)} from {pool.name}")
@@ -145,12 +156,19 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
             raise ConfigError(f"workdir {workdir} holds a run on a different few-sample or OOD subset (the data, "
                               "subset or seed settings changed); use a new --workdir, or delete this one")
     write_json(previous, subset)
-    return RunData(train, counts, ood, heldout, test, full_train, subset)
+    return RunData(train, counts, ood, heldout, test, full_train, subset, candidates)
 
 
 def uses_ood(config: Any) -> bool:
     """Whether any arm of the run needs the OOD pool."""
-    return "oe" in arm_names(config)
+    return any(a in OOD_ARMS for a in arm_names(config))
+
+
+def arm_selection(config: Any, arm: str) -> str:
+    """The OOD selection rule of ``arm``: ``oe`` follows ``oe.selection``; ``oe_complement`` and
+    ``oe_confidence`` are the teacher-guided rules; arms without OOD images give 'none'."""
+    return {"oe": config.oe.selection, "oe_complement": "teacher_complement",
+            "oe_confidence": "teacher_confidence"}.get(arm, "none")
 
 
 def arm_names(config: Any) -> list[str]:
@@ -224,19 +242,53 @@ def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) ->
     return spec, res.variables
 
 
-def calibration_set(config: Any, data: RunData, oe_on: bool, gamma: np.ndarray) -> Calibration:
-    """Calibration set of the compression stage (method.md §3): ``D``, plus with OE ``D_o`` carrying labels drawn
-    from Gamma, each sample weighted by ``1 / count(label)``."""
+def calibration_set(config: Any, data: RunData, oe_on: bool, gamma: np.ndarray, ood: ImageSet | None = None,
+                    ood_labels: np.ndarray | None = None) -> Calibration:
+    """Calibration set of the compression stage (method.md §3): ``D``, plus with OE the OOD subset (``ood``, by
+    default ``data.ood``) carrying ``ood_labels`` (by default labels drawn from Gamma), each sample weighted by
+    ``1 / count(label)``."""
     x, y = data.train.x, data.train.y.astype(np.int32)
     is_ood = np.zeros(len(y), bool)
-    if oe_on and config.oe.in_compression and data.ood is not None and len(data.ood):
-        y_ood = np.asarray(sampler.sample_ood_labels(jax.random.PRNGKey(config.seed + 2), jnp.asarray(gamma),
-                                                     len(data.ood)))
-        x = np.concatenate([x, data.ood.x])
+    ood = data.ood if ood is None else ood
+    if oe_on and config.oe.in_compression and ood is not None and len(ood):
+        y_ood = ood_labels if ood_labels is not None else np.asarray(sampler.sample_ood_labels(
+            jax.random.PRNGKey(config.seed + 2), jnp.asarray(gamma), len(ood)))
+        x = np.concatenate([x, ood.x])
         y = np.concatenate([y, y_ood.astype(np.int32)])
         is_ood = np.concatenate([is_ood, np.ones(len(y_ood), bool)])
     w = np.asarray(sampler.balancing_weights(jnp.asarray(y), config.data.num_classes))
     return Calibration(x=x, y=y, weights=w, is_ood=is_ood)
+
+
+def teacher_pool_probs(config: Any, workdir: pathlib.Path, mesh: Any, teacher: tuple[ArchSpec, dict],
+                       pool: ImageSet, chunk: int = 2048) -> np.ndarray:
+    """The teacher's class probabilities on the OOD candidates: one batched, jitted pass with progress, cached in
+    ``oe.cache_dir`` (default ``workdir/cache``) under a key of the pool's images, the teacher's weights and the
+    preprocessing, so a grid computes it once."""
+    t_spec, t_vars = teacher
+    h = hashlib.sha1()
+    h.update(image_hashes(pool.x).tobytes())
+    for leaf in jax.tree.leaves(t_vars):
+        h.update(np.ascontiguousarray(leaf).tobytes())
+    h.update(json.dumps([t_spec.to_dict(), list(config.data.mean), list(config.data.std)]).encode())
+    cache = pathlib.Path(config.oe.cache_dir or workdir / "cache") / f"pool_probs_{h.hexdigest()[:16]}.npy"
+    if cache.exists():
+        log(f"teacher: reusing pool probabilities {cache}")
+        return np.load(cache)
+    predict = predict_fn(mesh, t_spec, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
+    out, t0 = [], time.time()
+    for start in range(0, len(pool), chunk):
+        logits = predict(t_vars, pool.x[start:start + chunk])["logits"]
+        out.append(np.asarray(jax.nn.softmax(jnp.asarray(logits), -1)))
+        done = min(start + chunk, len(pool))
+        log(f"teacher: pool pass {done}/{len(pool)} images ({done / max(time.time() - t0, 1e-9):,.0f} img/s)")
+    probs = np.concatenate(out).astype(np.float32)
+    if jax.process_index() == 0:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, probs)
+        os.replace(tmp, cache)
+    return probs
 
 
 @functools.lru_cache(maxsize=64)
@@ -268,16 +320,27 @@ def measure_latency(spec: ArchSpec, variables: dict, image_size: int, batch: int
 
 
 def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunData, method: Method,
-            teacher: tuple[ArchSpec, dict], teacher_test_pred: np.ndarray, heldout_pred: np.ndarray | None
-            ) -> dict:
+            teacher: tuple[ArchSpec, dict], teacher_test_pred: np.ndarray, heldout_pred: np.ndarray | None,
+            pool_probs: np.ndarray | None = None) -> dict:
     """Compress, fine-tune and evaluate one arm; reuses every finished piece in ``workdir/arm``."""
     adir = workdir / arm
     if (adir / "result.json").exists():
         log(f"[{arm}] finished earlier; reusing {adir / 'result.json'}")
         return json.loads((adir / "result.json").read_text())
     t0 = time.time()
-    oe_on = arm == "oe"
+    oe_on = arm in OOD_ARMS
+    rule = arm_selection(config, arm)
     k = config.data.num_classes
+    ood_set, ood_labels, eta = data.ood, None, config.oe.eta
+    if oe_on and rule != "random":
+        sel = select_ood(rule, pool_probs, data.counts, config.oe.selection_factor)
+        if sel.short:
+            log(f"[{arm}] warning: {sel.shortfall_message()}")
+        ood_set = data.candidates.take(sel.indices)
+        ood_labels = sel.classes.astype(np.int32)
+        eta = config.oe.selection_eta
+        log(f"[{arm}] {rule}: selected {len(ood_set)} OOD images (c = {config.oe.selection_factor:g}), "
+            f"per class {np.bincount(sel.classes, minlength=k).tolist()}")
     if arm == "logit_adjust":
         method = method.with_logit_adjustment(data.counts / data.counts.sum())
     alpha = config.oe.alpha if config.oe.alpha >= 0 else None
@@ -288,24 +351,24 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
         log(f"[{arm}] reusing the compressed student in {adir / 'compressed'}")
     else:
         ctx = CompressionContext(teacher_spec=t_spec, teacher_variables=t_vars,
-                                 calibration=calibration_set(config, data, oe_on, gamma),
+                                 calibration=calibration_set(config, data, oe_on, gamma, ood_set, ood_labels),
                                  mean=tuple(config.data.mean), std=tuple(config.data.std),
                                  key=jax.random.PRNGKey(config.seed + 3), mesh=mesh)
         spec, variables = method.compress(ctx)
         if config.student.export_before_finetune:
             spec, variables = shrink(spec, variables)
         save_model(adir / "compressed", spec, variables)
-    use_ood = oe_on and data.ood is not None and len(data.ood) > 0
+    use_ood = oe_on and ood_set is not None and len(ood_set) > 0
     step_data = StepData(
         x_id=replicate(data.train.x, mesh), y_id=replicate(data.train.y.astype(np.int32), mesh),
-        x_ood=replicate(data.ood.x, mesh) if use_ood else None,
+        x_ood=replicate(ood_set.x, mesh) if use_ood else None,
         id_probs=replicate(class_balanced_probs(data.train.y, k), mesh) if arm == "resample" else None,
         gamma=replicate(gamma.astype(np.float32), mesh),
         reg_weights=replicate(np.asarray(sampler.class_weights(jnp.asarray(gamma)), np.float32), mesh))
     tr = config.train
     step_cfg = StepConfig(batch_id=tr.batch_id, batch_ood=tr.batch_ood if use_ood else 0, pad=config.data.pad,
                           flip=config.data.flip, mean=tuple(config.data.mean), std=tuple(config.data.std),
-                          lambda_jd=config.oe.lambda_jd, eta=config.oe.eta, tau=config.method.tau,
+                          lambda_jd=config.oe.lambda_jd, eta=eta, tau=config.method.tau,
                           bn_mode=config.oe.bn_mode)
     early = oe_on and config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
     loop = LoopConfig(steps=tr.steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early else 0,
@@ -322,6 +385,7 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
     metrics = classification_metrics(pred, data.test.y, k, data.counts)
     metrics["agreement"] = agreement(pred, teacher_test_pred)
     result = {"arm": arm, "method": method.describe(), "metrics": metrics, "steps": res.steps_run,
+              "ood_selection": rule if oe_on else None, "ood_images": len(ood_set) if use_ood else 0,
               "best_step": res.best_step, "best_heldout_agreement": res.best_agreement,
               "stopped_early": res.stopped_early, "spec": spec_x.to_dict(),
               "params": count_params(spec_x), "flops": count_flops(spec_x, config.data.image_size),
@@ -357,10 +421,13 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
                  if data.heldout is not None and len(data.heldout) else None)
     log(f"teacher: test top-1 {teacher_metrics['top1']:.2f}%")
     method = build_method(config.method.to_dict(), t_spec.num_stages)
+    pool_probs = None
+    if data.candidates is not None:
+        pool_probs = teacher_pool_probs(config, workdir, mesh, (t_spec, t_vars), data.candidates)
     results = {}
     for arm in arm_names(config):
         results[arm] = run_arm(config, arm, workdir, mesh, data, method, (t_spec, t_vars), t_test_pred,
-                               held_pred)
+                               held_pred, pool_probs)
     arms = {ARM_LABELS[a].format(M=method.name.upper()): {**r["metrics"], "steps": r["steps"], "wall_s": r["wall_s"]}
             for a, r in results.items()}
     first = next(iter(results.values()))

@@ -138,6 +138,9 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
             raise ValueError(f"no grid cell {cell_id!r}; cells: {', '.join(ids[:6])}, ... ({len(ids)} in all)")
     teachers = dict(config.teacher_for_arch)
     configs = [cell_config(config.base, cell, teachers, config.rho) for cell in cells]
+    for c in configs:  # one cache of teacher pool probabilities for the whole grid
+        if not c.oe.cache_dir:
+            c.oe.cache_dir = str(workdir / "cache")
     n_dev = make_mesh(config.base.num_devices or None).shape["data"]
     for cell, c in zip(cells, configs):  # validate the whole grid before running any of it
         try:

@@ -12,7 +12,8 @@ import numpy as np
 
 from oefsmc_jax.evaluation import format_table, paired_difference, plot_per_class
 
-ARM_NAMES = {"base": "base", "oe": "+ OE-FSMC", "resample": "+ resampling", "logit_adjust": "+ logit adj."}
+ARM_NAMES = {"base": "base", "oe": "+ OE-FSMC", "oe_complement": "+ OOD teacher complement",
+             "oe_confidence": "+ OOD teacher confidence", "resample": "+ resampling", "logit_adjust": "+ logit adj."}
 METRICS = (("top1", "Top-1"), ("balanced", "Balanced"), ("few", "Few-shot"))
 
 
