@@ -21,6 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import demo  # noqa: E402
 import paper_cifar10  # noqa: E402
+import selection_cifar10  # noqa: E402
 
 
 def test_expand_and_cell_config():
@@ -43,6 +44,17 @@ def test_paper_grid_validates():
     grid = paper_cifar10.get_config()
     cells = expand(grid.groups)
     assert len(cells) == 12 + 12 + 4 + 2 + 18
+    for cell in cells:
+        validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
+
+
+def test_selection_grid_validates():
+    from oefsmc_jax.config_validation import validate
+
+    grid = selection_cifar10.get_config()
+    cells = expand(grid.groups)
+    assert len(cells) == 20 + 6
+    assert cells[0].arms == ("base", "oe", "oe_complement", "oe_confidence", "resample", "logit_adjust")
     for cell in cells:
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
 
