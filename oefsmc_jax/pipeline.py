@@ -135,7 +135,7 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
         ood_idx, held_idx = ood_split(jax.random.PRNGKey(s.seed + 1), len(pool), m, held_n)
         ood, heldout = pool.take(ood_idx), pool.take(held_idx)
         used = pool.take(np.concatenate([ood_idx, held_idx]))
-        if any(arm_selection(config, a) != "random" for a in arm_names(config)):
+        if any(arm_selection(config, a).startswith("teacher_") for a in arm_names(config)):
             candidates = pool.take(np.setdiff1d(np.arange(len(pool)), held_idx))
             check_disjoint(candidates, train, "the OOD pool overlaps the in-distribution few-sample set")
             check_disjoint(candidates, test, "the OOD pool overlaps the evaluation split (it must never be used "
