@@ -134,6 +134,7 @@ def plot_budget(records: list[dict], path: pathlib.Path) -> pathlib.Path | None:
         ax.set_xscale("log")
         ax.set_xticks(sorted({r["per_class"] for r in recs}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{method.upper()}, teacher {arch}")
         ax.set_xlabel("samples per class (mean)")
         ax.set_ylabel("test top-1 (%)")
