@@ -170,7 +170,7 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
         train_counts = _counts_of(cell)
         names = class_names or [str(i) for i in range(len(train_counts))]
         plot_per_class(out / "per_class.png", names, train_counts, arms, cell["teacher"]["per_class"],
-                       title=f"per-class accuracy, {cell['cell']}")
+                       title=cell["cell"])
         parts += [f"## Per-class accuracy of one cell ({cell['cell']})", "", "![per-class](per_class.png)", ""]
     path = out / "summary.md"
     path.write_text("\n".join(parts))
