@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import sys
 
 import jax.numpy as jnp
@@ -117,7 +118,8 @@ def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
     assert sorted((r["cell"], r["arm"]) for r in records) == sorted(
         (f"kd-resnet8-n3-exp-s{s}", a) for s in (0, 1) for a in ("base", "oe", "logit_adjust"))
     r = records[0]
-    assert {"metrics", "config", "wall_s", "version", "teacher", "params", "flops", "seed"} <= set(r)
+    assert {"metrics", "config", "wall_s", "version", "teacher", "params", "flops", "seed", "device"} <= set(r)
+    assert re.fullmatch(r"\d+ x cpu \(.+\)", r["device"]), r["device"]
     assert r["config"]["subset"]["rho"] == 4.0
     again = run_grid(grid, root / "w")
     assert len(again) == len(records)
@@ -133,6 +135,8 @@ def test_summary_reports_paired_differences(tiny_grid):
     assert f"{d['mean']:+.2f}" in text and f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]" in text
     assert (root / "summary" / "per_class.png").stat().st_size > 1000
     assert "+ logit adj." in text
+    assert f"Run on: {records[0]['device']}." in text
+    assert "What imbalance costs" not in text  # no balanced cells in this grid: no empty table
     assert json.loads((root / "w" / "results.jsonl").read_text().splitlines()[0])["cell"].startswith("kd-")
 
 

@@ -97,6 +97,12 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell, teacher_for_arch: M
     return c
 
 
+def device_description(mesh: Any) -> str:
+    """The devices a grid runs on, for its records: e.g. ``1 x gpu (NVIDIA H200)`` or ``2 x cpu (cpu)``."""
+    d = mesh.devices.flat[0]
+    return f"{mesh.devices.size} x {d.platform} ({d.device_kind})"
+
+
 def read_results(path: pathlib.Path) -> list[dict]:
     """The records of a results file (missing file: none); a torn last line (killed mid-write) is ignored."""
     if not path.exists():
@@ -141,7 +147,9 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     for c in configs:  # one cache of teacher pool probabilities for the whole grid
         if not c.oe.cache_dir:
             c.oe.cache_dir = str(workdir / "cache")
-    n_dev = make_mesh(config.base.num_devices or None).shape["data"]
+    mesh = make_mesh(config.base.num_devices or None)
+    n_dev = mesh.shape["data"]
+    device = device_description(mesh)
     for cell, c in zip(cells, configs):  # validate the whole grid before running any of it
         try:
             validate(c, num_devices=n_dev)
@@ -162,7 +170,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
             records.append({"cell": cell.id, "arm": arm, **cell.settings(), "metrics": r["metrics"],
                             "teacher": out["teacher"], "steps": r["steps"], "best_step": r["best_step"],
                             "params": r["params"], "flops": r["flops"], "wall_s": r["wall_s"],
-                            "version": __version__, "config": c.to_dict()})
+                            "version": __version__, "device": device, "config": c.to_dict()})
         _append(results, records)
         elapsed = time.time() - t0
         eta = elapsed / (i + 1) * (len(todo) - i - 1)

@@ -96,13 +96,15 @@ def imbalance_table(records: list[dict]) -> str:
         if r.get("overrides"):
             continue
         acc[(r["method"], r["arch"], r["per_class"], r["arm"], r["mode"])].append(r["metrics"]["top1"])
-    rows = []
+    rows = []  # no balanced cells: no rows, and the summary leaves the section out
     for (method, arch, n, arm, mode) in sorted(acc):
         if mode != "balanced" or (method, arch, n, arm, "exp") not in acc:
             continue
         bal, exp = np.mean(acc[(method, arch, n, arm, "balanced")]), np.mean(acc[(method, arch, n, arm, "exp")])
         rows.append({"method": method.upper(), "teacher": arch, "budget": n, "arm": ARM_NAMES.get(arm, arm),
                      "bal": bal, "exp": exp, "drop": bal - exp})
+    if not rows:
+        return ""
     return format_table(rows, [("method", "Method", None), ("teacher", "Teacher", None),
                                ("budget", "Per class", None), ("arm", "Arm", None), ("bal", "Balanced set", ".1f"),
                                ("exp", "Long-tailed set", ".1f"), ("drop", "Imbalance drop", "+.1f")])
@@ -156,11 +158,15 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
     out.mkdir(parents=True, exist_ok=True)
     parts = [f"# {title}", "", f"{len(records)} arm results from `{pathlib.Path(results).name}` "
              f"({len({r['cell'] for r in records})} cells). Accuracies in %, mean ± std over seeds.", ""]
+    devices = sorted({r["device"] for r in records if r.get("device")})
+    if devices:
+        parts += [f"Run on: {'; '.join(devices)}.", ""]
     parts += ["## All settings", "", summary_table(records), ""]
     parts += ["## Paired differences to the base method (same seed, same subset, same test split)", "",
               paired_table(records, "top1"), "", paired_table(records, "few"), ""]
-    parts += ["## What imbalance costs (balanced minus long-tailed set of the same total)", "",
-              imbalance_table(records), ""]
+    imbalance = imbalance_table(records)
+    if imbalance:
+        parts += ["## What imbalance costs (balanced minus long-tailed set of the same total)", "", imbalance, ""]
     if plot_budget(records, out / "accuracy_vs_budget.png"):
         parts += ["## Accuracy against budget", "", "![accuracy against budget](accuracy_vs_budget.png)", ""]
     cell = next((r for r in records if r["mode"] == "exp" and not r.get("overrides") and r["arm"] == "oe"), None)
