@@ -21,6 +21,7 @@ from oefsmc_jax.pipeline import class_balanced_probs, init_variables, prepare_da
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import demo  # noqa: E402
+import large_cifar10  # noqa: E402
 import paper_cifar10  # noqa: E402
 import selection_cifar10  # noqa: E402
 
@@ -56,6 +57,19 @@ def test_selection_grid_validates():
     cells = expand(grid.groups)
     assert len(cells) == 20 + 6
     assert cells[0].arms == ("base", "oe", "oe_complement", "oe_confidence", "resample", "logit_adjust")
+    for cell in cells:
+        validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
+
+
+def test_large_grid_runs_seed_by_seed_and_validates():
+    from oefsmc_jax.config_validation import validate
+
+    grid = large_cifar10.get_config("seeds=2")
+    cells = expand(grid.groups)
+    assert [c.id for c in cells[:5]] == [f"kd-resnet56-n{n}-exp-s0" for n in (10, 20, 50, 100)] + [
+        "kd-resnet56-n10-exp-s1"]
+    assert len(cells) == 2 * 4 * 2 and {c.group for c in cells} == {"large"}
+    assert (grid.base.train.steps, grid.base.train.batch_id, grid.base.train.batch_ood) == (2000, 64, 64)
     for cell in cells:
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
 
