@@ -122,7 +122,9 @@ def tiny_grid(tmp_path_factory):
     grid = ml_collections.ConfigDict({
         "title": "tiny", "rho": 4.0, "base": base, "teacher_for_arch": {"resnet8": str(root / "teacher")},
         "groups": [{"name": "g", "method": ["kd"], "arch": ["resnet8"], "per_class": [3], "mode": ["exp"],
-                    "seed": [0, 1], "arms": "base,oe,logit_adjust"}]})
+                    "seed": [0, 1], "arms": "base,oe,logit_adjust"},
+                   {"name": "h", "method": ["bp"], "arch": ["resnet8"], "per_class": [3], "mode": ["exp"],
+                    "seed": [0], "arms": "oe_complement,oe_confidence"}]})
     records = run_grid(grid, root / "w")
     return root, grid, records
 
@@ -130,14 +132,20 @@ def tiny_grid(tmp_path_factory):
 def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
     root, grid, records = tiny_grid
     assert sorted((r["cell"], r["arm"]) for r in records) == sorted(
-        (f"kd-resnet8-n3-exp-s{s}", a) for s in (0, 1) for a in ("base", "oe", "logit_adjust"))
+        [(f"kd-resnet8-n3-exp-s{s}", a) for s in (0, 1) for a in ("base", "oe", "logit_adjust")]
+        + [("bp-resnet8-n3-exp-s0", "oe_complement"), ("bp-resnet8-n3-exp-s0", "oe_confidence")])
+    for arm, rule in (("oe", "random"), ("oe_complement", "teacher_complement"),
+                      ("oe_confidence", "teacher_confidence")):  # every base method takes every selection rule
+        cell = "kd-resnet8-n3-exp-s0" if arm == "oe" else "bp-resnet8-n3-exp-s0"
+        res = json.loads((root / "w" / "cells" / cell / arm / "result.json").read_text())
+        assert res["ood_selection"] == rule and res["ood_images"] > 0
     r = records[0]
     assert {"metrics", "config", "wall_s", "version", "teacher", "params", "flops", "seed", "device"} <= set(r)
     assert re.fullmatch(r"\d+ x cpu \(.+\)", r["device"]), r["device"]
     assert r["config"]["subset"]["rho"] == 4.0
     again = run_grid(grid, root / "w")
     assert len(again) == len(records)
-    assert "2 cells, 2 finished earlier, 0 to run" in capfd.readouterr().err
+    assert "3 cells, 3 finished earlier, 0 to run" in capfd.readouterr().err
 
 
 def test_summary_reports_paired_differences(tiny_grid):

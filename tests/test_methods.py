@@ -94,6 +94,18 @@ def test_calibration_set_with_and_without_oe(tiny_data):
     assert len(off.y) == 28
 
 
+def test_calibration_set_takes_the_selected_ood_images_with_their_teacher_classes(tiny_data):
+    """Teacher-guided arms (issue 4): the compression stage sees the chosen images, labelled by the chosen class."""
+    gamma = np.asarray(sampler.complementary_distribution(jnp.asarray(tiny_data.counts), alpha=0.2))
+    chosen = tiny_data.ood.take(np.array([7, 3, 11]))
+    cal = calibration_set(_cfg(), tiny_data, True, gamma, chosen, np.array([2, 2, 1]))
+    assert len(cal.y) == 28 + 3
+    np.testing.assert_array_equal(cal.x[cal.is_ood], tiny_data.ood.x[[7, 3, 11]])
+    np.testing.assert_array_equal(cal.y[cal.is_ood], [2, 2, 1])
+    totals = np.bincount(cal.y, weights=cal.weights, minlength=K)
+    np.testing.assert_allclose(totals[totals > 0], totals[totals > 0][0], rtol=1e-5)
+
+
 @pytest.mark.parametrize("lambda_jd,eta,expected", [(0.0, 0.1, {"base", "reg"}), (1.0, 0.0, {"base", "jd"}),
                                                     (0.0, 0.0, {"base"})])
 def test_each_oe_loss_term_switches_off(teacher, tiny_data, lambda_jd, eta, expected):
