@@ -4,8 +4,8 @@ A grid config (e.g. ``configs/paper_cifar10.py``) holds ``base`` (a full run con
 mapping of grid axes to lists (``method``, ``arch``, ``per_class``, ``mode``, ``seed``) plus ``arms`` and optional
 ``overrides`` (dotted config fields to fixed values). A *cell* is one point of a group's product; it runs the
 pipeline on one few-sample subset with all its arms (so the arms are paired), in ``WORKDIR/cells/CELL``.
-Every finished arm appends one record to ``WORKDIR/results.jsonl``; a cell whose arms are all recorded is never run
-again, and a killed cell resumes from its own checkpoints.
+Every finished cell appends one record per arm to ``WORKDIR/results.jsonl``; a cell whose arms are all recorded is
+never run again, and a killed cell resumes from its own checkpoints (its finished arms are reused, not rerun).
 """
 
 from __future__ import annotations
