@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.oe.eval_every = 50
     c.oe.patience = 5
     c.oe.selection = "random"  # the 'oe' arm's OOD subset: random (paper) | teacher_complement | teacher_confidence
-    c.oe.selection_factor = 2.5  # c: teacher-guided rules select ceil(c * (n_max - n_k)) images per class
+    c.oe.selection_factor = 2.5  # c: ceil(c * (n_max - n_k)) images per class; best of 1/2.5/5 on val (issue 4)
     c.oe.selection_eta = 0.0  # eta of the teacher-guided arms (method.md §4b: R off by default)
     c.oe.cache_dir = ""  # where the teacher's pool probabilities are cached ('' = WORKDIR/cache)
 

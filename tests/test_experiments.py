@@ -14,6 +14,7 @@ from oefsmc_jax import losses
 from oefsmc_jax.checkpoint import save_model
 from oefsmc_jax.evaluation import paired_difference
 from oefsmc_jax.experiments import cell_config, expand, read_results, run_grid, summarize
+from oefsmc_jax.experiments.summarize import paired_table
 from oefsmc_jax.methods import BP, KD
 from oefsmc_jax.models import cifar_resnet_spec
 from oefsmc_jax.pipeline import class_balanced_probs, init_variables, prepare_data
@@ -166,3 +167,21 @@ def test_torn_last_line_is_ignored(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text('{"cell": "a", "arm": "base"}\n{"cell": "b", "ar')
     assert read_results(p) == [{"cell": "a", "arm": "base"}]
+
+
+def test_paired_table_against_any_reference_arm():
+    def rec(seed, arm, top1):
+        return {"group": "g", "method": "kd", "arch": "r", "per_class": 10, "mode": "exp", "seed": seed, "arm": arm,
+                "metrics": {"top1": top1}}
+
+    records = [rec(0, "base", 50.0), rec(0, "oe", 51.0), rec(0, "oe_complement", 60.0), rec(0, "resample", 40.0),
+               rec(1, "base", 48.0), rec(1, "oe", 52.0), rec(1, "oe_complement", 58.0), rec(1, "resample", 47.0),
+               rec(2, "oe_complement", 99.0)]  # seed 2 has neither base nor oe: never paired
+    vs_paper = paired_table(records, "top1", reference="oe", arms=("oe_complement",))
+    d = paired_difference([60.0, 58.0], [51.0, 52.0])
+    assert d["mean"] == 7.5 and "Arm vs OE-FSMC" in vs_paper
+    assert "+7.50" in vs_paper and f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]" in vs_paper
+    assert "+9.0, +6.0" in vs_paper and "resampling" not in vs_paper and "| 2     |" in vs_paper
+    vs_base = paired_table(records, "top1")
+    assert "Arm vs base" in vs_base and "+ resampling" in vs_base and "+ OE-FSMC" in vs_base
+    assert paired_table(records, "top1", reference="oe_confidence") == ""

@@ -59,21 +59,22 @@ def summary_table(records: list[dict]) -> str:
     return format_table(rows, cols)
 
 
-def paired_table(records: list[dict], metric: str = "top1") -> str:
-    """For every setting and every arm other than ``base``: the mean paired difference to ``base`` (same seed,
-    same subset) with its 95 % t-interval."""
+def paired_table(records: list[dict], metric: str = "top1", reference: str = "base",
+                 arms: tuple[str, ...] | None = None) -> str:
+    """For every setting and every arm other than ``reference`` (default ``base``; only ``arms`` if given): the
+    mean paired difference to ``reference`` (same seed, same subset) with its 95 % t-interval; '' if none."""
     by = collections.defaultdict(dict)
     for r in records:
         by[_key(r) + (r["seed"],)][r["arm"]] = r["metrics"].get(metric)
     diffs = collections.defaultdict(lambda: ([], []))
-    for key, arms in by.items():
-        if "base" not in arms or arms["base"] is None:
+    for key, by_arm in by.items():
+        if reference not in by_arm or by_arm[reference] is None:
             continue
-        for arm, v in arms.items():
-            if arm != "base" and v is not None:
+        for arm, v in by_arm.items():
+            if arm != reference and v is not None and (arms is None or arm in arms):
                 a, b = diffs[key[:-1] + (arm,)]
                 a.append(v)
-                b.append(arms["base"])
+                b.append(by_arm[reference])
     rows = []
     for key in sorted(diffs, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "balanced", k[5], k[6])):
         a, b = diffs[key]
@@ -83,8 +84,11 @@ def paired_table(records: list[dict], metric: str = "top1") -> str:
         rows.append({"method": key[1].upper(), "teacher": key[2], "budget": key[3], "set": key[4],
                      "settings": _overrides_str(key[5]), "arm": ARM_NAMES.get(key[6], key[6]), "n": d["n"],
                      "mean": f"{d['mean']:+.2f}", "ci": ci, "per_seed": per_seed})
+    if not rows:
+        return ""
     cols = [("method", "Method", None), ("teacher", "Teacher", None), ("budget", "Per class", None),
-            ("set", "Set", None), ("settings", "Settings", None), ("arm", "Arm vs base", None), ("n", "Seeds", None),
+            ("set", "Set", None), ("settings", "Settings", None),
+            ("arm", f"Arm vs {ARM_NAMES.get(reference, reference).lstrip('+ ')}", None), ("n", "Seeds", None),
             ("mean", f"Mean Δ {metric}", None), ("ci", "95 % CI", None), ("per_seed", "Per seed", None)]
     return format_table(rows, cols)
 
@@ -164,6 +168,11 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
     parts += ["## All settings", "", summary_table(records), ""]
     parts += ["## Paired differences to the base method (same seed, same subset, same test split)", "",
               paired_table(records, "top1"), "", paired_table(records, "few"), ""]
+    guided = ("oe_complement", "oe_confidence")
+    vs_paper = paired_table(records, "top1", reference="oe", arms=guided)
+    if vs_paper:
+        parts += ["## Teacher-guided OOD selection against the paper's rule (paired, same OOD pool)", "",
+                  vs_paper, "", paired_table(records, "few", reference="oe", arms=guided), ""]
     imbalance = imbalance_table(records)
     if imbalance:
         parts += ["## What imbalance costs (balanced minus long-tailed set of the same total)", "", imbalance, ""]
