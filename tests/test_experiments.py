@@ -56,7 +56,9 @@ def test_selection_grid_validates():
 
     grid = selection_cifar10.get_config()
     cells = expand(grid.groups)
-    assert len(cells) == 20 + 6
+    assert len(cells) == 20 + 5 + 6
+    assert [c.id for c in cells if c.arms == ("base", "oe", "oe_complement")] == [
+        f"kd-resnet20-n50-exp-s{s}" for s in range(5, 10)]
     assert cells[0].arms == ("base", "oe", "oe_complement", "oe_confidence", "resample", "logit_adjust")
     for cell in cells:
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
