@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - the message is the point
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from oefsmc_jax import losses, sampler  # noqa: E402
+from oefsmc_jax import losses
 from oefsmc_jax.methods import KD  # noqa: E402
 from oefsmc_jax.models import (  # noqa: E402
     ArchSpec,
@@ -60,9 +60,10 @@ from oefsmc_jax.models import (  # noqa: E402
     mask_multipliers,
     shrink,
 )
-from oefsmc_jax.optim import make_optimizer  # noqa: E402
+from oefsmc_jax.oe import complementary  # noqa: E402
 from oefsmc_jax.parallel import make_mesh, replicate  # noqa: E402
-from oefsmc_jax.step import StepConfig, StepData, init_state, make_train_step  # noqa: E402
+from oefsmc_jax.step import StepConfig, StepData, init_state  # noqa: E402
+from oefsmc_jax.train import make_trainer  # noqa: E402
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -106,8 +107,8 @@ def make_host_data(n_max: int, rho: float, n_ood: int, seed: int) -> dict[str, n
     y = np.repeat(np.arange(NUM_CLASSES), counts).astype(np.int32)
     x = rng.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
     x_ood = rng.integers(0, 256, (n_ood, 32, 32, 3), dtype=np.uint8)
-    gamma = np.asarray(sampler.complementary_distribution(jnp.asarray(counts)), np.float32)
-    reg_w = np.asarray(sampler.class_weights(jnp.asarray(gamma)), np.float32)
+    gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(counts)), np.float32)
+    reg_w = np.asarray(complementary.class_weights(jnp.asarray(gamma)), np.float32)
     return {"x_id": x, "y_id": y, "x_ood": x_ood, "gamma": gamma, "reg_weights": reg_w, "counts": counts}
 
 
@@ -306,19 +307,20 @@ def torch_sync(device: torch.device) -> None:
 # ------------------------------------------------------------------------------------------ JAX step
 def make_jax_step(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_vars: dict, host: dict[str, np.ndarray],
                   wl: Workload, ndev: int | None, seed: int) -> tuple[Callable[[], Any], Any]:
-    """The project's train step, wired as ``train.finetune`` does; returns ``(run_one_step, mesh)``.
+    """The project's train step, built by ``train.make_trainer`` as ``train.finetune`` does.
+
+    Returns ``(run_one_step, mesh)``.
 
     ``run_one_step()`` dispatches one step asynchronously and returns its metrics (block on them to sync).
     """
     mesh = make_mesh(ndev)
-    method = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau)  # the prune ratio is not used by the step
+    recipe = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau).recipe()  # the prune ratio is not used
     cfg = StepConfig(batch_id=wl.batch_id, batch_ood=wl.batch_ood, pad=wl.pad, flip=True, mean=wl.mean,
                      std=wl.std, lambda_jd=wl.lambda_jd, eta=wl.eta, tau=wl.tau, bn_mode="joint")
     optim_cfg = {"name": "sgd", "lr": wl.lr, "momentum": wl.momentum, "weight_decay": wl.weight_decay,
                  "schedule": "constant"}
-    tx, _ = make_optimizer(optim_cfg, 1000, method.trainable(s_vars["params"]))
-    student = build_model(s_spec, bn_axis_name="data")
-    step_fn = make_train_step(mesh, student, build_model(t_spec), method, tx, cfg)
+    trainer = make_trainer(mesh, s_spec, t_spec, recipe, cfg, optim_cfg, 1000)
+    tx, step_fn = trainer.tx, trainer.step
     data = StepData(x_id=replicate(host["x_id"], mesh), y_id=replicate(host["y_id"], mesh),
                     x_ood=replicate(host["x_ood"], mesh), id_probs=None, gamma=replicate(host["gamma"], mesh),
                     reg_weights=replicate(host["reg_weights"], mesh))
@@ -356,9 +358,9 @@ def check_equivalence(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_vars: 
         t_j = np.asarray(build_model(t_spec).apply(t_vars, jnp.asarray(x), train=False)["logits"])
         s_j = np.asarray(build_model(s_spec).apply(s_vars, jnp.asarray(x), train=True,
                                                    mutable=["batch_stats"])[0]["logits"])
-    method = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau)
+    recipe = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau).recipe()
     reg_w = jnp.asarray(host["reg_weights"])
-    base = method.base_loss({"logits": s_j[:b]}, {"logits": t_j[:b]}, jnp.asarray(y_id))
+    base = recipe.base_loss({"logits": s_j[:b]}, {"logits": t_j[:b]}, jnp.asarray(y_id))
     jd = losses.joint_distillation("logits", {"logits": s_j}, {"logits": t_j}, wl.tau)
     reg = losses.class_dependent_regularizer(jnp.asarray(s_j[b:]), jnp.asarray(y_ood), reg_w)
     loss_j = float(base + wl.lambda_jd * jd + wl.eta * reg)

@@ -21,6 +21,22 @@ def source(kind: str, image_size: int, **fields: Any) -> ml_collections.ConfigDi
     return ml_collections.ConfigDict({"kind": kind, "image_size": image_size, "channels": 3, **fields})
 
 
+def method_params() -> dict[str, dict[str, Any]]:
+    """The default sub-config of every method that has its own hyper-parameters (``config.method.NAME``)."""
+    import dataclasses
+
+    from oefsmc_jax.methods.cd import CDParams
+    from oefsmc_jax.methods.fskd import FSKDParams
+
+    out = {"fskd": dataclasses.asdict(FSKDParams()), "cd": dataclasses.asdict(CDParams())}
+    try:
+        from oefsmc_jax.methods.practise import PractiseParams
+    except ImportError:  # pragma: no cover - only while the method is being added
+        return out
+    out["practise"] = dataclasses.asdict(PractiseParams())
+    return out
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default value."""
     c = ml_collections.ConfigDict()
@@ -65,10 +81,14 @@ def base_config() -> ml_collections.ConfigDict:
                                                  "decay_at": 0.4, "decay_factor": 0.1})
 
     c.method = ml_collections.ConfigDict()
-    c.method.name = "kd"  # bp | kd
+    c.method.name = "kd"  # bp | kd | mir | practise | fskd | cd (oefsmc_jax/methods/, one file each)
     c.method.prune_ratio = 0.5  # fraction of each block's internal width pruned (float or one per stage)
     c.method.kd_gamma = 0.9
     c.method.tau = 4.0
+    c.method.latency = "macs"  # how compression stages get latency: measure (jitted forward) | macs (proxy)
+    # each method's own hyper-parameters, with the defaults of its dataclass (see the method's file)
+    for name, params in method_params().items():
+        c.method[name] = ml_collections.ConfigDict(params)
 
     c.student = ml_collections.ConfigDict()
     c.student.export_before_finetune = True  # fine-tune the physically smaller model (same function, faster)

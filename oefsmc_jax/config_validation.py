@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from oefsmc_jax.data.subsets import COUNT_MODES
+from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.optim import OPTIMIZERS, SCHEDULES
 from oefsmc_jax.step import BN_MODES
 
@@ -14,10 +15,6 @@ SOURCE_KINDS = ("npz", "tfds", "digits", "sklearn_photos")
 ARCHS = ("resnet<6n+2> (e.g. resnet20, resnet32, resnet44, resnet56, resnet110)", "vgg16",
          "imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50")
 CLASS_ORDERS = ("index", "random")
-
-
-class ConfigError(ValueError):
-    """A config field has a value that is not allowed."""
 
 
 def _fail(field: str, msg: str) -> None:
@@ -72,10 +69,6 @@ def validate(config: Any, num_devices: int = 1) -> None:
     _check_arch(config.arch.name)
     if config.arch.shortcut not in ("A", "B"):
         _fail("arch.shortcut", f"must be 'A' or 'B', got {config.arch.shortcut!r}")
-    ratios = config.method.prune_ratio
-    for r in (ratios if isinstance(ratios, (tuple, list)) else (ratios,)):
-        if not 0.0 <= float(r) < 1.0:
-            _fail("method.prune_ratio", f"{r} is outside the allowed range [0, 1)")
     if config.data.num_classes < 2:
         _fail("data.num_classes", f"must be >= 2, got {config.data.num_classes}")
     if config.data.class_names and len(config.data.class_names) != config.data.num_classes:
@@ -90,16 +83,18 @@ def validate(config: Any, num_devices: int = 1) -> None:
     if s.class_order not in CLASS_ORDERS:
         _fail("subset.class_order", f"must be one of {', '.join(CLASS_ORDERS)}, got {s.class_order!r}")
 
-    from oefsmc_jax.pipeline import ARMS, arm_names
+    from oefsmc_jax.methods import build_method
+    from oefsmc_jax.oe.arms import arms_of, check_arms
+    from oefsmc_jax.pipeline import build_arch
 
-    arms = arm_names(config)
-    if not arms:
-        _fail("arms", f"names no arm; allowed: {', '.join(ARMS)} (comma separated)")
-    for a in arms:
-        if a not in ARMS:
-            _fail("arms", f"unknown arm {a!r}; allowed: {', '.join(ARMS)}")
+    if config.method.get("latency", "macs") not in ("measure", "macs"):
+        _fail("method.latency", f"must be 'measure' or 'macs', got {config.method.latency!r}")
+    arms = arms_of(config)
+    # the method's own hyper-parameters, and every arm against the method (e.g. no logit adjustment for a
+    # label-free method); the teacher of a checkpoint has the architecture config.arch names
+    check_arms(arms, build_method(config.method, build_arch(config.arch, config.data.num_classes)))
     sources = [("data.id", config.data.id), ("data.test", config.data.test)]
-    uses_pool = any(a in ("oe", "oe_complement", "oe_confidence") for a in arms)
+    uses_pool = any(a.uses_ood for a in arms)
     if uses_pool:
         sources.append(("data.ood", config.data.ood))
     for field, cfg in sources:
@@ -115,7 +110,7 @@ def validate(config: Any, num_devices: int = 1) -> None:
             _fail("data.ood", "is the same split as data.test: the evaluation split must never be used to train")
 
     oe = config.oe
-    from oefsmc_jax.data.selection import SELECTIONS
+    from oefsmc_jax.oe.selection import SELECTIONS
 
     if oe.selection not in SELECTIONS:
         _fail("oe.selection", f"unknown rule {oe.selection!r}; allowed: {', '.join(SELECTIONS)}")

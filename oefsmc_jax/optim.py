@@ -13,7 +13,8 @@ SCHEDULES = ("cosine", "step", "constant")
 
 
 def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
-    """Learning-rate schedule: ``cosine`` (to 0), ``step`` (x ``decay_factor`` at ``decay_at`` of the run) or
+    """Learning-rate schedule: ``cosine`` (to 0), ``step`` (x ``decay_factor`` at ``decay_at`` of the run, one
+    fraction or a list of them) or
     ``constant``, each after ``warmup_steps`` of linear warm-up."""
     lr = float(cfg["lr"])
     warmup = int(cfg.get("warmup_steps", 0))
@@ -22,8 +23,14 @@ def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     if kind == "cosine":
         main = optax.cosine_decay_schedule(lr, rest)
     elif kind == "step":
-        at = max(1, int(round(float(cfg.get("decay_at", 0.4)) * total_steps)) - warmup)
-        main = optax.piecewise_constant_schedule(lr, {at: float(cfg.get("decay_factor", 0.1))})
+        at = cfg.get("decay_at", 0.4)
+        fractions = [float(a) for a in at] if isinstance(at, (list, tuple)) else [float(at)]
+        factor = float(cfg.get("decay_factor", 0.1))
+        bounds: dict[int, float] = {}
+        for a in fractions:  # x decay_factor at each fraction of the run (MiR/PRACTISE: 0.4 and 0.8)
+            b = max(1, int(round(a * total_steps)) - warmup)
+            bounds[b] = bounds.get(b, 1.0) * factor
+        main = optax.piecewise_constant_schedule(lr, bounds)
     elif kind == "constant":
         main = optax.constant_schedule(lr)
     else:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oefsmc_jax import __version__, sampler
+from oefsmc_jax import __version__
 from oefsmc_jax.checkpoint import load_model, save_model
 from oefsmc_jax.data import (
     ImageSet,
@@ -37,19 +37,21 @@ from oefsmc_jax.data import (
     ood_split,
     tfds_labels,
 )
-from oefsmc_jax.data.selection import select as select_ood
+from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.evaluation import agreement, classification_metrics, side_by_side, write_report
-from oefsmc_jax.methods import Calibration, CompressionContext, Method, Supervised, build_method
+from oefsmc_jax.methods import CompressionContext, Method, Supervised, build_method
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, count_params, shrink
+from oefsmc_jax.oe import complementary
+from oefsmc_jax.oe.arms import ARMS, Arm, arm_names, arm_selection, arms_of, check_arms, uses_ood
+from oefsmc_jax.oe.calibration import Calibration
+from oefsmc_jax.oe.calibration import calibration_set as build_calibration
+from oefsmc_jax.oe.selection import select as select_ood
 from oefsmc_jax.parallel import make_mesh, replicate
 from oefsmc_jax.step import StepConfig, StepData, make_predict
 from oefsmc_jax.train import LoopConfig, finetune
 
-ARMS = ("base", "oe", "oe_complement", "oe_confidence", "resample", "logit_adjust")
-OOD_ARMS = ("oe", "oe_complement", "oe_confidence")
-ARM_LABELS = {"base": "{M}", "oe": "{M} + OE-FSMC", "oe_complement": "{M} + OOD by teacher complement",
-              "oe_confidence": "{M} + OOD by teacher confidence", "resample": "{M} + class-balanced resampling",
-              "logit_adjust": "{M} + logit adjustment"}
+__all__ = ["ARMS", "RunData", "arm_names", "arm_selection", "calibration_set", "prepare_data", "run", "run_arm",
+           "uses_ood"]
 
 
 def log(msg: str) -> None:
@@ -151,29 +153,10 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
         old = json.loads(previous.read_text())
         if any(old.get(k) != subset[k] for k in ("counts", "id_indices", "id_source")) or (
                 uses_ood(config) and old.get("ood_indices") and old["ood_indices"] != subset["ood_indices"]):
-            from oefsmc_jax.config_validation import ConfigError
-
             raise ConfigError(f"workdir {workdir} holds a run on a different few-sample or OOD subset (the data, "
                               "subset or seed settings changed); use a new --workdir, or delete this one")
     write_json(previous, subset)
     return RunData(train, counts, ood, heldout, test, full_train, subset, candidates)
-
-
-def uses_ood(config: Any) -> bool:
-    """Whether any arm of the run needs the OOD pool."""
-    return any(a in OOD_ARMS for a in arm_names(config))
-
-
-def arm_selection(config: Any, arm: str) -> str:
-    """The OOD selection rule of ``arm``: ``oe`` follows ``oe.selection``; ``oe_complement`` and
-    ``oe_confidence`` are the teacher-guided rules; arms without OOD images give 'none'."""
-    return {"oe": config.oe.selection, "oe_complement": "teacher_complement",
-            "oe_confidence": "teacher_confidence"}.get(arm, "none")
-
-
-def arm_names(config: Any) -> list[str]:
-    """The arms named in ``config.arms`` (comma separated)."""
-    return [a.strip() for a in str(config.arms).split(",") if a.strip()]
 
 
 def build_arch(arch: Any, num_classes: int) -> ArchSpec:
@@ -231,8 +214,8 @@ def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) ->
                                                  np.float32), mesh),
                          reg_weights=replicate(np.ones(config.data.num_classes, np.float32), mesh))
     log(f"teacher: training {config.arch.name} from scratch on {len(full)} images for {tc.steps} steps")
-    res = finetune(name="teacher", workdir=tdir, mesh=mesh, spec=spec, variables=variables, method=Supervised(),
-                   teacher_spec=None, teacher_variables=None, data=step_data,
+    res = finetune(name="teacher", workdir=tdir, mesh=mesh, spec=spec, variables=variables,
+                   recipe=Supervised().recipe(), teacher_spec=None, teacher_variables=None, data=step_data,
                    step_cfg=StepConfig(batch_id=tc.batch_size, pad=config.data.pad, flip=config.data.flip,
                                        mean=tuple(config.data.mean), std=tuple(config.data.std)),
                    optim_cfg=tc.optim.to_dict(), loop=LoopConfig(steps=tc.steps, log_every=config.train.log_every,
@@ -244,21 +227,14 @@ def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) ->
 
 def calibration_set(config: Any, data: RunData, oe_on: bool, gamma: np.ndarray, ood: ImageSet | None = None,
                     ood_labels: np.ndarray | None = None) -> Calibration:
-    """Calibration set of the compression stage (method.md §3): ``D``, plus with OE the OOD subset (``ood``, by
-    default ``data.ood``) carrying ``ood_labels`` (by default labels drawn from Gamma), each sample weighted by
-    ``1 / count(label)``."""
-    x, y = data.train.x, data.train.y.astype(np.int32)
-    is_ood = np.zeros(len(y), bool)
+    """Calibration set of the compression stage (method.md §3) for one arm: ``D``, plus with OE (and
+    ``oe.in_compression``) the OOD subset (``ood``, by default ``data.ood``) carrying ``ood_labels`` (by default
+    labels drawn once from Gamma), each sample weighted by ``1 / count(label)``."""
     ood = data.ood if ood is None else ood
-    if oe_on and config.oe.in_compression and ood is not None and len(ood):
-        y_ood = ood_labels if ood_labels is not None else np.asarray(sampler.sample_ood_labels(
-            jax.random.PRNGKey(config.seed + 2), jnp.asarray(gamma), len(ood)))
-        x = np.concatenate([x, ood.x])
-        y = np.concatenate([y, y_ood.astype(np.int32)])
-        is_ood = np.concatenate([is_ood, np.ones(len(y_ood), bool)])
-    w = np.asarray(sampler.balancing_weights(jnp.asarray(y), config.data.num_classes))
-    return Calibration(x=x, y=y, weights=w, is_ood=is_ood)
-
+    with_ood = oe_on and config.oe.in_compression and ood is not None and len(ood)
+    return build_calibration(data.train.x, data.train.y, config.data.num_classes,
+                             ood_x=ood.x if with_ood else None, ood_labels=ood_labels if with_ood else None,
+                             gamma=gamma, seed=config.seed + 2)
 
 def teacher_pool_probs(config: Any, workdir: pathlib.Path, mesh: Any, teacher: tuple[ArchSpec, dict],
                        pool: ImageSet, chunk: int = 2048) -> np.ndarray:
@@ -297,14 +273,6 @@ def predict_fn(mesh: Any, spec: ArchSpec, mean: tuple, std: tuple, batch_size: i
     return make_predict(mesh, build_model(spec), mean, std, batch_size)
 
 
-def class_balanced_probs(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Sampling probabilities that draw every class equally often (``1 / n_y``, normalised): the resampling
-    baseline."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    p = 1.0 / counts[labels]
-    return (p / p.sum()).astype(np.float32)
-
-
 def measure_latency(spec: ArchSpec, variables: dict, image_size: int, batch: int = 128, reps: int = 10) -> float:
     """Median milliseconds of one jitted eval forward pass on ``batch`` images (default device)."""
     model = build_model(spec)
@@ -328,8 +296,9 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
         log(f"[{arm}] finished earlier; reusing {adir / 'result.json'}")
         return json.loads((adir / "result.json").read_text())
     t0 = time.time()
-    oe_on = arm in OOD_ARMS
-    rule = arm_selection(config, arm)
+    spec_arm: Arm = ARMS[arm]
+    oe_on = spec_arm.uses_ood
+    rule = spec_arm.selection(config)
     k = config.data.num_classes
     ood_set, ood_labels, eta = data.ood, None, config.oe.eta
     if oe_on and rule != "random":
@@ -341,53 +310,47 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
         eta = config.oe.selection_eta
         log(f"[{arm}] {rule}: selected {len(ood_set)} OOD images (c = {config.oe.selection_factor:g}), "
             f"per class {np.bincount(sel.classes, minlength=k).tolist()}")
-    if arm == "logit_adjust":
-        method = method.with_logit_adjustment(data.counts / data.counts.sum())
+    recipe = spec_arm.wrap(method.recipe(), data.counts)
     alpha = config.oe.alpha if config.oe.alpha >= 0 else None
-    gamma = np.asarray(sampler.complementary_distribution(jnp.asarray(data.counts), alpha))
+    gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(data.counts), alpha))
     t_spec, t_vars = teacher
     if (adir / "compressed").exists():
         spec, variables, _ = load_model(adir / "compressed")
         log(f"[{arm}] reusing the compressed student in {adir / 'compressed'}")
     else:
-        ctx = CompressionContext(teacher_spec=t_spec, teacher_variables=t_vars,
-                                 calibration=calibration_set(config, data, oe_on, gamma, ood_set, ood_labels),
+        calib = calibration_set(config, data, oe_on, gamma, ood_set, ood_labels)
+        ctx = CompressionContext(teacher_spec=t_spec, teacher_variables=t_vars, calibration=calib,
                                  mean=tuple(config.data.mean), std=tuple(config.data.std),
-                                 key=jax.random.PRNGKey(config.seed + 3), mesh=mesh)
+                                 key=jax.random.PRNGKey(config.seed + 3), mesh=mesh, workdir=adir,
+                                 latency=config.method.get("latency", "macs"), batch_size=config.eval.batch_size,
+                                 log=lambda s, a=arm: log(f"[{a}] {s}"))
+        if method.uses_calibration:
+            log(f"[{arm}] compressing with a calibration set of {len(calib)} images "
+                f"({int(calib.is_ood.sum())} OOD)")
         spec, variables = method.compress(ctx)
         if config.student.export_before_finetune:
             spec, variables = shrink(spec, variables)
         save_model(adir / "compressed", spec, variables)
     use_ood = oe_on and ood_set is not None and len(ood_set) > 0
-    step_data = StepData(
-        x_id=replicate(data.train.x, mesh), y_id=replicate(data.train.y.astype(np.int32), mesh),
-        x_ood=replicate(ood_set.x, mesh) if use_ood else None,
-        id_probs=replicate(class_balanced_probs(data.train.y, k), mesh) if arm == "resample" else None,
-        gamma=replicate(gamma.astype(np.float32), mesh),
-        reg_weights=replicate(np.asarray(sampler.class_weights(jnp.asarray(gamma)), np.float32), mesh))
-    tr = config.train
-    step_cfg = StepConfig(batch_id=tr.batch_id, batch_ood=tr.batch_ood if use_ood else 0, pad=config.data.pad,
-                          flip=config.data.flip, mean=tuple(config.data.mean), std=tuple(config.data.std),
-                          lambda_jd=config.oe.lambda_jd, eta=eta, tau=config.method.tau,
-                          bn_mode=config.oe.bn_mode)
-    early = oe_on and config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
-    loop = LoopConfig(steps=tr.steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early else 0,
-                      patience=config.oe.patience, ckpt_every=tr.ckpt_every)
-    heldout = (data.heldout.x, heldout_pred) if early else None
-    res = finetune(name=arm, workdir=adir, mesh=mesh, spec=spec, variables=variables, method=method,
-                   teacher_spec=t_spec, teacher_variables=t_vars, data=step_data, step_cfg=step_cfg,
-                   optim_cfg=config.optim.to_dict(), loop=loop, seed=config.seed, heldout=heldout,
-                   meta={"arm": arm, "spec": spec.to_dict(), "subset": data.subset})
-    spec_x, vars_x = shrink(spec, res.variables)
+    if recipe.finetunes:
+        res = _finetune_arm(config, arm, adir, mesh, data, recipe, spec, variables, teacher, spec_arm, gamma, eta,
+                            ood_set if use_ood else None, heldout_pred if oe_on else None)
+        final_vars, steps_run = res.variables, res.steps_run
+        es = {"best_step": res.best_step, "best_heldout_agreement": res.best_agreement,
+              "stopped_early": res.stopped_early}
+    else:
+        log(f"[{arm}] {method.name} does not fine-tune; evaluating the compressed student")
+        final_vars, steps_run, es = variables, 0, {"best_step": 0, "best_heldout_agreement": None,
+                                                   "stopped_early": False}
+    spec_x, vars_x = shrink(spec, final_vars)
     save_model(adir / "student", spec_x, vars_x, {"arm": arm, "method": method.name})
     predict = predict_fn(mesh, spec_x, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
     pred = np.argmax(predict(vars_x, data.test.x)["logits"], -1)
     metrics = classification_metrics(pred, data.test.y, k, data.counts)
     metrics["agreement"] = agreement(pred, teacher_test_pred)
-    result = {"arm": arm, "method": method.describe(), "metrics": metrics, "steps": res.steps_run,
-              "ood_selection": rule if oe_on else None, "ood_images": len(ood_set) if use_ood else 0,
-              "best_step": res.best_step, "best_heldout_agreement": res.best_agreement,
-              "stopped_early": res.stopped_early, "spec": spec_x.to_dict(),
+    result = {"arm": arm, "method": method.describe(), "metrics": metrics, "steps": steps_run,
+              "ood_selection": rule if oe_on else None, "ood_images": len(ood_set) if use_ood else 0, **es,
+              "spec": spec_x.to_dict(),
               "params": count_params(spec_x), "flops": count_flops(spec_x, config.data.image_size),
               "wall_s": time.time() - t0, "version": __version__}
     if config.eval.latency:
@@ -398,9 +361,39 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
     return result
 
 
+def _finetune_arm(config: Any, arm: str, adir: pathlib.Path, mesh: Any, data: RunData, recipe: Any,
+                  spec: ArchSpec, variables: dict, teacher: tuple[ArchSpec, dict], spec_arm: Arm,
+                  gamma: np.ndarray, eta: float, ood_set: ImageSet | None, heldout_pred: np.ndarray | None) -> Any:
+    """The fine-tuning stage of one arm (method.md §4): the recipe's loss on ID images, plus OE-FSMC's terms when
+    the arm has OOD images; early stopping on held-out OOD agreement for OE arms."""
+    k = config.data.num_classes
+    t_spec, t_vars = teacher
+    id_probs = spec_arm.id_probs(data.train.y, k)
+    step_data = StepData(
+        x_id=replicate(data.train.x, mesh), y_id=replicate(data.train.y.astype(np.int32), mesh),
+        x_ood=replicate(ood_set.x, mesh) if ood_set is not None else None,
+        id_probs=replicate(id_probs, mesh) if id_probs is not None else None,
+        gamma=replicate(gamma.astype(np.float32), mesh),
+        reg_weights=replicate(np.asarray(complementary.class_weights(jnp.asarray(gamma)), np.float32), mesh))
+    tr = config.train
+    step_cfg = StepConfig(batch_id=tr.batch_id, batch_ood=tr.batch_ood if ood_set is not None else 0,
+                          pad=config.data.pad, flip=config.data.flip, mean=tuple(config.data.mean),
+                          std=tuple(config.data.std), lambda_jd=config.oe.lambda_jd, eta=eta, tau=config.method.tau,
+                          bn_mode=config.oe.bn_mode)
+    early = (spec_arm.uses_ood and config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
+             and heldout_pred is not None)
+    loop = LoopConfig(steps=tr.steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early else 0,
+                      patience=config.oe.patience, ckpt_every=tr.ckpt_every)
+    heldout = (data.heldout.x, heldout_pred) if early else None
+    return finetune(name=arm, workdir=adir, mesh=mesh, spec=spec, variables=variables, recipe=recipe,
+                    teacher_spec=t_spec, teacher_variables=t_vars, data=step_data, step_cfg=step_cfg,
+                    optim_cfg=config.optim.to_dict(), loop=loop, seed=config.seed, heldout=heldout,
+                    meta={"arm": arm, "spec": spec.to_dict(), "subset": data.subset})
+
+
 def run(config: Any, workdir: str | os.PathLike) -> dict:
     """Run every arm of ``config`` in ``workdir`` and write ``report.md`` and the per-class plot; returns results."""
-    from oefsmc_jax.config_validation import ConfigError, validate
+    from oefsmc_jax.config_validation import validate
 
     workdir = pathlib.Path(workdir).absolute()
     if config.num_devices < 0 or config.num_devices > jax.device_count():
@@ -420,7 +413,8 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     held_pred = (np.argmax(t_predict(t_vars, data.heldout.x)["logits"], -1)
                  if data.heldout is not None and len(data.heldout) else None)
     log(f"teacher: test top-1 {teacher_metrics['top1']:.2f}%")
-    method = build_method(config.method.to_dict(), t_spec.num_stages)
+    method = build_method(config.method, t_spec)
+    check_arms(arms_of(config), method)
     pool_probs = None
     if data.candidates is not None:
         pool_probs = teacher_pool_probs(config, workdir, mesh, (t_spec, t_vars), data.candidates)
@@ -428,7 +422,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     for arm in arm_names(config):
         results[arm] = run_arm(config, arm, workdir, mesh, data, method, (t_spec, t_vars), t_test_pred,
                                held_pred, pool_probs)
-    arms = {ARM_LABELS[a].format(M=method.name.upper()): {**r["metrics"], "steps": r["steps"], "wall_s": r["wall_s"]}
+    arms = {ARMS[a].label.format(M=method.name.upper()): {**r["metrics"], "steps": r["steps"], "wall_s": r["wall_s"]}
             for a, r in results.items()}
     first = next(iter(results.values()))
     model = {"teacher_params": count_params(t_spec), "teacher_flops": count_flops(t_spec, config.data.image_size),

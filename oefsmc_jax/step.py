@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from oefsmc_jax import losses
 from oefsmc_jax.data.augment import augment_batch, normalize
-from oefsmc_jax.methods.base import Method
+from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.parallel import AXIS, num_devices, replicated, shard_batch
 
 BN_MODES = ("joint", "separate")
@@ -111,7 +111,7 @@ def apply_multipliers(tree: Any, params_like: Any, multipliers: Any) -> Any:
     return jax.tree_util.tree_map_with_path(fn, tree)
 
 
-def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, method: Method,
+def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, recipe: Recipe,
                     tx: optax.GradientTransformation, cfg: StepConfig) -> Callable:
     """Build the jitted step ``(state, data, teacher_vars, masks, multipliers) -> (state, metrics)``.
 
@@ -127,9 +127,9 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, m
     use_ood = cfg.batch_ood > 0
     use_jd = use_ood and cfg.lambda_jd > 0
     use_reg = use_ood and cfg.eta > 0
-    needs_teacher = method.needs_teacher or use_jd
+    needs_teacher = recipe.needs_teacher or use_jd
     if needs_teacher and teacher is None:
-        raise ValueError(f"method {method.name!r} with these OE settings needs a teacher")
+        raise ValueError("this recipe with these OE settings needs a teacher")
     mean, std = jnp.asarray(cfg.mean, jnp.float32), jnp.asarray(cfg.std, jnp.float32)
 
     def prep(keys, images):
@@ -184,11 +184,11 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, m
                 out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out_id, out_ood)
             s_id = jax.tree.map(lambda a: a[:b_loc], out)
             t_id = None if t_out is None else jax.tree.map(lambda a: a[:b_loc], t_out)
-            base = method.base_loss(s_id, t_id, y_id)
+            base = recipe.base_loss(s_id, t_id, y_id)
             parts = {"base": base}
             total = base
             if use_jd:
-                jd = losses.joint_distillation(method.jd_kind, out, t_out, cfg.tau)
+                jd = losses.joint_distillation(recipe.distill, out, t_out, cfg.tau)
                 parts["jd"] = jd
                 total = total + cfg.lambda_jd * jd
             if use_reg:

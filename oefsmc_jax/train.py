@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from oefsmc_jax.checkpoint import Checkpointer
-from oefsmc_jax.methods.base import Method
+from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
 from oefsmc_jax.optim import make_optimizer
 from oefsmc_jax.parallel import replicate
@@ -46,7 +48,44 @@ class FinetuneResult:
     wall_s: float
 
 
-_STEP_CACHE: dict = {}
+def _freeze(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What :func:`make_trainer` builds: the optimizer, its schedule, the jitted train step and eval forward."""
+
+    tx: Any
+    schedule: Any
+    step: Callable
+    predict: Callable
+
+
+def make_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, recipe: Recipe, step_cfg: StepConfig,
+                 optim_cfg: dict, steps: int) -> Trainer:
+    """The one owner of the train step: model with synced BatchNorm, optimizer with the recipe's frozen parameters
+    masked out, the jitted step and eval forward. Cached on its (hashable) arguments, so a grid, the benchmark and
+    the tests reuse compiled steps across runs of the same shapes."""
+    return _make_trainer(mesh, spec, teacher_spec, recipe, step_cfg, _freeze(dict(optim_cfg)), int(steps))
+
+
+@functools.lru_cache(maxsize=64)
+def _make_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, recipe: Recipe, step_cfg: StepConfig,
+                  optim_items: tuple, steps: int) -> Trainer:
+    optim_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in optim_items}
+    student = build_model(spec, bn_axis_name="data")
+    teacher = build_model(teacher_spec) if teacher_spec is not None else None
+    # the parameter tree depends on the spec only (32x32 is large enough for every family's pooling)
+    abstract = jax.eval_shape(lambda: build_model(spec).init(jax.random.PRNGKey(0),
+                                                             jnp.zeros((1, 32, 32, spec.in_channels)), train=False))
+    tx, schedule = make_optimizer(optim_cfg, steps, recipe.trainable(abstract["params"]))
+    return Trainer(tx, schedule, make_train_step(mesh, student, teacher, recipe, tx, step_cfg),
+                   make_predict(mesh, build_model(spec), step_cfg.mean, step_cfg.std))
 
 
 def _format_eta(seconds: float) -> str:
@@ -101,7 +140,7 @@ class MetricWriter:
 
 
 def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSpec, variables: dict,
-             method: Method, teacher_spec: ArchSpec | None, teacher_variables: dict | None, data: StepData,
+             recipe: Recipe, teacher_spec: ArchSpec | None, teacher_variables: dict | None, data: StepData,
              step_cfg: StepConfig, optim_cfg: dict, loop: LoopConfig, seed: int,
              heldout: tuple[np.ndarray, np.ndarray] | None = None, meta: dict | None = None,
              log: Callable[[str], None] | None = None) -> FinetuneResult:
@@ -117,15 +156,8 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     workdir = pathlib.Path(workdir)
     t0 = time.time()
-    cache_key = (mesh, spec, teacher_spec, type(method).__name__, method.describe(), step_cfg,
-                 json.dumps(dict(optim_cfg), sort_keys=True, default=str), loop.steps)
-    if cache_key not in _STEP_CACHE:  # a grid of runs reuses compiled steps across cells of the same shapes
-        student = build_model(spec, bn_axis_name="data")
-        teacher = build_model(teacher_spec) if teacher_spec is not None else None
-        tx, schedule = make_optimizer(optim_cfg, loop.steps, method.trainable(variables["params"]))
-        _STEP_CACHE[cache_key] = (tx, schedule, make_train_step(mesh, student, teacher, method, tx, step_cfg),
-                                  make_predict(mesh, build_model(spec), step_cfg.mean, step_cfg.std))
-    tx, schedule, step_fn, predict = _STEP_CACHE[cache_key]
+    trainer = make_trainer(mesh, spec, teacher_spec, recipe, step_cfg, optim_cfg, loop.steps)
+    tx, schedule, step_fn, predict = trainer.tx, trainer.schedule, trainer.step, trainer.predict
     masks = variables.get("masks", {})
     mult = mask_multipliers(spec, variables)
 

@@ -17,7 +17,8 @@ from oefsmc_jax.experiments import cell_config, expand, read_results, run_grid, 
 from oefsmc_jax.experiments.summarize import paired_table
 from oefsmc_jax.methods import BP, KD
 from oefsmc_jax.models import cifar_resnet_spec
-from oefsmc_jax.pipeline import class_balanced_probs, init_variables, prepare_data
+from oefsmc_jax.oe.arms import ARMS, class_balanced_probs
+from oefsmc_jax.pipeline import init_variables, prepare_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
@@ -85,13 +86,17 @@ def test_class_balanced_probs_and_logit_adjustment():
     logits = jnp.array([[1.0, 0.0]])
     labels = jnp.array([1])
     la = losses.logit_adjusted_cross_entropy(logits, labels, jnp.asarray(prior))
-    assert float(BP((0.5,)).with_logit_adjustment(prior).base_loss({"logits": logits}, None, labels)) == (
+    la_arm = ARMS["logit_adjust"]
+    assert float(la_arm.wrap(BP((0.5,)).recipe(), np.array([3, 1])).base_loss({"logits": logits}, None, labels)) == (
         pytest.approx(float(la)))
-    kd = KD((0.5,), gamma=0.9, tau=4.0).with_logit_adjustment(prior)
+    kd = la_arm.wrap(KD((0.5,), gamma=0.9, tau=4.0).recipe(), np.array([3, 1]))
     t = {"logits": jnp.array([[0.0, 1.0]])}
     assert float(kd.base_loss({"logits": logits}, t, labels)) == pytest.approx(
         0.1 * float(la) + 0.9 * float(losses.kd_kl(logits, t["logits"], 4.0)))
-    assert BP((0.5,)).label_prior is None  # the original is unchanged
+    plain = BP((0.5,)).recipe()
+    assert ARMS["base"].wrap(plain, np.array([3, 1])) is plain  # other arms leave the recipe as it is
+    assert float(plain.base_loss({"logits": logits}, None, labels)) == pytest.approx(
+        float(losses.cross_entropy(logits, labels)))
 
 
 def test_validation_split_is_balanced_and_disjoint_from_the_few_samples(tmp_path):

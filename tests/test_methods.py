@@ -8,16 +8,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from oefsmc_jax import losses, sampler
+from oefsmc_jax import losses
 from oefsmc_jax.data import ImageSet
 from oefsmc_jax.evaluation import agreement
 from oefsmc_jax.methods import BP, KD, CompressionContext, build_method
 from oefsmc_jax.models import build_model, cifar_resnet_spec
-from oefsmc_jax.optim import make_optimizer
+from oefsmc_jax.oe import complementary
 from oefsmc_jax.parallel import make_mesh, replicate
 from oefsmc_jax.pipeline import RunData, calibration_set, init_variables
-from oefsmc_jax.step import StepConfig, StepData, init_state, make_predict, make_train_step
-from oefsmc_jax.train import LoopConfig, finetune
+from oefsmc_jax.step import StepConfig, StepData, init_state, make_predict
+from oefsmc_jax.train import LoopConfig, finetune, make_trainer
 
 K, SIZE = 10, 8
 SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
@@ -40,24 +40,27 @@ def tiny_data():
 
 
 def test_build_method_and_prune_ratio_validation():
-    m = build_method({"name": "kd", "prune_ratio": [0.25, 0.5, 0.75], "kd_gamma": 0.5, "tau": 2.0}, 3)
+    m = build_method({"name": "kd", "prune_ratio": [0.25, 0.5, 0.75], "kd_gamma": 0.5, "tau": 2.0}, SPEC)
     assert isinstance(m, KD) and m.prune_ratio == (0.25, 0.5, 0.75) and (m.gamma, m.tau) == (0.5, 2.0)
-    assert isinstance(build_method({"name": "bp", "prune_ratio": 0.5}, 3), BP)
-    with pytest.raises(ValueError, match="method.name: unknown method 'mir'; allowed: bp, kd"):
-        build_method({"name": "mir", "prune_ratio": 0.5}, 3)
-    with pytest.raises(ValueError, match=r"method.prune_ratio: 1.0 is outside the allowed range \[0, 1\)"):
-        build_method({"name": "kd", "prune_ratio": 1.0}, 3)
+    assert isinstance(build_method({"name": "bp", "prune_ratio": 0.5}, SPEC), BP)
+    with pytest.raises(ValueError, match="config.method.name: unknown method 'nope'; allowed: bp, "):
+        build_method({"name": "nope", "prune_ratio": 0.5}, SPEC)
+    with pytest.raises(ValueError, match=r"config.method.prune_ratio: 1.0 is outside the allowed range \[0, 1\)"):
+        build_method({"name": "kd", "prune_ratio": 1.0}, SPEC)
     with pytest.raises(ValueError, match="expected 1 or 3 values"):
-        build_method({"name": "kd", "prune_ratio": [0.5, 0.5]}, 3)
+        build_method({"name": "kd", "prune_ratio": [0.5, 0.5]}, SPEC)
+    with pytest.raises(ValueError, match=r"config.method.kd_gamma: must be in \[0, 1\], got 1.5"):
+        build_method({"name": "kd", "prune_ratio": 0.5, "kd_gamma": 1.5}, SPEC)
 
 
 def test_base_losses():
     s = {"logits": jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])}
     t = {"logits": jnp.array([[1.0, 1.0, 0.0], [0.0, 2.0, 0.0]])}
     y = jnp.array([0, 1])
-    assert float(BP((0.5,)).base_loss(s, None, y)) == pytest.approx(float(losses.cross_entropy(s["logits"], y)))
+    ce = float(losses.cross_entropy(s["logits"], y))
+    assert float(BP((0.5,)).recipe().base_loss(s, None, y)) == pytest.approx(ce)
     kd = KD((0.5,), gamma=0.7, tau=3.0)
-    assert float(kd.base_loss(s, t, y)) == pytest.approx(
+    assert float(kd.recipe().base_loss(s, t, y)) == pytest.approx(
         0.3 * float(losses.cross_entropy(s["logits"], y)) + 0.7 * float(losses.kd_kl(s["logits"], t["logits"], 3.0)))
 
 
@@ -80,7 +83,7 @@ def _cfg(**oe):
 
 
 def test_calibration_set_with_and_without_oe(tiny_data):
-    gamma = np.asarray(sampler.complementary_distribution(jnp.asarray(tiny_data.counts), alpha=0.2))
+    gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(tiny_data.counts), alpha=0.2))
     assert gamma[0] == 0.0  # class 0 is the most frequent: alpha = max(beta) gives it no OOD labels
     base = calibration_set(_cfg(), tiny_data, False, gamma)
     assert len(base.y) == 28 and not base.is_ood.any()
@@ -96,7 +99,7 @@ def test_calibration_set_with_and_without_oe(tiny_data):
 
 def test_calibration_set_takes_the_selected_ood_images_with_their_teacher_classes(tiny_data):
     """Teacher-guided arms (issue 4): the compression stage sees the chosen images, labelled by the chosen class."""
-    gamma = np.asarray(sampler.complementary_distribution(jnp.asarray(tiny_data.counts), alpha=0.2))
+    gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(tiny_data.counts), alpha=0.2))
     chosen = tiny_data.ood.take(np.array([7, 3, 11]))
     cal = calibration_set(_cfg(), tiny_data, True, gamma, chosen, np.array([2, 2, 1]))
     assert len(cal.y) == 28 + 3
@@ -110,9 +113,10 @@ def test_calibration_set_takes_the_selected_ood_images_with_their_teacher_classe
                                                     (0.0, 0.0, {"base"})])
 def test_each_oe_loss_term_switches_off(teacher, tiny_data, lambda_jd, eta, expected):
     mesh = make_mesh(1)
-    tx, _ = make_optimizer({"name": "sgd", "lr": 0.01, "schedule": "constant"}, 1)
     cfg = StepConfig(batch_id=8, batch_ood=8, pad=1, lambda_jd=lambda_jd, eta=eta)
-    step = make_train_step(mesh, build_model(SPEC), build_model(SPEC), KD((0.5,) * 3), tx, cfg)
+    trainer = make_trainer(mesh, SPEC, SPEC, KD((0.5,) * 3).recipe(), cfg,
+                           {"name": "sgd", "lr": 0.01, "schedule": "constant"}, 1)
+    tx, step = trainer.tx, trainer.step
     d = tiny_data
     data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32),
                               np.ones(K, np.float32)), mesh)
@@ -130,7 +134,7 @@ def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
     t_pred = np.argmax(predict(teacher, d.heldout.x)["logits"], -1)
     data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32),
                               np.ones(K, np.float32)), mesh)
-    res = finetune(name="es", workdir=tmp_path, mesh=mesh, spec=SPEC, variables=teacher, method=BP((0.5,) * 3),
+    res = finetune(name="es", workdir=tmp_path, mesh=mesh, spec=SPEC, variables=teacher, recipe=BP((0.5,) * 3).recipe(),
                    teacher_spec=SPEC, teacher_variables=teacher, data=data,
                    step_cfg=StepConfig(batch_id=8, batch_ood=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3),
                    optim_cfg={"name": "sgd", "lr": 0.5, "schedule": "constant"},

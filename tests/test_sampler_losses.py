@@ -7,34 +7,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oefsmc_jax import losses, sampler
+from oefsmc_jax import losses
+from oefsmc_jax.oe import complementary
 
 
 def test_complementary_distribution_default_alpha():
     # beta = [.5, .25, .25]; alpha = .75; gaps [.25, .5, .5] / 1.25
-    gamma = sampler.complementary_distribution(jnp.array([4, 2, 2]))
+    gamma = complementary.complementary_distribution(jnp.array([4, 2, 2]))
     np.testing.assert_allclose(gamma, [0.2, 0.4, 0.4], rtol=1e-6)
-    np.testing.assert_allclose(sampler.class_weights(gamma), [0.6, 1.2, 1.2], rtol=1e-6)
+    np.testing.assert_allclose(complementary.class_weights(gamma), [0.6, 1.2, 1.2], rtol=1e-6)
 
 
 def test_complementary_distribution_alpha_max_rebalances_in_expectation():
     counts = jnp.array([4, 2, 2])
-    gamma = sampler.complementary_distribution(counts, alpha=0.5)
+    gamma = complementary.complementary_distribution(counts, alpha=0.5)
     np.testing.assert_allclose(gamma, [0.0, 0.5, 0.5], atol=1e-7)
     m = 3 * 4 - 8  # K * n_max - n
-    np.testing.assert_allclose(sampler.expected_class_counts(counts, m, alpha=0.5), [4, 4, 4], rtol=1e-6)
+    np.testing.assert_allclose(complementary.expected_class_counts(counts, m, alpha=0.5), [4, 4, 4], rtol=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [None, 1.0 / 3.0, 0.9])
 def test_balanced_set_gives_uniform_never_nan(alpha):
-    gamma = jax.jit(sampler.complementary_distribution)(jnp.array([5, 5, 5]), alpha)
+    gamma = jax.jit(complementary.complementary_distribution)(jnp.array([5, 5, 5]), alpha)
     assert not np.any(np.isnan(gamma))
     np.testing.assert_allclose(gamma, [1 / 3] * 3, rtol=1e-6)
 
 
 def test_sampled_labels_follow_gamma_and_change_with_key():
     gamma = jnp.array([0.0, 0.1, 0.3, 0.6])
-    draw = jax.jit(sampler.sample_ood_labels, static_argnums=2)
+    draw = jax.jit(complementary.sample_ood_labels, static_argnums=2)
     y = np.asarray(draw(jax.random.key(0), gamma, 200_000))
     freq = np.bincount(y, minlength=4) / y.size
     np.testing.assert_allclose(freq, gamma, atol=0.005)
@@ -45,7 +46,7 @@ def test_sampled_labels_follow_gamma_and_change_with_key():
 
 def test_balancing_weights_equalise_classes():
     labels = jnp.array([0, 0, 0, 1])
-    w = sampler.balancing_weights(labels, 2)
+    w = complementary.balancing_weights(labels, 2)
     # raw 1/3,1/3,1/3,1 -> sum 2 -> normalised to mean 1: x 4/2
     np.testing.assert_allclose(w, [2 / 3, 2 / 3, 2 / 3, 2.0], rtol=1e-6)
     assert float(w[:3].sum()) == pytest.approx(float(w[3]))

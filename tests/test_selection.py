@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 
 from oefsmc_jax.data import ImageSet, ood_split
-from oefsmc_jax.data.selection import (
+from oefsmc_jax.models import cifar_resnet_spec
+from oefsmc_jax.oe.arms import arm_selection
+from oefsmc_jax.oe.selection import (
     complement_requests,
     select,
     select_teacher_complement,
     select_teacher_confidence,
 )
-from oefsmc_jax.models import cifar_resnet_spec
 from oefsmc_jax.parallel import make_mesh
-from oefsmc_jax.pipeline import arm_selection, init_variables, prepare_data, teacher_pool_probs
+from oefsmc_jax.pipeline import init_variables, prepare_data, teacher_pool_probs
 
 PROBS = np.array([  # 6 pool images x 3 classes
     [0.7, 0.2, 0.1],

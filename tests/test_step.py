@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oefsmc_jax import sampler
 from oefsmc_jax.methods import KD
 from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune, mask_multipliers, shrink
+from oefsmc_jax.oe import complementary
 from oefsmc_jax.optim import make_optimizer
 from oefsmc_jax.parallel import make_mesh, replicate
 from oefsmc_jax.step import StepConfig, StepData, apply_multipliers, init_state, make_predict, make_train_step
+from oefsmc_jax.train import make_trainer
 
 SIZE = 8
 K = 10
@@ -34,9 +35,9 @@ def setup():
     y = np.repeat(np.arange(K), counts).astype(np.int32)
     x = rng.integers(0, 256, (len(y), SIZE, SIZE, 3), dtype=np.uint8)
     x_ood = rng.integers(0, 256, (12, SIZE, SIZE, 3), dtype=np.uint8)
-    gamma = np.asarray(sampler.complementary_distribution(jnp.asarray(counts)))
+    gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(counts)))
     host_data = dict(x_id=x, y_id=y, x_ood=x_ood, gamma=gamma.astype(np.float32),
-                     reg_weights=np.asarray(sampler.class_weights(jnp.asarray(gamma)), np.float32))
+                     reg_weights=np.asarray(complementary.class_weights(jnp.asarray(gamma)), np.float32))
     return spec, t_vars, s_spec, jax.device_get(s_vars), host_data
 
 
@@ -45,9 +46,8 @@ def _run(setup, ndev, variables=None, spec=None, steps=STEPS):
     spec = spec or s_spec
     variables = variables if variables is not None else s_vars
     mesh = make_mesh(ndev)
-    method = KD((0.5, 0.5, 0.5))
-    tx, _ = make_optimizer(OPTIM, steps)
-    step = make_train_step(mesh, build_model(spec, bn_axis_name="data"), build_model(t_spec), method, tx, CFG)
+    trainer = make_trainer(mesh, spec, t_spec, KD((0.5, 0.5, 0.5)).recipe(), CFG, OPTIM, steps)
+    tx, step = trainer.tx, trainer.step
     data = StepData(x_id=replicate(host["x_id"], mesh), y_id=replicate(host["y_id"], mesh),
                     x_ood=replicate(host["x_ood"], mesh), id_probs=None, gamma=replicate(host["gamma"], mesh),
                     reg_weights=replicate(host["reg_weights"], mesh))
@@ -141,5 +141,5 @@ def test_batch_not_divisible_by_devices_is_refused(setup):
     t_spec, t_vars, s_spec, s_vars, _ = setup
     tx, _ = make_optimizer(OPTIM, 1)
     with pytest.raises(ValueError, match="batch_id=6 must be divisible by the device count 4"):
-        make_train_step(make_mesh(4), build_model(s_spec), build_model(t_spec), KD((0.5,) * 3), tx,
+        make_train_step(make_mesh(4), build_model(s_spec), build_model(t_spec), KD((0.5,) * 3).recipe(), tx,
                         StepConfig(batch_id=6, batch_ood=8))

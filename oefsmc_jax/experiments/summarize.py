@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from oefsmc_jax.evaluation import format_table, paired_difference, plot_per_class
+from oefsmc_jax.oe.arms import ARMS
 
-ARM_NAMES = {"base": "base", "oe": "+ OE-FSMC", "oe_complement": "+ OOD teacher complement",
-             "oe_confidence": "+ OOD teacher confidence", "resample": "+ resampling", "logit_adjust": "+ logit adj."}
+ARM_NAMES = {name: arm.short for name, arm in ARMS.items()}  # the arms table of oefsmc_jax.oe.arms
 METRICS = (("top1", "Top-1"), ("balanced", "Balanced"), ("few", "Few-shot"))
 
 

@@ -1,44 +1,88 @@
-"""The interface every few-sample compression method implements.
+"""The interface every few-sample compression method implements (method.md §3-§5, design.md).
 
-A method has two stages (method.md §3-5):
+A method is one frozen dataclass of its hyper-parameters (defaults, validation in ``__post_init__``,
+``from_config``) with two parts, in the spirit of optax's small composable transformations:
 
-* ``compress(ctx)``: turn the teacher into a student, ``(spec, variables) -> (spec', variables')``. Methods whose
-  decisions use data (least squares, layer-wise reconstruction, block scoring) read ``ctx.calibration``: the ID
-  few-sample set, plus with OE-FSMC the OOD images with complementary labels and class-balancing weights.
-  Label-free criteria (L1 norms) ignore it.
-* fine-tuning: ``base_loss(student_id, teacher_id, labels)`` is the method's own loss on the ID part of the batch;
-  ``jd_kind`` names the distillation signal OE-FSMC's joint distillation applies to ID and OOD images together;
-  ``trainable(params)`` says which parameters fine-tuning may change (MiR and PRACTISE freeze some);
-  ``finetunes=False`` (FSKD) skips SGD altogether.
+* its **compression stage**, a chain of pure stages ``(spec, variables, ctx) -> (spec, variables)`` (``stages()``;
+  ``compress(ctx)`` runs the chain on the teacher). Data-dependent stages read ``ctx.calibration`` (the few-sample
+  set, plus with OE-FSMC the OOD images with complementary labels and class-aware weights) and use the services of
+  :class:`CompressionContext`: activations at named points, an inner fitting loop, latency.
+* its **fine-tuning recipe** (``recipe()``): the base loss on the ID images, the distillation signal OE-FSMC's joint
+  distillation uses on ID ∪ OOD, which top-level parameter modules stay frozen, whether to fine-tune at all.
+
+Adding a method is one file plus one line in ``oefsmc_jax.methods.METHODS``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oefsmc_jax import losses
-from oefsmc_jax.models import ArchSpec
+from oefsmc_jax.data.augment import normalize
+from oefsmc_jax.errors import fail
+from oefsmc_jax.models import ArchSpec, build_model
+from oefsmc_jax.models.probe import forward
+from oefsmc_jax.oe.arms import CrossEntropy
+from oefsmc_jax.oe.calibration import Calibration
+
+Stage = Callable[[ArchSpec, dict, "CompressionContext"], tuple[ArchSpec, dict]]
+DISTILL = ("logits", "features")
+
+
+def chain(*stages: Stage) -> Stage:
+    """One stage that runs ``stages`` in order (like ``optax.chain``)."""
+
+    def run(spec: ArchSpec, variables: dict, ctx: CompressionContext) -> tuple[ArchSpec, dict]:
+        for stage in stages:
+            spec, variables = stage(spec, variables, ctx)
+        return spec, variables
+
+    return run
 
 
 @dataclasses.dataclass(frozen=True)
-class Calibration:
-    """Calibration set for data-dependent compression: uint8 images, labels and per-sample weights."""
+class Recipe:
+    """How a method fine-tunes its student (method.md §4-5). Hashable, so equal recipes share a compiled step.
 
-    x: np.ndarray
-    y: np.ndarray
-    weights: np.ndarray
-    is_ood: np.ndarray
+    ``loss(student, teacher, labels, label_loss)`` is the method's own loss on the ID part of the batch (model
+    outputs have ``logits`` and ``features``; ``label_loss(logits, labels)`` is the supervised term, which the
+    ``logit_adjust`` arm replaces). ``distill`` is the signal of OE-FSMC's joint distillation: ``logits``
+    (``tau^2 KL``) or ``features`` (pre-GAP MSE). ``frozen`` names top-level parameter modules that get neither
+    updates nor weight decay (MiR's classifier).
+    """
+
+    loss: Callable[..., Any]
+    distill: str = "logits"
+    frozen: tuple[str, ...] = ()
+    finetunes: bool = True
+    needs_teacher: bool = True
+    uses_labels: bool = True
+    label_loss: Callable[[Any, Any], Any] = CrossEntropy()
+
+    def __post_init__(self) -> None:
+        if self.distill not in DISTILL:
+            raise ValueError(f"distill must be one of {DISTILL}, got {self.distill!r}")
+
+    def base_loss(self, student: dict, teacher: dict | None, labels: jax.Array) -> jax.Array:
+        """The method's loss on the ID images with this recipe's supervised term."""
+        return self.loss(student, teacher, labels, self.label_loss)
+
+    def trainable(self, params: Mapping[str, Any]) -> Any:
+        """Pytree of bools over ``params``: False under the frozen modules."""
+        return {k: jax.tree.map(lambda _, f=k in self.frozen: not f, v) for k, v in params.items()}
 
 
 @dataclasses.dataclass(frozen=True)
 class CompressionContext:
-    """Everything a compression stage may use."""
+    """Everything a compression stage may use: the teacher, the calibration set and the services."""
 
     teacher_spec: ArchSpec
     teacher_variables: dict
@@ -47,45 +91,115 @@ class CompressionContext:
     std: tuple[float, ...]
     key: jax.Array
     mesh: Any = None
+    workdir: pathlib.Path | None = None  # where stages write what they decided (scores, latencies)
+    latency: str = "macs"  # measure | macs: how stages that need latency get it
+    batch_size: int = 256
+    log: Callable[[str], None] = dataclasses.field(default=lambda s: print(s, file=sys.stderr, flush=True))
+
+    def images(self, idx: np.ndarray | None = None) -> jax.Array:
+        """The calibration images (or a subset), normalised float32 NHWC."""
+        x = self.calibration.x if idx is None else self.calibration.x[np.asarray(idx)]
+        return normalize(jnp.asarray(x), jnp.asarray(self.mean, jnp.float32), jnp.asarray(self.std, jnp.float32))
+
+    def activations(self, spec: ArchSpec, variables: dict, points: Sequence[str], *, x: jax.Array | None = None,
+                    train: bool = False, edits: Mapping[str, Callable] | None = None) -> dict[str, jax.Array]:
+        """Activations at named ``points`` (see ``models.probe``) of ``(spec, variables)`` on ``x`` (default: the
+        whole calibration set, normalised), in train (batch statistics) or eval BatchNorm mode, in batches of
+        ``batch_size`` (train mode: one batch, as BatchNorm statistics depend on it)."""
+        x = self.images() if x is None else x
+        fn = _activation_fn(spec, tuple(points), train, edits is not None)
+        if train or len(x) <= self.batch_size:
+            return fn(variables, x, edits) if edits is not None else fn(variables, x)
+        parts = [fn(variables, x[i:i + self.batch_size], edits) if edits is not None else
+                 fn(variables, x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        return {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def record(self, name: str, obj: Any) -> None:
+        """Write what a stage decided to ``workdir/compression/NAME.json`` (process 0 only)."""
+        if self.workdir is None or jax.process_index() != 0:
+            return
+        path = pathlib.Path(self.workdir) / "compression" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=1, default=_json_default))
 
 
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.ndarray, jax.Array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+_ACT_CACHE: dict = {}
+
+
+def _activation_fn(spec: ArchSpec, points: tuple[str, ...], train: bool, with_edits: bool) -> Callable:
+    key = (spec, points, train, with_edits)
+    if key not in _ACT_CACHE:
+        model = build_model(spec)
+        if with_edits:  # edits close over arrays: not cached across calls
+            return lambda v, x, e: forward(model, v, x, train=train, capture=points, edits=e)[1]
+        _ACT_CACHE[key] = jax.jit(lambda v, x: forward(model, v, x, train=train, capture=points)[1])
+    return _ACT_CACHE[key]
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
-    """Base class of compression methods; subclasses set the class variables and override the hooks."""
+    """Base class: subclasses are frozen dataclasses of their hyper-parameters and set ``name``."""
 
     name: ClassVar[str] = ""
-    jd_kind: ClassVar[str] = "logits"  # 'logits' (KL at temperature tau) or 'features' (pre-GAP MSE)
-    uses_labels: ClassVar[bool] = True
-    needs_teacher: ClassVar[bool] = True
-    data_dependent_compression: ClassVar[bool] = False
-    finetunes: ClassVar[bool] = True
+    uses_calibration: ClassVar[bool] = False  # True if a compression stage reads the calibration set
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
+        """Build from ``config.method`` (a mapping) for the teacher ``spec``; bad values fail with one line."""
+        raise NotImplementedError
+
+    def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
+        """The compression stage of this method for a teacher of ``spec``, as a chain of pure stages."""
+        raise NotImplementedError
+
+    def recipe(self) -> Recipe:
+        """The fine-tuning recipe."""
+        raise NotImplementedError
 
     def compress(self, ctx: CompressionContext) -> tuple[ArchSpec, dict]:
-        """Compression stage: return the student's (spec, variables), initialised from the teacher."""
-        raise NotImplementedError
-
-    def base_loss(self, student: dict, teacher: dict | None, labels: jax.Array) -> jax.Array:
-        """The method's own fine-tuning loss on the ID images (model outputs have ``logits``/``features``)."""
-        raise NotImplementedError
-
-    label_prior: tuple[float, ...] | None = None  # set by with_logit_adjustment
-
-    def label_loss(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
-        """The supervised term on ID labels: cross-entropy, or logit-adjusted CE when a prior is set."""
-        if self.label_prior is None:
-            return losses.cross_entropy(logits, labels)
-        return losses.logit_adjusted_cross_entropy(logits, labels, jnp.asarray(self.label_prior, jnp.float32))
-
-    def with_logit_adjustment(self, prior: np.ndarray) -> Method:
-        """A copy whose supervised term is logit-adjusted CE with the class ``prior`` (a no-OOD baseline)."""
-        out = copy.copy(self)
-        out.label_prior = tuple(float(p) for p in prior)
-        return out
-
-    def trainable(self, params: dict) -> dict:
-        """Pytree of bools over ``params``: True where fine-tuning updates the parameter (default: all)."""
-        return jax.tree.map(lambda _: True, params)
+        """Run the compression stage on the teacher: the student's ``(spec, variables)``."""
+        return chain(*self.stages(ctx.teacher_spec))(ctx.teacher_spec, ctx.teacher_variables, ctx)
 
     def describe(self) -> str:
-        """One line naming the method and its hyper-parameters (for logs and reports)."""
-        fields = ", ".join(f"{k}={v}" for k, v in vars(self).items() if not k.startswith("_"))
+        """One line naming the method and its hyper-parameters (for logs, reports and records)."""
+        fields = ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
         return f"{self.name}({fields})"
+
+
+def prune_ratios(value: Any, num_stages: int, field: str = "method.prune_ratio") -> tuple[float, ...]:
+    """Per-stage prune ratios from a float or a sequence, each in [0, 1) (one-line ``ConfigError`` otherwise)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        ratios = (float(value),) * num_stages
+    else:
+        ratios = tuple(float(v) for v in value)
+        if len(ratios) != num_stages:
+            fail(field, f"expected 1 or {num_stages} values (one per stage), got {len(ratios)}")
+    for r in ratios:
+        if not 0.0 <= r < 1.0:
+            fail(field, f"{r} is outside the allowed range [0, 1)")
+    return ratios
+
+
+def sub_config(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``config.method.NAME`` as a plain dict ({} when absent)."""
+    sub = cfg.get(name) if hasattr(cfg, "get") else None
+    if sub is None:
+        return {}
+    return dict(sub.to_dict() if hasattr(sub, "to_dict") else sub)
+
+
+def hparams_from(cls: type, sub: Mapping[str, Any], field: str, **extra: Any) -> Any:
+    """Instantiate the dataclass ``cls`` from ``sub`` (+ ``extra``), refusing unknown keys in one line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(sub) - names)
+    if unknown:
+        fail(f"{field}.{unknown[0]}", f"unknown field; allowed: {', '.join(sorted(names - set(extra)))}")
+    return cls(**{**{k: v for k, v in sub.items()}, **extra})

@@ -178,18 +178,23 @@ def _stage_ratios(spec: ArchSpec, ratios: float | Sequence[float]) -> list[float
 
 
 def l1_prune(
-    spec: ArchSpec, variables: Variables, ratios: float | Sequence[float], *, min_keep: int = 1
+    spec: ArchSpec, variables: Variables, ratios: float | Sequence[float], *, min_keep: int = 1,
+    exclude: Sequence[tuple[int, int, int]] = (),
 ) -> tuple[ArchSpec, dict[str, Any]]:
     """Mask all but the ``max(min_keep, round(w * (1 - ratio)))`` largest-L1 filters of every internal width.
 
     The L1 norm is that of the producing conv's output filter (ties: lower index wins).  ``ratios`` is one
-    float for all stages or one per stage, each in [0, 1).  Returns the same spec and masked variables.
+    float for all stages or one per stage, each in [0, 1).  Widths listed in ``exclude`` ((stage, block, j) keys)
+    are left whole.  Returns the same spec and masked variables.
     """
     vals = _stage_ratios(spec, ratios)
     if int(min_keep) < 1:
         raise ValueError(f"min_keep must be >= 1, got {min_keep}")
     keep = {}
+    skip = {tuple(k) for k in exclude}
     for lk in width_links(spec):
+        if lk.key in skip:
+            continue
         kern = np.asarray(_get(variables["params"], lk.producer)["kernel"], dtype=np.float64)
         l1 = np.abs(kern).reshape(-1, lk.width).sum(axis=0)
         n = min(lk.width, max(int(min_keep), round(lk.width * (1.0 - vals[lk.key[0]]))))

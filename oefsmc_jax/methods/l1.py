@@ -1,0 +1,117 @@
+"""BP and KD with label-free L1-norm filter pruning (method.md §5), and the L1 stage other methods reuse."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from oefsmc_jax import losses
+from oefsmc_jax.errors import fail
+from oefsmc_jax.methods.base import CompressionContext, Method, Recipe, Stage, prune_ratios
+from oefsmc_jax.models import ArchSpec, l1_prune, width_links
+
+
+def l1_prune_stage(ratios: tuple[float, ...], keep_feature_width: bool = False) -> Stage:
+    """Mask the lowest-L1 filters of every internal width at the per-stage ``ratios`` (label-free, so the
+    calibration set is not read). ``keep_feature_width`` leaves the width that feeds global pooling unpruned
+    (VGG's last conv), which feature-distilling methods need."""
+
+    def stage(spec: ArchSpec, variables: dict, ctx: CompressionContext) -> tuple[ArchSpec, dict]:
+        exclude = feature_width_keys(spec) if keep_feature_width else ()
+        return l1_prune(spec, variables, ratios, exclude=exclude)
+
+    return stage
+
+
+def feature_width_keys(spec: ArchSpec) -> tuple[tuple[int, int, int], ...]:
+    """The prunable widths that are the pre-GAP feature map's channels (VGG's last conv; none for ResNets, whose
+    pruning only touches block-internal widths)."""
+    if spec.is_resnet:
+        return ()
+    return tuple(lk.key for lk in width_links(spec) if lk.consumer in (("head",), ("fc0",)))
+
+
+def _kd_signal(student: dict, teacher: dict, tau: float) -> jax.Array:
+    return losses.kd_kl(student["logits"], teacher["logits"], tau)
+
+
+@dataclasses.dataclass(frozen=True)
+class BP(Method):
+    """Prune, then fine-tune every weight (classifier included) with cross-entropy on the few ID samples."""
+
+    prune_ratio: tuple[float, ...] = (0.5,)
+    name = "bp"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> BP:
+        """``method.prune_ratio``."""
+        return cls(prune_ratios(cfg.get("prune_ratio", 0.5), spec.num_stages))
+
+    def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
+        """L1 pruning."""
+        return (l1_prune_stage(self.prune_ratio),)
+
+    def loss(self, student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
+        """Cross-entropy (or the arm's supervised term) on the ID labels."""
+        return label_loss(student["logits"], labels)
+
+    def recipe(self) -> Recipe:
+        """CE, logit distillation for OE-FSMC, everything trained; the teacher only for joint distillation."""
+        return Recipe(loss=self.loss, distill="logits", needs_teacher=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class KD(Method):
+    """Prune, then distil (Hinton): ``(1-gamma) * CE + gamma * tau^2 * KL``."""
+
+    prune_ratio: tuple[float, ...] = (0.5,)
+    gamma: float = 0.9
+    tau: float = 4.0
+    name = "kd"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0:
+            fail("method.kd_gamma", f"must be in [0, 1], got {self.gamma}")
+        if not self.tau > 0:
+            fail("method.tau", f"must be > 0, got {self.tau}")
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> KD:
+        """``method.prune_ratio``, ``method.kd_gamma``, ``method.tau``."""
+        return cls(prune_ratios(cfg.get("prune_ratio", 0.5), spec.num_stages), float(cfg.get("kd_gamma", 0.9)),
+                   float(cfg.get("tau", 4.0)))
+
+    def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
+        """L1 pruning."""
+        return (l1_prune_stage(self.prune_ratio),)
+
+    def loss(self, student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
+        """Hinton's KD loss on the ID images."""
+        return (1.0 - self.gamma) * label_loss(student["logits"], labels) + self.gamma * _kd_signal(
+            student, teacher, self.tau)
+
+    def recipe(self) -> Recipe:
+        """KD loss, logit distillation for OE-FSMC, everything trained."""
+        return Recipe(loss=self.loss, distill="logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class Supervised(Method):
+    """Plain supervised training with cross-entropy (no compression); trains the demo's teacher."""
+
+    name = "supervised"
+
+    def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
+        """No compression."""
+        return ()
+
+    def loss(self, student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
+        """Cross-entropy on the labels."""
+        return losses.cross_entropy(student["logits"], labels)
+
+    def recipe(self) -> Recipe:
+        """CE, no teacher."""
+        return Recipe(loss=self.loss, needs_teacher=False)

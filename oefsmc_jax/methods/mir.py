@@ -1,0 +1,59 @@
+"""MiR, Mimicking then Replacing (CVPR 2022), as the official code in DoctorKey/Practise does it (baselines.md §1).
+
+The student (here: L1-pruned internal widths, initialised from the teacher) is fine-tuned label-free to match the
+teacher's feature map after the last stage, before global average pooling: ``mean_{b,c,h,w} (F_S - F_T)^2``. The
+student's BatchNorm runs in train mode, the teacher in eval mode, and the classifier is the teacher's and gets
+neither updates nor weight decay (in the PyTorch code its gradient is None, so SGD skips it; here it is masked out
+of the optimizer). The official schedule is SGD lr 0.02, momentum 0.9, wd 1e-4, batch 64, 2,000 iterations, lr x0.1
+at 40 % and 80 % (``optim.schedule=step``, ``optim.decay_at=(0.4, 0.8)``).
+
+MiR's compression is label-free, so OE-FSMC's calibration set does not change it; OE-FSMC enters through the
+fine-tuning stage (joint feature distillation on ID ∪ OOD and the regulariser, method.md §4). baselines.md §6 also
+suggests class-weighting MiR's own loss; this port keeps the base loss unweighted in every arm, like BP's and KD's,
+so that the arms differ only in OE-FSMC's terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from oefsmc_jax import losses
+from oefsmc_jax.methods.base import Method, Recipe, Stage, prune_ratios
+from oefsmc_jax.methods.l1 import l1_prune_stage
+from oefsmc_jax.models import ArchSpec
+
+# The classifier's top-level modules (ResNets: head; VGG: fc0, fc1, ... and head); absent names are ignored.
+CLASSIFIER = ("head",) + tuple(f"fc{i}" for i in range(8))
+
+
+def mir_loss(student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
+    """Element-mean MSE between the student's and the teacher's pre-GAP feature maps (labels unused)."""
+    return losses.feature_mse(student["features"], teacher["features"])
+
+
+MIR_RECIPE = Recipe(loss=mir_loss, distill="features", frozen=CLASSIFIER, uses_labels=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class MiR(Method):
+    """L1-pruned internal widths (the feature width is never pruned), then MiR fine-tuning."""
+
+    prune_ratio: tuple[float, ...] = (0.5,)
+    name = "mir"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> MiR:
+        """``method.prune_ratio``."""
+        return cls(prune_ratios(cfg.get("prune_ratio", 0.5), spec.num_stages))
+
+    def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
+        """L1 pruning that leaves the pre-GAP feature width whole."""
+        return (l1_prune_stage(self.prune_ratio, keep_feature_width=True),)
+
+    def recipe(self) -> Recipe:
+        """Pre-GAP feature MSE, classifier frozen, label-free."""
+        return MIR_RECIPE

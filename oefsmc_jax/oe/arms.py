@@ -1,0 +1,146 @@
+"""The arms of a run: one table that the run, config validation and the summary all read.
+
+An *arm* is one way of compressing the same teacher on the same few-sample set. All arms of a run share the ID
+subset, the OOD pool, the held-out OOD slice and the test split, so they are compared paired. An arm is a small
+wrapper around the base method's fine-tuning recipe and a data rule:
+
+* the OOD rule: no OOD images (``None``), the rule in ``oe.selection`` (``"config"``, the ``oe`` arm), or a named
+  teacher-guided rule (method.md §4b);
+* the ID sampling rule: uniform, or class-balanced (``resample``, a no-OOD rebalancing baseline);
+* the supervised term: cross-entropy, or logit-adjusted cross-entropy (``logit_adjust``, Menon et al. 2021), which
+  only applies to methods that use labels and is refused for label-free ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from oefsmc_jax import losses
+from oefsmc_jax.errors import fail
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy:
+    """The plain supervised term ``CE(logits, labels)`` (hashable, so compiled steps are shared)."""
+
+    def __call__(self, logits: Any, labels: Any) -> Any:
+        return losses.cross_entropy(logits, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitAdjusted:
+    """Logit-adjusted CE with a fixed class ``prior`` (a tuple, so equal priors share a compiled step)."""
+
+    prior: tuple[float, ...]
+
+    def __call__(self, logits: Any, labels: Any) -> Any:
+        return losses.logit_adjusted_cross_entropy(logits, labels, jnp.asarray(self.prior, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One row of :data:`ARMS`."""
+
+    name: str
+    label: str  # report label; {M} is the method's name
+    short: str  # summary label, relative to the base method
+    ood: str | None = None  # None: no OOD images; "config": oe.selection; else a selection rule
+    id_sampling: str = "uniform"  # uniform | class_balanced
+    logit_adjust: bool = False
+
+    @property
+    def uses_ood(self) -> bool:
+        """Whether the arm adds OOD images (OE-FSMC)."""
+        return self.ood is not None
+
+    def selection(self, config: Any) -> str:
+        """The OOD selection rule of this arm under ``config`` ('none' without OOD images)."""
+        if self.ood is None:
+            return "none"
+        return config.oe.selection if self.ood == "config" else self.ood
+
+    def check(self, method: Any) -> None:
+        """Refuse (one line) an arm that cannot apply to ``method``."""
+        if self.logit_adjust and not method.recipe().uses_labels:
+            fail("arms", f"arm {self.name!r} adjusts the cross-entropy on labels, but method {method.name!r} is "
+                         "label-free and has none; drop the arm for this method")
+        if self.id_sampling == "class_balanced" and not method.recipe().finetunes:
+            fail("arms", f"arm {self.name!r} changes how fine-tuning samples images, but method {method.name!r} "
+                         "does not fine-tune (enable its fine-tuning or drop the arm)")
+
+    def wrap(self, recipe: Any, counts: np.ndarray) -> Any:
+        """The fine-tuning recipe of this arm: the method's, with the supervised term replaced if asked."""
+        if not self.logit_adjust:
+            return recipe
+        prior = np.asarray(counts, np.float64) / np.sum(counts)
+        return dataclasses.replace(recipe, label_loss=LogitAdjusted(tuple(float(p) for p in prior)))
+
+    def id_probs(self, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+        """Sampling probabilities of the ID images (None = uniform)."""
+        if self.id_sampling == "uniform":
+            return None
+        return class_balanced_probs(labels, num_classes)
+
+
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("base", "{M}", "base"),
+    Arm("oe", "{M} + OE-FSMC", "+ OE-FSMC", ood="config"),
+    Arm("oe_complement", "{M} + OOD by teacher complement", "+ OOD teacher complement", ood="teacher_complement"),
+    Arm("oe_confidence", "{M} + OOD by teacher confidence", "+ OOD teacher confidence", ood="teacher_confidence"),
+    Arm("resample", "{M} + class-balanced resampling", "+ resampling", id_sampling="class_balanced"),
+    Arm("logit_adjust", "{M} + logit adjustment", "+ logit adj.", logit_adjust=True),
+)}
+
+
+def class_balanced_probs(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Sampling probabilities that draw every class equally often (``1 / n_y``, normalised): the resampling
+    baseline."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    p = 1.0 / counts[labels]
+    return (p / p.sum()).astype(np.float32)
+
+
+def arm_names(config: Any) -> list[str]:
+    """The arms named in ``config.arms`` (comma separated)."""
+    return [a.strip() for a in str(config.arms).split(",") if a.strip()]
+
+
+def get_arm(name: str) -> Arm:
+    """The arm called ``name`` (one-line error listing the allowed names otherwise)."""
+    if name not in ARMS:
+        fail("arms", f"unknown arm {name!r}; allowed: {', '.join(ARMS)}")
+    return ARMS[name]
+
+
+def arms_of(config: Any) -> list[Arm]:
+    """The arms of ``config``, validated by name."""
+    names = arm_names(config)
+    if not names:
+        fail("arms", f"names no arm; allowed: {', '.join(ARMS)} (comma separated)")
+    return [get_arm(n) for n in names]
+
+
+def uses_ood(config: Any) -> bool:
+    """Whether any arm of the run needs the OOD pool."""
+    return any(a.uses_ood for a in arms_of(config))
+
+
+def arm_selection(config: Any, arm: str) -> str:
+    """The OOD selection rule of ``arm`` under ``config`` ('none' for arms without OOD images)."""
+    return get_arm(arm).selection(config)
+
+
+def short_label(arm: str) -> str:
+    """The summary label of ``arm`` (the name itself for arms this version no longer has)."""
+    return ARMS[arm].short if arm in ARMS else arm
+
+
+def check_arms(arms: Sequence[Arm], method: Any) -> None:
+    """Validate every arm against ``method``."""
+    for a in arms:
+        a.check(method)
