@@ -1,6 +1,8 @@
 """Command line.
 
 ``python -m oefsmc_jax --config configs/NAME.py[:arg] --workdir DIR [--config.FIELD=VALUE ...]`` runs a compression;
+``python -m oefsmc_jax export --workdir DIR --arm ARM --out OUT`` writes a physically smaller student with its
+preprocessing (load it with ``oefsmc_jax.load_compressed``);
 ``python -m oefsmc_jax import-teacher SRC OUT_DIR [--depth N] [--check-npz NPZ]`` converts a pretrained PyTorch
 CIFAR ResNet (akamaster ``.npz`` export or ``.th``) into an Orbax model checkpoint that ``teacher.checkpoint`` names.
 """
@@ -56,11 +58,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def cli() -> None:
-    """Entry point: ``import-teacher`` subcommand, or a compression run."""
+    """Entry point: ``import-teacher`` or ``export`` subcommand, or a compression run."""
     if len(sys.argv) > 1 and sys.argv[1] == "import-teacher":
         from oefsmc_jax.convert import main as import_main
 
         sys.exit(import_main(sys.argv[2:], prog="python -m oefsmc_jax import-teacher"))
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        from oefsmc_jax.export import main as export_main
+
+        sys.exit(export_main(sys.argv[2:], prog="python -m oefsmc_jax export"))
     app.run(main, flags_parser=parse_flags)
 
 

@@ -41,6 +41,7 @@ from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.evaluation import agreement, classification_metrics, side_by_side, write_report
 from oefsmc_jax.methods import CompressionContext, Method, Supervised, build_method
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, count_params, shrink
+from oefsmc_jax.models.latency import measure_latency
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.oe.arms import ARMS, Arm, arm_names, arm_selection, arms_of, check_arms, uses_ood
 from oefsmc_jax.oe.calibration import Calibration
@@ -271,20 +272,6 @@ def teacher_pool_probs(config: Any, workdir: pathlib.Path, mesh: Any, teacher: t
 def predict_fn(mesh: Any, spec: ArchSpec, mean: tuple, std: tuple, batch_size: int) -> Callable:
     """A cached sharded eval forward for ``spec`` (compiled once per architecture and image shape)."""
     return make_predict(mesh, build_model(spec), mean, std, batch_size)
-
-
-def measure_latency(spec: ArchSpec, variables: dict, image_size: int, batch: int = 128, reps: int = 10) -> float:
-    """Median milliseconds of one jitted eval forward pass on ``batch`` images (default device)."""
-    model = build_model(spec)
-    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)["logits"])
-    x = jnp.ones((batch, image_size, image_size, spec.in_channels), jnp.float32)
-    fwd(variables, x).block_until_ready()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fwd(variables, x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunData, method: Method,

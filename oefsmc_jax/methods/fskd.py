@@ -3,10 +3,11 @@
 Compression: L1-norm filter pruning of every internal width, then, in network order on the already-corrected
 student, a 1x1 correction ``Q`` after every conv's BatchNorm (pre-ReLU): each block's internal width and, by
 default, its output BN before the residual add (``method.fskd.block_output``), solved in closed form by least
-squares against the teacher's BN output at the kept channels (``methods/fskd_solver.py``), and folded exactly into the conv and an identity BN (eval mode). The
-official network has no BN; with BN, ``Q`` after BN folds as ``BN(Wx) Q = (W diag(s) Q) x + b Q`` (s = gamma /
-sqrt(var + eps), b = beta - s * mean). No labels; with OE-FSMC the calibration set holds OOD images and the least
-squares are weighted by the class-aware weights (every H*W row of sample i scaled by sqrt(w_i)).
+squares against the teacher's BN output at the kept channels (``methods/fskd_solver.py``), and folded exactly into
+the conv and an identity BN (eval mode). The official network has no BN; with BN, ``Q`` after BN folds as ``BN(Wx) Q
+= (W diag(s) Q) x + b Q`` (s = gamma / sqrt(var + eps), b = beta - s * mean). No labels; with OE-FSMC the
+calibration set holds OOD images and the least squares are weighted by the class-aware weights (every H*W row of
+sample i scaled by sqrt(w_i)).
 
 Fine-tuning: none in the original (``method.fskd.finetune=False``, the default: the compressed student is
 evaluated as it is). Switched on, the student is fine-tuned label-free on the teacher's logits (``tau^2 KL``); the
