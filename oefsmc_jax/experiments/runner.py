@@ -23,6 +23,7 @@ from typing import Any
 import ml_collections
 
 from oefsmc_jax import __version__
+from oefsmc_jax.provenance import code_version, portable, versions
 
 AXES = ("method", "arch", "per_class", "mode", "seed")
 
@@ -97,6 +98,12 @@ def cell_config(base: ml_collections.ConfigDict, cell: Cell, teacher_for_arch: M
     return c
 
 
+def _data_root() -> pathlib.Path:
+    """The shared data folder the configs read (``$OEFSMC_DATA`` or ``../shared/data``)."""
+    default = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return pathlib.Path(os.environ.get("OEFSMC_DATA", default))
+
+
 def device_description(mesh: Any) -> str:
     """The devices a grid runs on, for its records: e.g. ``1 x gpu (NVIDIA H200)`` or ``2 x cpu (cpu)``."""
     d = mesh.devices.flat[0]
@@ -155,6 +162,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
             validate(c, num_devices=n_dev)
         except ValueError as e:
             raise type(e)(f"grid cell {cell.id}: {e}") from None
+    code = code_version()
+    roots = {"data": _data_root(), "workdir": workdir}
     done = {(r["cell"], r["arm"]) for r in read_results(results)}
     todo = [(cell, c) for cell, c in zip(cells, configs) if not all((cell.id, a) in done for a in cell.arms)]
     print(f"grid: {len(cells)} cells, {len(cells) - len(todo)} finished earlier, {len(todo)} to run; "
@@ -169,8 +178,11 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
                 continue
             records.append({"cell": cell.id, "arm": arm, **cell.settings(), "metrics": r["metrics"],
                             "teacher": out["teacher"], "steps": r["steps"], "best_step": r["best_step"],
+                            "stopped_early": r.get("stopped_early"), "ood_selection": r.get("ood_selection"),
+                            "ood_images": r.get("ood_images"), "method_hparams": r.get("method"),
                             "params": r["params"], "flops": r["flops"], "wall_s": r["wall_s"],
-                            "version": __version__, "device": device, "config": c.to_dict()})
+                            "version": __version__, **code, "versions": versions(), "device": device,
+                            "config": portable(c.to_dict(), roots)})
         _append(results, records)
         elapsed = time.time() - t0
         eta = elapsed / (i + 1) * (len(todo) - i - 1)

@@ -1,0 +1,62 @@
+"""Provenance of a record: the code (git commit, dirty tree), the package versions, and portable paths."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import pathlib
+import platform
+import subprocess
+from typing import Any
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "ml_collections")
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def code_version() -> dict[str, Any]:
+    """The git commit of the package's checkout and whether its tracked files differ from it (None outside git)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": commit, "git_dirty": None if dirty is None else bool(dirty)}
+
+
+@functools.cache
+def versions() -> dict[str, str | None]:
+    """Installed versions of the packages a result depends on, and Python's."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def portable(obj: Any, roots: dict[str, str | os.PathLike]) -> Any:
+    """``obj`` (nested dicts/lists/strings) with every string under one of ``roots`` written relative to it, as
+    ``<name>/rest`` (e.g. ``<data>/cifar10_test_jpeg75.npz``), so committed records hold no machine paths."""
+    prefixes = sorted(((str(pathlib.Path(p).absolute()).rstrip("/") + "/", name) for name, p in roots.items()),
+                      key=lambda t: -len(t[0]))
+
+    def fix(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: fix(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [fix(v) for v in o]
+        if isinstance(o, str):
+            for prefix, name in prefixes:
+                if o.startswith(prefix):
+                    return f"<{name}>/{o[len(prefix):]}"
+        return o
+
+    return fix(obj)

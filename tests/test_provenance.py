@@ -1,0 +1,23 @@
+"""Provenance of records: git commit and dirty flag, versions, and paths made portable."""
+
+import re
+
+from oefsmc_jax.provenance import code_version, portable, versions
+
+
+def test_portable_paths_name_their_root():
+    cfg = {"data": {"id": {"path": "/mnt/d/shared/data/cifar10_train.npz"}, "names": ["/mnt/d/shared/data/x.npz"]},
+           "teacher": "/mnt/d/shared/data/teachers/r20.npz", "oe": {"cache_dir": "/runs/g/cache"}, "n": 3,
+           "other": "/elsewhere/file", "near": "/mnt/d/shared/database.npz"}
+    out = portable(cfg, {"data": "/mnt/d/shared/data", "workdir": "/runs/g"})
+    assert out == {"data": {"id": {"path": "<data>/cifar10_train.npz"}, "names": ["<data>/x.npz"]},
+                   "teacher": "<data>/teachers/r20.npz", "oe": {"cache_dir": "<workdir>/cache"}, "n": 3,
+                   "other": "/elsewhere/file", "near": "/mnt/d/shared/database.npz"}
+
+
+def test_code_version_and_versions():
+    code = code_version()
+    assert set(code) == {"git_commit", "git_dirty"}
+    assert code["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", code["git_commit"])
+    v = versions()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", v["python"]) and v["jax"] and v["flax"]
