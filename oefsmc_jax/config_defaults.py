@@ -27,14 +27,10 @@ def method_params() -> dict[str, dict[str, Any]]:
 
     from oefsmc_jax.methods.cd import CDParams
     from oefsmc_jax.methods.fskd import FSKDParams
+    from oefsmc_jax.methods.practise import PractiseParams
 
-    out = {"fskd": dataclasses.asdict(FSKDParams()), "cd": dataclasses.asdict(CDParams())}
-    try:
-        from oefsmc_jax.methods.practise import PractiseParams
-    except ImportError:  # pragma: no cover - only while the method is being added
-        return out
-    out["practise"] = dataclasses.asdict(PractiseParams())
-    return out
+    return {"practise": dataclasses.asdict(PractiseParams()), "fskd": dataclasses.asdict(FSKDParams()),
+            "cd": dataclasses.asdict(CDParams())}
 
 
 def base_config() -> ml_collections.ConfigDict:

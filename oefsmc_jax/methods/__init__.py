@@ -22,6 +22,7 @@ from oefsmc_jax.methods.cd import CD
 from oefsmc_jax.methods.fskd import FSKD
 from oefsmc_jax.methods.l1 import BP, KD, Supervised
 from oefsmc_jax.methods.mir import MiR
+from oefsmc_jax.methods.practise import PRACTISE
 from oefsmc_jax.models import ArchSpec
 from oefsmc_jax.oe.calibration import Calibration
 
@@ -29,6 +30,7 @@ METHODS: dict[str, type[Method]] = {
     "bp": BP,
     "kd": KD,
     "mir": MiR,
+    "practise": PRACTISE,
     "fskd": FSKD,
     "cd": CD,
 }
@@ -43,5 +45,5 @@ def build_method(cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
     return METHODS[name].from_config(cfg, spec)
 
 
-__all__ = ["BP", "CD", "FSKD", "KD", "METHODS", "Calibration", "CompressionContext", "Method", "MiR", "Recipe", "Stage",
-           "Supervised", "build_method", "chain", "prune_ratios"]
+__all__ = ["BP", "CD", "FSKD", "KD", "METHODS", "PRACTISE", "Calibration", "CompressionContext", "Method", "MiR",
+           "Recipe", "Stage", "Supervised", "build_method", "chain", "prune_ratios"]
