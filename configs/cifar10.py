@@ -6,7 +6,9 @@ pool, and the akamaster teacher ``.npz`` of ``arch``. ``data=tfds`` reads ``cifa
 (prepare it first with ``tfds build cifar10``) and needs ``teacher=PATH``.
 
 Argument keys: method, arch, per_class, rho, oe (0 | 1 | both), seed, steps, data (shared | tfds), teacher (a path;
-empty = the shared akamaster teacher of ``arch``), runlocal (1 = a few steps to check the set-up).
+empty = the shared teacher of ``arch``), family (akamaster: option-A shortcuts, ImageNet normalisation, the default;
+chenyaofo: the second family, option-B shortcuts and CIFAR-10 normalisation), runlocal (1 = a few steps to check the
+set-up).
 Example: ``--config configs/cifar10.py:method=kd,arch=resnet56,per_class=10,rho=10,oe=1``.
 """
 
@@ -31,9 +33,22 @@ def akamaster_teacher(arch: str) -> str:
     return hits[0] if hits else ""
 
 
+def chenyaofo_teacher(arch: str) -> str:
+    """Path of the shared chenyaofo ``.npz`` teacher (option-B shortcuts) for ``arch``, or '' if absent."""
+    hits = sorted(glob.glob(str(shared_data() / "teachers" / "chenyaofo_cifar10_resnet" / f"cifar10_{arch}-*.npz")))
+    return hits[0] if hits else ""
+
+
+CHENYAOFO_MEAN = (0.4914, 0.4822, 0.4465)  # the chenyaofo teachers' own normalisation (data README)
+CHENYAOFO_STD = (0.2023, 0.1994, 0.2010)
+
+
 def get_config(arg: str | None = None):
     """CIFAR-10 config; see the module docstring for the argument keys."""
-    a = parse_arg(arg, {**COMMON_ARGS, "data": "shared", "teacher": "", "runlocal": False, "steps": 1000})
+    a = parse_arg(arg, {**COMMON_ARGS, "data": "shared", "teacher": "", "family": "akamaster", "runlocal": False,
+                        "steps": 1000})
+    if a["family"] not in ("akamaster", "chenyaofo"):
+        raise ValueError(f"config argument family={a['family']!r}: allowed: akamaster, chenyaofo")
     c = base_config()
     apply_common_args(c, a)
     c.title = f"CIFAR-10: {a['method']} on {a['arch']}, {a['per_class']}/class, rho={a['rho']:g}"
@@ -45,7 +60,12 @@ def get_config(arg: str | None = None):
         c.data.id = source("npz", 32, path=str(d / "cifar10_train_jpeg75_10k.npz"), split="train")
         c.data.test = source("npz", 32, path=str(d / "cifar10_test_jpeg75.npz"), split="test")
         c.data.ood = source("npz", 32, path=str(d / "tinyimagenet_val_32x32.npz"), split="val", y_key="none")
-        c.teacher.checkpoint = a["teacher"] or akamaster_teacher(a["arch"])
+        if a["family"] == "chenyaofo":  # option-B shortcuts and CIFAR-10 normalisation
+            c.teacher.checkpoint = a["teacher"] or chenyaofo_teacher(a["arch"])
+            c.arch.shortcut = "B"
+            c.data.mean, c.data.std = CHENYAOFO_MEAN, CHENYAOFO_STD
+        else:
+            c.teacher.checkpoint = a["teacher"] or akamaster_teacher(a["arch"])
     elif a["data"] == "tfds":
         c.data.id = source("tfds", 32, name="cifar10", split="train")
         c.data.test = source("tfds", 32, name="cifar10", split="test")

@@ -186,14 +186,22 @@ def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) ->
     """Load the teacher from ``config.teacher.checkpoint``, or train it (once, cached in the workdir)."""
     path = config.teacher.checkpoint
     if path:
-        if str(path).endswith((".npz", ".th", ".pth", ".pt")):
-            from oefsmc_jax.convert import load_akamaster_npz, load_akamaster_th
+        from oefsmc_jax.convert import load_pretrained, teacher_preprocessing
 
-            loader = load_akamaster_npz if str(path).endswith(".npz") else load_akamaster_th
-            spec, variables = loader(path)
-            log(f"teacher: imported {path} ({spec.family}, {count_params(spec):,} parameters)")
+        if str(path).endswith((".npz", ".th", ".pth", ".pt")):
+            spec, variables = load_pretrained(path)  # akamaster (option A) or chenyaofo (option B), by its keys
+            log(f"teacher: imported {path} ({spec.family}, shortcut {spec.shortcut}, "
+                f"{count_params(spec):,} parameters)")
+            expected = teacher_preprocessing(path)
         else:
-            spec, variables, _ = load_model(path)
+            spec, variables, meta = load_model(path)
+            pre = meta.get("preprocessing") or {}
+            expected = (tuple(pre["mean"]), tuple(pre["std"])) if "mean" in pre and "std" in pre else None
+        if expected is not None and not np.allclose(np.asarray(expected, np.float64),
+                                                    np.asarray([config.data.mean, config.data.std], np.float64)):
+            raise ConfigError(f"config.data.mean/std: {tuple(config.data.mean)} / {tuple(config.data.std)} differ "
+                              f"from the teacher's own normalisation {expected[0]} / {expected[1]}; set data.mean "
+                              "and data.std to the teacher's")
         if spec.num_classes != config.data.num_classes:
             raise ValueError(f"teacher.checkpoint: the teacher has {spec.num_classes} classes but "
                              f"data.num_classes is {config.data.num_classes}")
@@ -205,7 +213,7 @@ def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) ->
         return spec, variables
     if data.full_train is None:
         raise ValueError("teacher.checkpoint is empty and data.id is a lazy tfds source that is not loaded whole; "
-                         "give teacher.checkpoint (an Orbax model, or an akamaster .npz/.th file)")
+                         "give teacher.checkpoint (an Orbax model, or an akamaster/chenyaofo .npz/.th/.pt file)")
     tc = config.teacher
     spec = build_arch(config.arch, config.data.num_classes)
     variables = init_variables(spec, config.data.image_size, config.seed)

@@ -95,3 +95,22 @@ def test_imagenet_config_reads_only_the_few_samples_lazily(tmp_path):
 @pytest.fixture(autouse=True)
 def _no_download(monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", "/nonexistent-tfds-dir")
+
+
+def test_imagenet_resnet34_data_dependent_method_end_to_end_on_mock_data(tmp_path):
+    """A data-dependent compression (FSKD: least squares on the calibration set, OOD images included with OE) on an
+    ImageNet ResNet-34 layout, through the tfds config on mock data; FSKD does not fine-tune."""
+    spec = imagenet_resnet_spec(34, 1000, widths=(4, 4, 8, 8), stem_width=4)
+    save_model(tmp_path / "teacher", spec, init_variables(spec, 32, 0))
+    c = shrink_for_test(imagenet.get_config(f"runlocal=1,per_class=1,rho=1,method=fskd,oe=both,"
+                                            f"teacher={tmp_path / 'teacher'}"), 32)
+    c.data.ood.max_examples = 300
+    c.oe.heldout = 16
+    c.oe.size = 40  # a balanced set gets no OOD images by default (m = K*n_max - n = 0)
+    with mock(2000, 1000, 40, []):
+        out = run(c, tmp_path / "run")
+    base, oe = out["arms"]["base"], out["arms"]["oe"]
+    assert base["steps"] == oe["steps"] == 0 and oe["ood_images"] == 40
+    assert base["spec"]["inner_widths"] == oe["spec"]["inner_widths"] != spec.to_dict()["inner_widths"]
+    record = json.loads((tmp_path / "run" / "oe" / "compression" / "fskd.json").read_text())
+    assert record["images"] == 1000 + 40 and len(record["corrections"]) == 2 * 16

@@ -1,4 +1,9 @@
-"""Import pretrained teachers from other frameworks as Orbax model checkpoints (see :mod:`.akamaster`).
+"""Import pretrained teachers from other frameworks as Orbax model checkpoints.
+
+Two families of CIFAR-10 ResNets are supported: :mod:`.akamaster` (option-A shortcuts; this module also holds
+the family dispatch, :func:`import_teacher` and the command line) and :mod:`.chenyaofo` (option-B shortcuts).
+:func:`load_pretrained`, :func:`import_teacher` and :func:`teacher_preprocessing` detect the family from the
+state-dict keys.
 
 The names below are loaded lazily (PEP 562), so ``python -m oefsmc_jax.convert.akamaster`` runs the module
 once without the "found in sys.modules" warning, and importing the package stays cheap.
@@ -9,23 +14,42 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
+_AKAMASTER = [
     "AKAMASTER_MEAN",
     "AKAMASTER_STD",
+    "TEACHER_FAMILIES",
     "akamaster_key_map",
     "convert_akamaster_state_dict",
+    "detect_family",
     "evaluate_top1",
+    "family_preprocessing",
     "import_teacher",
     "load_akamaster_npz",
     "load_akamaster_th",
+    "load_pretrained",
+    "load_pretrained_npz",
+    "load_pretrained_th",
     "main",
+    "teacher_family",
+    "teacher_preprocessing",
 ]
+_CHENYAOFO = [
+    "CHENYAOFO_MEAN",
+    "CHENYAOFO_STD",
+    "chenyaofo_key_map",
+    "convert_chenyaofo_state_dict",
+    "load_chenyaofo_npz",
+    "load_chenyaofo_th",
+]
+__all__ = sorted(_AKAMASTER + _CHENYAOFO)
 
 
 def __getattr__(name: str) -> Any:
-    """Resolve the public names from :mod:`oefsmc_jax.convert.akamaster` on first use."""
-    if name in __all__:
+    """Resolve the public names from :mod:`.akamaster` / :mod:`.chenyaofo` on first use."""
+    if name in _AKAMASTER:
         return getattr(importlib.import_module("oefsmc_jax.convert.akamaster"), name)
+    if name in _CHENYAOFO:
+        return getattr(importlib.import_module("oefsmc_jax.convert.chenyaofo"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -1,5 +1,11 @@
 """Import the pretrained CIFAR-10 ResNets of ``akamaster/pytorch_resnet_cifar10`` as Orbax model checkpoints.
 
+This module also holds the code shared by every teacher family and the family dispatch: :func:`import_teacher`,
+:func:`load_pretrained` / :func:`load_pretrained_npz` / :func:`load_pretrained_th` and
+:func:`teacher_preprocessing` read the family from the state-dict keys (``linear.*`` head: akamaster,
+option-A shortcuts; ``fc.*`` head or ``*.downsample.*`` keys: ``chenyaofo/pytorch-cifar-models``, option-B
+shortcuts, see :mod:`.chenyaofo`).
+
 Two input formats hold the same weights:
 
 - ``.npz`` (no torch needed): the ``state_dict`` with the ``module.`` prefix removed, PyTorch layouts (conv
@@ -25,7 +31,7 @@ PyTorch key                                     Flax variable
 ``num_batches_tracked`` entries (newer PyTorch) are accepted and ignored; the 'masks' collection is all ones.
 The teachers expect ``x / 255`` normalised with :data:`AKAMASTER_MEAN` / :data:`AKAMASTER_STD` (RGB).
 
-Command line (the lead wires ``python -m oefsmc_jax import-teacher`` to :func:`main`)::
+Command line (``python -m oefsmc_jax import-teacher`` is wired to :func:`main`; either family)::
 
     python -m oefsmc_jax.convert.akamaster SRC OUT_DIR [--depth N] [--check-npz CIFAR_NPZ]
 """
@@ -39,7 +45,7 @@ import pathlib
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -51,18 +57,27 @@ from oefsmc_jax.models import ArchSpec, build_model, cifar_resnet_spec
 __all__ = [
     "AKAMASTER_MEAN",
     "AKAMASTER_STD",
+    "TEACHER_FAMILIES",
     "TORCH_SUFFIXES",
     "akamaster_key_map",
     "convert_akamaster_state_dict",
+    "detect_family",
     "evaluate_top1",
+    "family_preprocessing",
     "import_teacher",
     "load_akamaster_npz",
     "load_akamaster_th",
+    "load_pretrained",
+    "load_pretrained_npz",
+    "load_pretrained_th",
     "main",
+    "teacher_family",
+    "teacher_preprocessing",
 ]
 
 AKAMASTER_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 AKAMASTER_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+TEACHER_FAMILIES: tuple[str, ...] = ("akamaster", "chenyaofo")
 TORCH_SUFFIXES = (".th", ".pth", ".pt")
 _BN_FIELDS = (("weight", "params", "scale"), ("bias", "params", "bias"),
               ("running_mean", "batch_stats", "mean"), ("running_var", "batch_stats", "var"))
@@ -73,13 +88,18 @@ _IGNORED_SUFFIX = ".num_batches_tracked"
 _Target = tuple[str, tuple[str, ...], str]
 
 
-def akamaster_key_map(spec: ArchSpec) -> dict[str, _Target]:
-    """PyTorch ``state_dict`` key -> ``(collection, flax path, transform)`` for a CIFAR ResNet ``spec``.
+def resnet_key_map(spec: ArchSpec, head: str, projection: str | None) -> dict[str, _Target]:
+    """PyTorch key -> ``(collection, flax path, transform)`` for a basic-block CIFAR ResNet ``spec``.
 
-    ``transform`` is ``'conv'`` (OIHW -> HWIO), ``'linear'`` (``[out, in]`` -> ``[in, out]``) or ``'none'``.
+    ``head`` is the name of the final linear layer (``'linear'``, ``'fc'``); ``projection`` the name of the
+    option-B shortcut ``Sequential(conv1x1, BN)`` (``'downsample'``), mapped to ``proj_conv``/``proj_bn`` of
+    every block without an identity shortcut, or None for option A. ``transform`` is ``'conv'`` (OIHW ->
+    HWIO), ``'linear'`` (``[out, in]`` -> ``[in, out]``) or ``'none'``.
     """
     if spec.family != "cifar_resnet" or spec.block != "basic":
-        raise ValueError(f"akamaster teachers are basic-block CIFAR ResNets, got {spec.family}/{spec.block}")
+        raise ValueError(f"expected a basic-block CIFAR ResNet spec, got {spec.family}/{spec.block}")
+    if (projection is None) != (spec.shortcut == "A"):
+        raise ValueError(f"projection={projection!r} does not fit a spec with option-{spec.shortcut} shortcuts")
     out: dict[str, _Target] = {}
 
     def add_bn(prefix: str, path: tuple[str, ...]) -> None:
@@ -93,9 +113,24 @@ def akamaster_key_map(spec: ArchSpec) -> dict[str, _Target]:
         for j in (1, 2):
             out[f"{prefix}.conv{j}.weight"] = ("params", (name, f"conv{j}", "kernel"), "conv")
             add_bn(f"{prefix}.bn{j}", (name, f"bn{j}"))
-    out["linear.weight"] = ("params", ("head", "kernel"), "linear")
-    out["linear.bias"] = ("params", ("head", "bias"), "none")
+        if projection is not None and not spec.identity_shortcut(s, b):
+            out[f"{prefix}.{projection}.0.weight"] = ("params", (name, "proj_conv", "kernel"), "conv")
+            add_bn(f"{prefix}.{projection}.1", (name, "proj_bn"))
+    out[f"{head}.weight"] = ("params", ("head", "kernel"), "linear")
+    out[f"{head}.bias"] = ("params", ("head", "bias"), "none")
     return out
+
+
+def akamaster_key_map(spec: ArchSpec) -> dict[str, _Target]:
+    """PyTorch ``state_dict`` key -> ``(collection, flax path, transform)`` for a CIFAR ResNet ``spec``.
+
+    ``transform`` is ``'conv'`` (OIHW -> HWIO), ``'linear'`` (``[out, in]`` -> ``[in, out]``) or ``'none'``.
+    """
+    if spec.family != "cifar_resnet" or spec.block != "basic":
+        raise ValueError(f"akamaster teachers are basic-block CIFAR ResNets, got {spec.family}/{spec.block}")
+    if spec.shortcut != "A":
+        raise ValueError(f"akamaster teachers have option-A shortcuts, got option {spec.shortcut}")
+    return resnet_key_map(spec, "linear", None)
 
 
 def _to_torch_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
@@ -135,42 +170,46 @@ def _blocks_per_stage(keys: Sequence[str]) -> int:
     return max(n)
 
 
-def convert_akamaster_state_dict(
-    arrays: Mapping[str, np.ndarray], depth: int | None = None, source: str = "state dict"
+def convert_resnet_state_dict(
+    arrays: Mapping[str, np.ndarray], depth: int | None, source: str, *, family: str, shortcut: str,
+    head: str, key_map: Callable[[ArchSpec], dict[str, _Target]],
 ) -> tuple[ArchSpec, dict]:
-    """Turn an akamaster ``state_dict`` (``module.`` prefix removed, numpy arrays) into ``(spec, variables)``.
+    """Shared converter of a CIFAR ResNet-(6n+2) ``state_dict`` (numpy arrays) into ``(spec, variables)``.
 
-    The depth comes from the keys (n blocks per stage -> depth 6n + 2) and must equal ``depth`` when that is
-    given; the number of classes comes from ``linear.weight``. Missing, unexpected, non-float or mis-shaped
-    entries raise a :class:`ValueError` naming every offending key (``source`` prefixes the message).
+    The depth comes from the ``layer{1,2,3}.<i>.*`` keys (n blocks per stage -> 6n + 2) and must equal
+    ``depth`` when that is given; the number of classes comes from ``{head}.weight``; the spec is
+    ``cifar_resnet_spec(depth, num_classes, shortcut=shortcut)`` and ``key_map(spec)`` maps the keys. Missing,
+    unexpected, non-float or mis-shaped entries raise one :class:`ValueError` (one line) naming every
+    offending key, prefixed by ``source``; ``family`` names the teacher family in messages.
     """
     keys = [k for k in arrays if not k.endswith(_IGNORED_SUFFIX)]
     n = _blocks_per_stage(keys)
     if n == 0:
-        raise ValueError(f"{source}: no 'layer{{1,2,3}}.<i>.*' keys; not an akamaster CIFAR ResNet state "
+        raise ValueError(f"{source}: no 'layer{{1,2,3}}.<i>.*' keys; not a {family} CIFAR ResNet state "
                          f"dict (keys: {sorted(keys)[:8]}{' ...' if len(keys) > 8 else ''})")
     file_depth = 6 * n + 2
     if depth is not None and int(depth) != file_depth:
         raise ValueError(f"{source}: file has {n} blocks per stage (resnet{file_depth}) but "
                          f"depth={depth} was asked")
-    if "linear.weight" not in arrays:
-        raise ValueError(f"{source}: missing key 'linear.weight'")
-    lw = np.shape(arrays["linear.weight"])
+    head_key = f"{head}.weight"
+    if head_key not in arrays:
+        raise ValueError(f"{source}: missing key {head_key!r}")
+    lw = np.shape(arrays[head_key])
     if len(lw) != 2 or lw[0] < 1:
-        raise ValueError(f"{source}: key 'linear.weight' has shape {_fmt(lw)}, expected (num_classes,64)")
-    spec = cifar_resnet_spec(file_depth, num_classes=int(lw[0]), shortcut="A")
+        raise ValueError(f"{source}: key {head_key!r} has shape {_fmt(lw)}, expected (num_classes,64)")
+    spec = cifar_resnet_spec(file_depth, num_classes=int(lw[0]), shortcut=shortcut)
 
     abstract = _abstract_variables(spec)
-    key_map = akamaster_key_map(spec)
+    kmap = key_map(spec)
     problems: list[str] = []
-    for k in key_map:
+    for k in kmap:
         if k not in arrays:
             problems.append(f"missing key {k!r}")
     for k in keys:
-        if k not in key_map:
+        if k not in kmap:
             problems.append(f"unexpected key {k!r}")
     converted: dict[str, dict] = {"params": {}, "batch_stats": {}}
-    for k, (coll, path, transform) in key_map.items():
+    for k, (coll, path, transform) in kmap.items():
         if k not in arrays:
             continue
         a = np.asarray(arrays[k])
@@ -189,8 +228,8 @@ def convert_akamaster_state_dict(
             node = node.setdefault(p, {})
         node[path[-1]] = _to_flax(a, transform)
     if problems:
-        head = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
-        raise ValueError(f"{source}: {head}")
+        head_msg = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
+        raise ValueError(f"{source}: {head_msg}")
 
     variables = {
         "params": converted["params"],
@@ -199,6 +238,19 @@ def convert_akamaster_state_dict(
     }
     _check_same_tree(variables, abstract, source)
     return spec, variables
+
+
+def convert_akamaster_state_dict(
+    arrays: Mapping[str, np.ndarray], depth: int | None = None, source: str = "state dict"
+) -> tuple[ArchSpec, dict]:
+    """Turn an akamaster ``state_dict`` (``module.`` prefix removed, numpy arrays) into ``(spec, variables)``.
+
+    The depth comes from the keys (n blocks per stage -> depth 6n + 2) and must equal ``depth`` when that is
+    given; the number of classes comes from ``linear.weight``. Missing, unexpected, non-float or mis-shaped
+    entries raise a :class:`ValueError` naming every offending key (``source`` prefixes the message).
+    """
+    return convert_resnet_state_dict(arrays, depth, source, family="akamaster", shortcut="A", head="linear",
+                                     key_map=akamaster_key_map)
 
 
 def _check_same_tree(variables: dict, abstract: dict, source: str) -> None:
@@ -213,16 +265,19 @@ def _check_same_tree(variables: dict, abstract: dict, source: str) -> None:
                              f"the model has {ref.dtype}{_fmt(ref.shape)}")
 
 
+def read_npz_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All arrays of a ``.npz`` state-dict export (``allow_pickle=False``)."""
+    with np.load(pathlib.Path(path), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
 def load_akamaster_npz(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
     """Read the numpy export of an akamaster teacher; returns ``(spec, variables)`` (host float32 arrays).
 
     ``variables`` has the collections 'params', 'batch_stats' and 'masks' (all ones) and exactly the tree of
     ``build_model(spec).init(...)``. See :func:`convert_akamaster_state_dict` for the checks.
     """
-    path = pathlib.Path(path)
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    return convert_akamaster_state_dict(arrays, depth, source=str(path))
+    return convert_akamaster_state_dict(read_npz_state(path), depth, source=str(pathlib.Path(path)))
 
 
 def _import_torch() -> Any:
@@ -236,8 +291,8 @@ def _import_torch() -> Any:
     return torch
 
 
-def load_akamaster_th(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
-    """Read an original akamaster ``.th`` checkpoint (needs ``torch``); returns ``(spec, variables)``.
+def read_torch_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The state dict of a torch checkpoint as numpy arrays (needs ``torch``).
 
     Accepts ``{'state_dict': ...}`` (``best_prec1`` etc. ignored) or a bare state dict; a ``module.`` prefix
     (from ``DataParallel``) is removed. Raises :class:`ImportError` when torch is not installed.
@@ -255,7 +310,159 @@ def load_akamaster_th(path: str | os.PathLike, depth: int | None = None) -> tupl
     for k, v in state.items():
         name = k[len("module."):] if k.startswith("module.") else k
         arrays[name] = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-    return convert_akamaster_state_dict(arrays, depth, source=str(path))
+    return arrays
+
+
+def load_akamaster_th(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
+    """Read an original akamaster ``.th`` checkpoint (needs ``torch``); returns ``(spec, variables)``.
+
+    Accepts ``{'state_dict': ...}`` (``best_prec1`` etc. ignored) or a bare state dict; a ``module.`` prefix
+    (from ``DataParallel``) is removed. Raises :class:`ImportError` when torch is not installed.
+    """
+    return convert_akamaster_state_dict(read_torch_state(path), depth, source=str(pathlib.Path(path)))
+
+
+# ---------------------------------------------------------------------------------------------- families
+
+def detect_family(keys: Sequence[str], source: str = "state dict") -> str:
+    """The teacher family of a state dict from its keys: ``'akamaster'`` or ``'chenyaofo'``.
+
+    A ``linear.*`` head means akamaster (option A); an ``fc.*`` head or ``*.downsample.*`` projection keys mean
+    chenyaofo (option B). Evidence for both, or for neither, raises a one-line :class:`ValueError`.
+    """
+    keys = list(keys)
+    aka = sorted(k for k in keys if k.startswith("linear."))
+    chen = sorted(k for k in keys if k.startswith("fc.") or ".downsample." in k)
+    if aka and chen:
+        raise ValueError(f"{source}: cannot tell the teacher family: akamaster key {aka[0]!r} and chenyaofo key "
+                         f"{chen[0]!r} in one file")
+    if aka:
+        return "akamaster"
+    if chen:
+        return "chenyaofo"
+    raise ValueError(f"{source}: cannot tell the teacher family: no 'linear.*' (akamaster) nor 'fc.*' / "
+                     f"'*.downsample.*' (chenyaofo) keys (keys: {sorted(keys)[:8]}"
+                     f"{' ...' if len(keys) > 8 else ''})")
+
+
+def _converter(family: str) -> Callable[..., tuple[ArchSpec, dict]]:
+    if family == "akamaster":
+        return convert_akamaster_state_dict
+    if family == "chenyaofo":
+        from oefsmc_jax.convert.chenyaofo import convert_chenyaofo_state_dict
+
+        return convert_chenyaofo_state_dict
+    raise ValueError(f"unknown teacher family {family!r}; expected one of {TEACHER_FAMILIES}")
+
+
+def family_preprocessing(family: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` (RGB, applied to ``x / 255``) the teachers of ``family`` were trained with."""
+    if family == "akamaster":
+        return AKAMASTER_MEAN, AKAMASTER_STD
+    if family == "chenyaofo":
+        from oefsmc_jax.convert.chenyaofo import CHENYAOFO_MEAN, CHENYAOFO_STD
+
+        return CHENYAOFO_MEAN, CHENYAOFO_STD
+    raise ValueError(f"unknown teacher family {family!r}; expected one of {TEACHER_FAMILIES}")
+
+
+def _is_torch_file(path: pathlib.Path) -> bool:
+    return path.suffix.lower() in TORCH_SUFFIXES
+
+
+def _read_state(path: pathlib.Path) -> dict[str, np.ndarray]:
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return read_npz_state(path)
+    if suffix in TORCH_SUFFIXES:
+        return read_torch_state(path)
+    raise ValueError(f"{path}: unknown teacher format {suffix!r}; expected .npz or one of {TORCH_SUFFIXES}")
+
+
+def _load_detected(path: str | os.PathLike, depth: int | None) -> tuple[str, ArchSpec, dict]:
+    path = pathlib.Path(path)
+    arrays = _read_state(path)
+    family = detect_family(arrays, source=str(path))
+    spec, variables = _converter(family)(arrays, depth, source=str(path))
+    return family, spec, variables
+
+
+def load_pretrained_npz(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
+    """Read a ``.npz`` teacher of any family (detected from the keys); returns ``(spec, variables)``.
+
+    Akamaster files give ``cifar_resnet_spec(depth, K, 'A')``, chenyaofo files ``cifar_resnet_spec(depth, K,
+    'B')``; ``variables`` is the model's full tree (masks all ones). Bad files raise :class:`ValueError`.
+    """
+    path = pathlib.Path(path)
+    if path.suffix.lower() != ".npz":
+        raise ValueError(f"{path}: expected a .npz file")
+    return _load_detected(path, depth)[1:]
+
+
+def load_pretrained_th(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
+    """Read an original torch teacher (``.th``/``.pth``/``.pt``, needs ``torch``) of any family."""
+    path = pathlib.Path(path)
+    if not _is_torch_file(path):
+        raise ValueError(f"{path}: expected one of {TORCH_SUFFIXES}")
+    return _load_detected(path, depth)[1:]
+
+
+def load_pretrained(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
+    """Read a pretrained teacher file of any family: ``.npz`` export, or a torch pickle (needs ``torch``).
+
+    The family is detected from the keys (:func:`detect_family`); returns ``(spec, variables)``.
+    """
+    return _load_detected(path, depth)[1:]
+
+
+def teacher_family(path: str | os.PathLike) -> str:
+    """Family of a teacher file (``.npz``: reads only the key names; torch files need ``torch``), or of an
+    Orbax model written by :func:`import_teacher` (its meta's ``family``)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        meta = _model_meta(path)
+        if "family" in meta:
+            return str(meta["family"])
+        if str(meta.get("format", "")).startswith("akamaster_"):  # written before families were recorded
+            return "akamaster"
+        raise ValueError(f"{path}: the model's meta records no teacher family")
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher file {path} does not exist")
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            keys = list(f.files)
+    else:
+        keys = list(_read_state(path))
+    return detect_family(keys, source=str(path))
+
+
+def teacher_preprocessing(path: str | os.PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` (RGB, for ``x / 255``) a teacher expects: of its family for a ``.npz``/torch file, or
+    the ``preprocessing`` recorded in the meta of an Orbax model written by :func:`import_teacher`."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        pre = _model_meta(path).get("preprocessing")
+        if not isinstance(pre, Mapping) or "mean" not in pre or "std" not in pre:
+            raise ValueError(f"{path}: the model's meta records no teacher preprocessing (mean/std)")
+        return tuple(float(v) for v in pre["mean"]), tuple(float(v) for v in pre["std"])
+    return family_preprocessing(teacher_family(path))
+
+
+def _model_meta(directory: pathlib.Path) -> dict:
+    """The JSON meta of an Orbax model written by ``save_model`` (the arrays are not read)."""
+    import orbax.checkpoint as ocp
+
+    from oefsmc_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(directory, max_to_keep=1)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"model checkpoint {directory} holds no finished checkpoint")
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    finally:
+        ckpt.close()
+    return dict(out["meta"])
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -267,47 +474,44 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def import_teacher(src: str | os.PathLike, out_dir: str | os.PathLike, depth: int | None = None) -> ArchSpec:
-    """Convert an akamaster teacher (``.npz``, or ``.th``/``.pth``/``.pt`` with torch) into an Orbax model.
+    """Convert a pretrained teacher (``.npz``, or ``.th``/``.pth``/``.pt`` with torch) into an Orbax model.
 
-    Writes ``out_dir`` with :func:`oefsmc_jax.checkpoint.save_model` (read back by ``load_model``, named by a
-    config's ``teacher.checkpoint``); the meta records the source path, its sha256, the format, the depth and
-    the preprocessing. Returns the architecture spec.
+    The family (akamaster or chenyaofo) is detected from the keys. Writes ``out_dir`` with
+    :func:`oefsmc_jax.checkpoint.save_model` (read back by ``load_model``, named by a config's
+    ``teacher.checkpoint``); the meta records the source path, its sha256, the format (``{family}_npz`` or
+    ``{family}_th``), the family, the depth, the shortcut option and the preprocessing (``scale``, ``mean``,
+    ``std``). Returns the architecture spec.
     """
     from oefsmc_jax.checkpoint import save_model
 
     src = pathlib.Path(src)
     if not src.is_file():
         raise FileNotFoundError(f"teacher file {src} does not exist")
-    suffix = src.suffix.lower()
-    if suffix == ".npz":
-        spec, variables = load_akamaster_npz(src, depth)
-        fmt = "akamaster_npz"
-    elif suffix in TORCH_SUFFIXES:
-        spec, variables = load_akamaster_th(src, depth)
-        fmt = "akamaster_th"
-    else:
-        raise ValueError(f"{src}: unknown teacher format {suffix!r}; expected .npz or one of "
-                         f"{TORCH_SUFFIXES}")
+    family, spec, variables = _load_detected(src, depth)
+    mean, std = family_preprocessing(family)
     meta = {
         "source": str(src),
         "source_sha256": _sha256(src),
-        "format": fmt,
+        "format": f"{family}_{'th' if _is_torch_file(src) else 'npz'}",
+        "family": family,
         "depth": 6 * len(spec.kept[0]) + 2,
         "num_classes": spec.num_classes,
-        "preprocessing": {"scale": 1.0 / 255.0, "mean": list(AKAMASTER_MEAN), "std": list(AKAMASTER_STD)},
+        "shortcut": spec.shortcut,
+        "preprocessing": {"scale": 1.0 / 255.0, "mean": list(mean), "std": list(std)},
     }
     save_model(out_dir, spec, variables, meta)
     return spec
 
 
-def evaluate_top1(spec: ArchSpec, variables: dict, x: np.ndarray, y: np.ndarray,
-                  batch_size: int = 500) -> float:
-    """Top-1 accuracy (percent) of the model on uint8 images ``x`` with the akamaster preprocessing."""
+def evaluate_top1(spec: ArchSpec, variables: dict, x: np.ndarray, y: np.ndarray, batch_size: int = 500,
+                  mean: Sequence[float] = AKAMASTER_MEAN, std: Sequence[float] = AKAMASTER_STD) -> float:
+    """Top-1 accuracy (percent) of the model on uint8 images ``x`` normalised by ``mean``/``std`` (default:
+    the akamaster preprocessing; see :func:`teacher_preprocessing` / :func:`family_preprocessing`)."""
     from oefsmc_jax.parallel import make_mesh
     from oefsmc_jax.step import make_predict
 
     model = build_model(spec)
-    predict = make_predict(make_mesh(), model, AKAMASTER_MEAN, AKAMASTER_STD, batch_size=batch_size)
+    predict = make_predict(make_mesh(), model, tuple(mean), tuple(std), batch_size=batch_size)
     logits = predict(variables, x)["logits"]
     return float(100.0 * np.mean(np.argmax(logits, -1) == np.asarray(y)))
 
@@ -315,13 +519,16 @@ def evaluate_top1(spec: ArchSpec, variables: dict, x: np.ndarray, y: np.ndarray,
 def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or "python -m oefsmc_jax.convert.akamaster",
-        description="Import an akamaster/pytorch_resnet_cifar10 teacher (.npz, or .th with torch) as an "
-                    "Orbax model checkpoint that configs can name via teacher.checkpoint.")
-    p.add_argument("src", help="teacher file: .npz export (no torch needed) or the original .th")
+        description="Import a pretrained CIFAR ResNet teacher (akamaster/pytorch_resnet_cifar10 or "
+                    "chenyaofo/pytorch-cifar-models; .npz, or the torch original with torch) as an Orbax model "
+                    "checkpoint that configs can name via teacher.checkpoint. The family is detected from the "
+                    "state-dict keys.")
+    p.add_argument("src", help="teacher file: .npz export (no torch needed) or the original .th/.pt")
     p.add_argument("out_dir", help="directory of the Orbax model checkpoint to write")
     p.add_argument("--depth", type=int, default=None, help="expected depth (20, 32, 44, 56, ...); checked")
     p.add_argument("--check-npz", default=None, metavar="CIFAR_NPZ",
-                   help="also evaluate the written model on this npz (keys x, y) and print top-1")
+                   help="also evaluate the written model on this npz (keys x, y) with the teacher family's "
+                        "normalisation and print top-1")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
     return p
 
@@ -331,7 +538,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     ``argv`` excludes the program name (default ``sys.argv[1:]``); ``prog`` is the program name shown in the
     usage (e.g. ``"python -m oefsmc_jax import-teacher"``). A bad teacher file (mismatched keys or shapes,
-    wrong depth, missing file, torch missing for ``.th``) prints ``error: ...`` to stderr and returns 1.
+    wrong depth, unknown family, missing file, torch missing for ``.th``) prints ``error: ...`` to stderr and
+    returns 1.
     """
     args = _parser(prog).parse_args(argv)
     from oefsmc_jax.checkpoint import load_model
@@ -342,18 +550,20 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out = pathlib.Path(args.out_dir).absolute()
+    spec2, variables, meta = load_model(out)
     depth = 6 * len(spec.kept[0]) + 2
-    n_params = sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(load_model(out)[1]["params"]))
-    print(f"wrote {out}: akamaster resnet{depth} ({spec.num_classes} classes, {n_params:,} parameters, "
+    n_params = sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(variables["params"]))
+    mean, std = meta["preprocessing"]["mean"], meta["preprocessing"]["std"]
+    print(f"wrote {out}: {meta['family']} resnet{depth} ({spec.num_classes} classes, {n_params:,} parameters, "
           f"shortcut {spec.shortcut}) from {args.src}")
+    print(f"preprocessing: x/255, mean {tuple(mean)}, std {tuple(std)}")
     print(f"use it with teacher.checkpoint={out}")
     if args.check_npz:
         from oefsmc_jax.data import load_source
 
         data = load_source({"kind": "npz", "path": args.check_npz, "image_size": 32})
-        spec2, variables, _ = load_model(out)
         t0 = time.perf_counter()
-        acc = evaluate_top1(spec2, variables, data.x, data.y, batch_size=args.batch_size)
+        acc = evaluate_top1(spec2, variables, data.x, data.y, batch_size=args.batch_size, mean=mean, std=std)
         print(f"top-1 on {args.check_npz} ({len(data)} images): {acc:.2f}% "
               f"[{time.perf_counter() - t0:.1f}s]")
     return 0
