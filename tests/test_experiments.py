@@ -24,6 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import demo  # noqa: E402
 import large_cifar10  # noqa: E402
+import methods_cifar10  # noqa: E402
 import paper_cifar10  # noqa: E402
 import selection_cifar10  # noqa: E402
 
@@ -62,6 +63,20 @@ def test_selection_grid_validates():
         f"kd-resnet20-n50-exp-s{s}" for s in range(5, 10)]
     assert cells[0].arms == ("base", "oe", "oe_complement", "oe_confidence", "resample", "logit_adjust")
     for cell in cells:
+        validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
+
+
+def test_methods_grid_validates():
+    from oefsmc_jax.config_validation import validate
+
+    grid = methods_cifar10.get_config()
+    cells = expand(grid.groups)
+    assert len(cells) == 4 * 2 * 2 * 5 and {c.method for c in cells} == {"mir", "practise", "fskd", "cd"}
+    assert cells[0].arms == ("base", "oe", "oe_complement")
+    assert [c.id for c in cells[:3]] == ["mir-resnet20-n10-exp-s0", "mir-resnet20-n10-balanced-s0",
+                                         "practise-resnet20-n10-exp-s0"]
+    assert grid.base.method.practise.k == 2 and grid.base.optim.decay_at == (0.4, 0.8)
+    for cell in cells[::5]:
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
 
 
@@ -148,7 +163,10 @@ def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
         res = json.loads((root / "w" / "cells" / cell / arm / "result.json").read_text())
         assert res["ood_selection"] == rule and res["ood_images"] > 0
     r = records[0]
-    assert {"metrics", "config", "wall_s", "version", "teacher", "params", "flops", "seed", "device"} <= set(r)
+    assert {"metrics", "config", "wall_s", "version", "teacher", "params", "flops", "seed", "device", "git_commit",
+            "git_dirty", "versions", "ood_images", "stopped_early", "method_hparams"} <= set(r)
+    assert r["versions"]["jax"] and r["method_hparams"].startswith("kd(prune_ratio=")
+    assert r["config"]["oe"]["cache_dir"] == "<workdir>/cache"  # paths under the workdir or data root are portable
     assert re.fullmatch(r"\d+ x cpu \(.+\)", r["device"]), r["device"]
     assert r["config"]["subset"]["rho"] == 4.0
     again = run_grid(grid, root / "w")

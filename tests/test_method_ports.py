@@ -15,7 +15,7 @@ from oefsmc_jax.oe.calibration import calibration_set
 from oefsmc_jax.parallel import make_mesh, replicate
 from oefsmc_jax.pipeline import init_variables
 from oefsmc_jax.step import StepConfig, StepData
-from oefsmc_jax.train import LoopConfig, finetune
+from oefsmc_jax.train import LoopConfig, finetune, make_trainer
 
 K, SIZE = 10, 8
 SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
@@ -80,12 +80,16 @@ def test_mir_fine_tuning_never_touches_the_classifier(teacher, data, tmp_path):
     mesh = make_mesh(1)
     student_spec, student = MiR((0.5,) * 3).compress(_ctx(SPEC, teacher, calibration_set(x, y, K)))
     sdata = replicate(StepData(x, y, ood, None, np.full(K, 0.1, np.float32), np.ones(K, np.float32)), mesh)
-    res = finetune(name="mir", workdir=tmp_path, mesh=mesh, spec=student_spec, variables=student,
-                   recipe=MIR_RECIPE, teacher_spec=SPEC, teacher_variables=teacher, data=sdata,
-                   step_cfg=StepConfig(batch_id=8, batch_ood=8, pad=1, mean=MEAN, std=STD, lambda_jd=1.0, eta=0.1),
-                   optim_cfg={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.1,
-                              "schedule": "step", "decay_at": [0.4, 0.8]},
-                   loop=LoopConfig(steps=3, log_every=3, ckpt_every=100), seed=0)
+    step_cfg = StepConfig(batch_id=8, batch_ood=8, pad=1, mean=MEAN, std=STD, lambda_jd=1.0, eta=0.1)
+    optim = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.1, "schedule": "step",
+             "decay_at": [0.4, 0.8]}
+    for seed in (0, 1):  # two runs of the same shapes, e.g. two seeds of a grid cell
+        res = finetune(name="mir", workdir=tmp_path / str(seed), mesh=mesh, spec=student_spec, variables=student,
+                       recipe=MIR_RECIPE, teacher_spec=SPEC, teacher_variables=teacher, data=sdata,
+                       step_cfg=step_cfg, optim_cfg=optim, loop=LoopConfig(steps=3, log_every=3, ckpt_every=100),
+                       seed=seed)
+    trainer = make_trainer(mesh, student_spec, SPEC, MIR_RECIPE, step_cfg, optim, 3)
+    assert trainer.step._cache_size() == 1  # the step compiled once for both runs
     for name in ("kernel", "bias"):  # bit-identical despite weight decay 0.1 and three SGD steps
         np.testing.assert_array_equal(res.variables["params"]["head"][name], teacher["params"]["head"][name])
     assert not np.array_equal(res.variables["params"]["s0b0"]["conv1"]["kernel"],
@@ -158,3 +162,60 @@ def test_cd_keeps_the_target_count_and_zeroes_pruned_inputs(teacher, data):
         build_method({"name": "cd", "prune_ratio": 0.5, "cd": {"iterz": 2}}, SPEC)
     with pytest.raises(ConfigError, match="CD takes one prune ratio"):
         build_method({"name": "cd", "prune_ratio": [0.5, 0.25, 0.5]}, SPEC)
+
+
+# ------------------------------------------------------------------------------------------------ every method
+SPEC14 = cifar_resnet_spec(14, K, widths=(4, 8, 8))  # two blocks per stage: PRACTISE has candidates
+METHOD_CFG = {"prune_ratio": 0.5, "practise": {"k": 1, "fit_steps": 2, "batch_size": 8}, "cd": {"iters": 3},
+              "fskd": {}}
+
+
+def _method(name, spec):
+    return build_method({"name": name, **METHOD_CFG}, spec)
+
+
+@pytest.mark.parametrize("name", ["bp", "kd", "mir", "practise", "fskd", "cd"])
+def test_every_method_exports_a_smaller_model_with_the_same_logits(name, data, tmp_path):
+    import json
+
+    from oefsmc_jax.checkpoint import save_model
+    from oefsmc_jax.export import export_student, load_compressed
+    from oefsmc_jax.models import count_params
+
+    x, y, _ = data
+    t = _perturbed(SPEC14, 3)
+    spec, v = _method(name, SPEC14).compress(_ctx(SPEC14, t, calibration_set(x, y, K)))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(
+        {"data": {"mean": MEAN, "std": STD, "image_size": SIZE}, "method": {"name": name}}))
+    save_model(tmp_path / "run" / "oe" / "student", spec, v)  # masked (or gated), as compressed
+    export_student(tmp_path / "run", "oe", tmp_path / "out")
+    model = load_compressed(tmp_path / "out")
+    assert count_params(model.spec) < count_params(SPEC14)
+    want = build_model(spec).apply(v, (x / 255.0 - 0.5) / 0.25)["logits"]
+    np.testing.assert_allclose(model(x), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["bp", "kd", "mir", "practise", "fskd", "cd"])
+def test_every_method_compresses_vgg_and_imagenet_resnet34(name):
+    from oefsmc_jax.models import imagenet_resnet_spec
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    cal = calibration_set(x, np.arange(12) % K, K)
+    r34 = imagenet_resnet_spec(34, K, widths=(4, 4, 8, 8), stem_width=4)
+    vgg = vgg_spec([4, "M", 4, "M", 8, "M", 8, "M", 8, "M"], K)
+    for spec in (r34, vgg):
+        if name == "practise" and not spec.is_resnet:
+            with pytest.raises(ConfigError, match="practise"):
+                _method(name, spec)
+            continue
+        t = init_variables(spec, 32, 0)
+        s_spec, s = _method(name, spec).compress(_ctx(spec, t, cal))
+        small, sv = shrink(s_spec, s)
+        out = build_model(small).apply(sv, np.zeros((2, 32, 32, 3), np.float32))
+        chex.assert_shape(out["logits"], (2, K))
+        chex.assert_tree_all_finite(sv)
+        from oefsmc_jax.models import count_params
+
+        assert count_params(small) < count_params(spec), (name, spec.family)
