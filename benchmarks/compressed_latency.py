@@ -77,7 +77,7 @@ def load_teacher(path: str) -> tuple:
 
         return load_akamaster_npz(p)
     if p.is_dir():
-        from oefsmc_jax.checkpoint import load_model
+        from oefsmc_jax.training.checkpoint import load_model
 
         spec, variables, _ = load_model(p)
         return spec, variables
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     t_spec, t_vars = load_teacher(args.teacher)
     if args.student:
-        from oefsmc_jax.checkpoint import load_model
+        from oefsmc_jax.training.checkpoint import load_model
 
         s_spec, s_vars, meta = load_model(args.student)
         image_size = args.image_size or int((meta.get("preprocessing") or {}).get("image_size", 32))

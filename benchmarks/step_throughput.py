@@ -13,7 +13,7 @@ The workload (method.md §4-5), identical on both sides:
   with ``R = mean_j w_{y~_j} CE(S(x~_j), y~_j)`` and ``y~ ~ Categorical(Gamma)`` (complementary
   distribution); SGD, momentum 0.9, weight decay 1e-4, constant learning rate.
 
-JAX runs exactly :func:`oefsmc_jax.step.make_train_step` on a mesh of ``--devices`` devices (wired as
+JAX runs exactly :func:`oefsmc_jax.training.step.make_train_step` on a mesh of ``--devices`` devices (wired as
 ``train.finetune`` wires it, pruning-mask multipliers included). PyTorch runs the same step eagerly
 (``--torch-compile`` compiles the forward and loss) with channels_last tensors and ``torch.optim.SGD``. Both
 are timed in the same process, alternately, after warm-up; the median images/s over the rounds is reported
@@ -61,9 +61,9 @@ from oefsmc_jax.models import (  # noqa: E402
     shrink,
 )
 from oefsmc_jax.oe import complementary  # noqa: E402
-from oefsmc_jax.parallel import make_mesh, replicate  # noqa: E402
-from oefsmc_jax.step import StepConfig, StepData, init_state  # noqa: E402
-from oefsmc_jax.train import make_trainer  # noqa: E402
+from oefsmc_jax.training.parallel import make_mesh, replicate  # noqa: E402
+from oefsmc_jax.training.step import StepConfig, StepData, init_state  # noqa: E402
+from oefsmc_jax.training.train import make_trainer  # noqa: E402
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

@@ -8,8 +8,8 @@ from typing import Any
 
 from oefsmc_jax.data.subsets import COUNT_MODES
 from oefsmc_jax.errors import ConfigError
-from oefsmc_jax.optim import OPTIMIZERS, SCHEDULES
-from oefsmc_jax.step import BN_MODES
+from oefsmc_jax.training.optim import OPTIMIZERS, SCHEDULES
+from oefsmc_jax.training.step import BN_MODES
 
 SOURCE_KINDS = ("npz", "tfds", "digits", "sklearn_photos")
 ARCHS = ("resnet<6n+2> (e.g. resnet20, resnet32, resnet44, resnet56, resnet110)", "vgg16",

@@ -1,7 +1,7 @@
 """Export the compressed student of a finished run as a small, self-contained model, and load it for inference.
 
 A run writes ``WORKDIR/config.json`` and, per arm, ``WORKDIR/ARM/student/`` (an Orbax model from
-:func:`oefsmc_jax.checkpoint.save_model`). :func:`export_student` reads that student, physically removes masked
+:func:`oefsmc_jax.training.checkpoint.save_model`). :func:`export_student` reads that student, physically removes masked
 channels and gate-0 blocks with :func:`oefsmc_jax.models.shrink` (idempotent on an already shrunk model), and
 writes ``OUT`` as an Orbax model whose meta carries everything inference needs: the preprocessing (``x / 255``,
 then per-channel ``mean``/``std``), the input size, the arm, the method, the parameter and MAC counts, and the
@@ -55,8 +55,8 @@ def _arms(workdir: pathlib.Path, config: Mapping[str, Any]) -> tuple[list[str], 
 def _teacher_cost(config: Mapping[str, Any], workdir: pathlib.Path, image_size: int) -> dict | None:
     """Params/MACs of the run's teacher when it can be found here (the workdir's trained teacher, or the
     ``teacher.checkpoint`` file/directory, if it exists on this machine); None otherwise."""
-    from oefsmc_jax.checkpoint import load_model
     from oefsmc_jax.models import count_flops, count_params
+    from oefsmc_jax.training.checkpoint import load_model
 
     path = str((config.get("teacher") or {}).get("checkpoint") or "")
     candidates = [workdir / "teacher" / "model"] + ([pathlib.Path(path)] if path else [])
@@ -89,8 +89,8 @@ def export_student(workdir: str | os.PathLike, arm: str, out: str | os.PathLike,
     (``out`` exists and is not empty, without ``overwrite``), each naming what is missing and what exists.
     """
     from oefsmc_jax import __version__
-    from oefsmc_jax.checkpoint import load_model, save_model
     from oefsmc_jax.models import count_flops, count_params, shrink
+    from oefsmc_jax.training.checkpoint import load_model, save_model
 
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     if not workdir.is_dir():
@@ -213,7 +213,7 @@ def load_compressed(out: str | os.PathLike, batch_size: int = 128) -> Compressed
 
     ``batch_size`` is the fixed batch the forward is compiled for (use 1 for one image at a time).
     """
-    from oefsmc_jax.checkpoint import load_model
+    from oefsmc_jax.training.checkpoint import load_model
 
     spec, variables, meta = load_model(out)
     pre = meta.get("preprocessing") or {}

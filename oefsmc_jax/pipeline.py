@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from oefsmc_jax import __version__
-from oefsmc_jax.checkpoint import load_model, save_model
 from oefsmc_jax.data import (
     ImageSet,
     check_disjoint,
@@ -47,9 +46,10 @@ from oefsmc_jax.oe.arms import ARMS, Arm, arm_names, arm_selection, arms_of, che
 from oefsmc_jax.oe.calibration import Calibration
 from oefsmc_jax.oe.calibration import calibration_set as build_calibration
 from oefsmc_jax.oe.selection import select as select_ood
-from oefsmc_jax.parallel import make_mesh, replicate
-from oefsmc_jax.step import StepConfig, StepData, make_predict
-from oefsmc_jax.train import LoopConfig, finetune
+from oefsmc_jax.training.checkpoint import load_model, save_model
+from oefsmc_jax.training.parallel import make_mesh, replicate
+from oefsmc_jax.training.step import StepConfig, StepData, make_predict
+from oefsmc_jax.training.train import LoopConfig, finetune
 
 __all__ = ["ARMS", "RunData", "arm_names", "arm_selection", "calibration_set", "prepare_data", "run", "run_arm",
            "uses_ood"]

@@ -11,7 +11,6 @@ import jax
 import numpy as np
 import pytest
 
-from oefsmc_jax.checkpoint import load_model
 from oefsmc_jax.convert import (
     AKAMASTER_MEAN,
     AKAMASTER_STD,
@@ -23,8 +22,9 @@ from oefsmc_jax.convert import (
 )
 from oefsmc_jax.data import load_source
 from oefsmc_jax.models import build_model, cifar_resnet_spec
-from oefsmc_jax.parallel import make_mesh
-from oefsmc_jax.step import make_predict
+from oefsmc_jax.training.checkpoint import load_model
+from oefsmc_jax.training.parallel import make_mesh
+from oefsmc_jax.training.step import make_predict
 
 TEACHERS = {  # depth -> (file stem, README top-1 on the full JPEG-q75 test set)
     20: ("resnet20-12fca82f", 81.03),

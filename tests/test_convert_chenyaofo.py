@@ -17,7 +17,6 @@ import jax
 import numpy as np
 import pytest
 
-from oefsmc_jax.checkpoint import load_model
 from oefsmc_jax.convert import (
     AKAMASTER_MEAN,
     AKAMASTER_STD,
@@ -38,6 +37,7 @@ from oefsmc_jax.convert import (
 )
 from oefsmc_jax.data import load_source
 from oefsmc_jax.models import build_model, cifar_resnet_spec
+from oefsmc_jax.training.checkpoint import load_model
 
 STEMS = {20: "cifar10_resnet20-eb80202b", 32: "cifar10_resnet32-4a8f68a8", 44: "cifar10_resnet44-fe235e59",
          56: "cifar10_resnet56-121838a9"}
@@ -266,3 +266,29 @@ def test_pt_path_with_fake_torch(shared_data, tmp_path, monkeypatch):
     meta = load_model(out)[2]
     assert meta["format"] == "chenyaofo_th" and meta["family"] == "chenyaofo"
     assert teacher_preprocessing(src) == (CHENYAOFO_MEAN, CHENYAOFO_STD)
+
+
+def test_practise_on_the_option_b_teacher_adapts_the_downsample_convs(shared_data, tmp_path):
+    """PRACTISE's adaptor rule for downsample convs (baselines.md §2.3) on the real chenyaofo ResNet-20: the gaps in
+    stages 0 and 1 put adaptors on the next stage's 1x1 projection; every candidate gets a finite score."""
+    import json
+
+    from oefsmc_jax.methods import CompressionContext, build_method
+    from oefsmc_jax.methods.practise import adaptor_points
+    from oefsmc_jax.oe.calibration import calibration_set
+    from oefsmc_jax.training.parallel import make_mesh
+
+    spec, variables = load_pretrained_npz(chen_file(shared_data, 20))
+    assert "s1b0/proj_conv:in" in adaptor_points(spec, 0, 1) and "s2b0/proj_conv:in" in adaptor_points(spec, 1, 2)
+    assert "s1b0/proj_conv:out" in adaptor_points(spec, 1, 1)
+    with np.load(shared_data / "cifar10_train_lossless_first4000.npz") as f:
+        cal = calibration_set(f["x"][:16], f["y"][:16], 10)
+    method = build_method({"name": "practise", "practise": {"k": 2, "fit_steps": 2, "batch_size": 8}}, spec)
+    ctx = CompressionContext(spec, variables, cal, CHENYAOFO_MEAN, CHENYAOFO_STD, jax.random.PRNGKey(0),
+                             mesh=make_mesh(1), workdir=tmp_path, log=lambda s: None)
+    out_spec, out = method.compress(ctx)
+    record = json.loads((tmp_path / "compression" / "practise.json").read_text())
+    rows = record["candidates"] if isinstance(record["candidates"], list) else list(record["candidates"].values())
+    assert len(rows) == 6 and all(np.isfinite(r["score"]) for r in rows)
+    gates = {n: float(m["gate"]) for n, m in out["masks"].items() if "gate" in m}
+    assert sorted(n for n, g in gates.items() if g == 0.0) == sorted(record["chosen"])

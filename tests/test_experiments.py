@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from oefsmc_jax import losses
-from oefsmc_jax.checkpoint import save_model
 from oefsmc_jax.evaluation import paired_difference
 from oefsmc_jax.experiments import cell_config, expand, read_results, run_grid, summarize
 from oefsmc_jax.experiments.summarize import paired_table
@@ -19,6 +18,7 @@ from oefsmc_jax.methods import BP, KD
 from oefsmc_jax.models import cifar_resnet_spec
 from oefsmc_jax.oe.arms import ARMS, class_balanced_probs
 from oefsmc_jax.pipeline import init_variables, prepare_data
+from oefsmc_jax.training.checkpoint import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import oefsmc_jax
-from oefsmc_jax.checkpoint import load_model, save_model
 from oefsmc_jax.data.augment import normalize
 from oefsmc_jax.export import export_student, load_compressed
 from oefsmc_jax.models import build_model, cifar_resnet_spec, count_flops, count_params, drop_blocks, l1_prune
 from oefsmc_jax.models.latency import latency_cost, measure_latency, traced_macs, xla_flops
+from oefsmc_jax.training.checkpoint import load_model, save_model
 
 K, SIZE = 10, 8
 SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))  # one block per stage; only s0b0 has an identity shortcut

@@ -12,10 +12,10 @@ from oefsmc_jax.methods.mir import MIR_RECIPE
 from oefsmc_jax.models import build_model, cifar_resnet_spec, shrink, vgg_spec
 from oefsmc_jax.oe.arms import ARMS, check_arms
 from oefsmc_jax.oe.calibration import calibration_set
-from oefsmc_jax.parallel import make_mesh, replicate
 from oefsmc_jax.pipeline import init_variables
-from oefsmc_jax.step import StepConfig, StepData
-from oefsmc_jax.train import LoopConfig, finetune, make_trainer
+from oefsmc_jax.training.parallel import make_mesh, replicate
+from oefsmc_jax.training.step import StepConfig, StepData
+from oefsmc_jax.training.train import LoopConfig, finetune, make_trainer
 
 K, SIZE = 10, 8
 SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
@@ -178,9 +178,9 @@ def _method(name, spec):
 def test_every_method_exports_a_smaller_model_with_the_same_logits(name, data, tmp_path):
     import json
 
-    from oefsmc_jax.checkpoint import save_model
     from oefsmc_jax.export import export_student, load_compressed
     from oefsmc_jax.models import count_params
+    from oefsmc_jax.training.checkpoint import save_model
 
     x, y, _ = data
     t = _perturbed(SPEC14, 3)

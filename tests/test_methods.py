@@ -14,10 +14,10 @@ from oefsmc_jax.evaluation import agreement
 from oefsmc_jax.methods import BP, KD, CompressionContext, build_method
 from oefsmc_jax.models import build_model, cifar_resnet_spec
 from oefsmc_jax.oe import complementary
-from oefsmc_jax.parallel import make_mesh, replicate
 from oefsmc_jax.pipeline import RunData, calibration_set, init_variables
-from oefsmc_jax.step import StepConfig, StepData, init_state, make_predict
-from oefsmc_jax.train import LoopConfig, finetune, make_trainer
+from oefsmc_jax.training.parallel import make_mesh, replicate
+from oefsmc_jax.training.step import StepConfig, StepData, init_state, make_predict
+from oefsmc_jax.training.train import LoopConfig, finetune, make_trainer
 
 K, SIZE = 10, 8
 SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))

@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from oefsmc_jax.checkpoint import load_model
 from oefsmc_jax.evaluation import classification_metrics
 from oefsmc_jax.models import build_model
-from oefsmc_jax.parallel import make_mesh
-from oefsmc_jax.step import make_predict
+from oefsmc_jax.training.checkpoint import load_model
+from oefsmc_jax.training.parallel import make_mesh
+from oefsmc_jax.training.step import make_predict
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))

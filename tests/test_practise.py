@@ -25,7 +25,7 @@ from oefsmc_jax.methods.practise import (
 )
 from oefsmc_jax.models import build_model, cifar_resnet_spec, count_flops, drop_blocks, imagenet_resnet_spec, vgg_spec
 from oefsmc_jax.oe.calibration import calibration_set
-from oefsmc_jax.parallel import make_mesh
+from oefsmc_jax.training.parallel import make_mesh
 
 K, SIZE = 10, 8
 SPEC = cifar_resnet_spec(14, K, widths=(4, 8, 8))  # two blocks per stage: candidates s0b1, s1b1, s2b1

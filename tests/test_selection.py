@@ -13,8 +13,8 @@ from oefsmc_jax.oe.selection import (
     select_teacher_complement,
     select_teacher_confidence,
 )
-from oefsmc_jax.parallel import make_mesh
 from oefsmc_jax.pipeline import init_variables, prepare_data, teacher_pool_probs
+from oefsmc_jax.training.parallel import make_mesh
 
 PROBS = np.array([  # 6 pool images x 3 classes
     [0.7, 0.2, 0.1],

@@ -8,10 +8,10 @@ import pytest
 from oefsmc_jax.methods import KD
 from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune, mask_multipliers, shrink
 from oefsmc_jax.oe import complementary
-from oefsmc_jax.optim import make_optimizer
-from oefsmc_jax.parallel import make_mesh, replicate
-from oefsmc_jax.step import StepConfig, StepData, apply_multipliers, init_state, make_predict, make_train_step
-from oefsmc_jax.train import make_trainer
+from oefsmc_jax.training.optim import make_optimizer
+from oefsmc_jax.training.parallel import make_mesh, replicate
+from oefsmc_jax.training.step import StepConfig, StepData, apply_multipliers, init_state, make_predict, make_train_step
+from oefsmc_jax.training.train import make_trainer
 
 SIZE = 8
 K = 10

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from oefsmc_jax.checkpoint import save_model
 from oefsmc_jax.models import imagenet_resnet_spec
 from oefsmc_jax.pipeline import init_variables, run
+from oefsmc_jax.training.checkpoint import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))

@@ -452,7 +452,7 @@ def _model_meta(directory: pathlib.Path) -> dict:
     """The JSON meta of an Orbax model written by ``save_model`` (the arrays are not read)."""
     import orbax.checkpoint as ocp
 
-    from oefsmc_jax.checkpoint import Checkpointer
+    from oefsmc_jax.training.checkpoint import Checkpointer
 
     ckpt = Checkpointer(directory, max_to_keep=1)
     try:
@@ -477,12 +477,12 @@ def import_teacher(src: str | os.PathLike, out_dir: str | os.PathLike, depth: in
     """Convert a pretrained teacher (``.npz``, or ``.th``/``.pth``/``.pt`` with torch) into an Orbax model.
 
     The family (akamaster or chenyaofo) is detected from the keys. Writes ``out_dir`` with
-    :func:`oefsmc_jax.checkpoint.save_model` (read back by ``load_model``, named by a config's
+    :func:`oefsmc_jax.training.checkpoint.save_model` (read back by ``load_model``, named by a config's
     ``teacher.checkpoint``); the meta records the source path, its sha256, the format (``{family}_npz`` or
     ``{family}_th``), the family, the depth, the shortcut option and the preprocessing (``scale``, ``mean``,
     ``std``). Returns the architecture spec.
     """
-    from oefsmc_jax.checkpoint import save_model
+    from oefsmc_jax.training.checkpoint import save_model
 
     src = pathlib.Path(src)
     if not src.is_file():
@@ -507,8 +507,8 @@ def evaluate_top1(spec: ArchSpec, variables: dict, x: np.ndarray, y: np.ndarray,
                   mean: Sequence[float] = AKAMASTER_MEAN, std: Sequence[float] = AKAMASTER_STD) -> float:
     """Top-1 accuracy (percent) of the model on uint8 images ``x`` normalised by ``mean``/``std`` (default:
     the akamaster preprocessing; see :func:`teacher_preprocessing` / :func:`family_preprocessing`)."""
-    from oefsmc_jax.parallel import make_mesh
-    from oefsmc_jax.step import make_predict
+    from oefsmc_jax.training.parallel import make_mesh
+    from oefsmc_jax.training.step import make_predict
 
     model = build_model(spec)
     predict = make_predict(make_mesh(), model, tuple(mean), tuple(std), batch_size=batch_size)
@@ -542,7 +542,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     returns 1.
     """
     args = _parser(prog).parse_args(argv)
-    from oefsmc_jax.checkpoint import load_model
+    from oefsmc_jax.training.checkpoint import load_model
 
     try:
         spec = import_teacher(args.src, args.out_dir, args.depth)

@@ -136,8 +136,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     """Run every unfinished cell of ``config`` (optionally only the group ``only`` or the cell ``cell_id``);
     returns all records."""
     from oefsmc_jax.config_validation import validate
-    from oefsmc_jax.parallel import make_mesh
     from oefsmc_jax.pipeline import run
+    from oefsmc_jax.training.parallel import make_mesh
 
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)

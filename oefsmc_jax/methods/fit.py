@@ -4,7 +4,7 @@
 (everything else is closed over in ``loss_fn`` or passed as ``consts``) on mini-batches drawn from ``data``, a
 dict of arrays that share their leading axis (the calibration set: images, weights, ...).
 
-How it runs (modelled on ``oefsmc_jax.step.make_train_step``):
+How it runs (modelled on ``oefsmc_jax.training.step.make_train_step``):
 
 * The whole loop is one ``lax.scan`` inside one ``jax.jit`` of a ``jax.shard_map`` over the mesh axis ``data``:
   compiled once per (loss, optimizer, steps, batch size, mesh) and input shapes, dispatched once, and it returns
@@ -33,7 +33,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from oefsmc_jax.parallel import AXIS, make_mesh, num_devices, replicate
+from oefsmc_jax.training.parallel import AXIS, make_mesh, num_devices, replicate
 
 LossFn = Callable[..., Any]
 _RUNNERS: dict[tuple, Callable] = {}

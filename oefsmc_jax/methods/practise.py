@@ -53,7 +53,7 @@ from oefsmc_jax.methods.mir import MIR_RECIPE
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, drop_blocks, droppable_blocks, shrink
 from oefsmc_jax.models.latency import LATENCY_MODES, latency_cost
 from oefsmc_jax.models.probe import forward, points
-from oefsmc_jax.parallel import make_mesh, num_devices
+from oefsmc_jax.training.parallel import make_mesh, num_devices
 
 FIELD = "method.practise"
 

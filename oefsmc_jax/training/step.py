@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from oefsmc_jax import losses
 from oefsmc_jax.data.augment import augment_batch, normalize
 from oefsmc_jax.methods.base import Recipe
-from oefsmc_jax.parallel import AXIS, num_devices, replicated, shard_batch
+from oefsmc_jax.training.parallel import AXIS, num_devices, replicated, shard_batch
 
 BN_MODES = ("joint", "separate")
 

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from oefsmc_jax.checkpoint import Checkpointer
 from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
-from oefsmc_jax.optim import make_optimizer
-from oefsmc_jax.parallel import replicate
-from oefsmc_jax.step import StepConfig, StepData, init_state, make_predict, make_train_step
+from oefsmc_jax.training.checkpoint import Checkpointer
+from oefsmc_jax.training.optim import make_optimizer
+from oefsmc_jax.training.parallel import replicate
+from oefsmc_jax.training.step import StepConfig, StepData, init_state, make_predict, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
