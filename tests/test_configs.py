@@ -112,6 +112,10 @@ def test_overlapping_ood_and_id_images_are_refused(tmp_path):
     (["--config", "configs/demo.py:bogus=1"], "error: config argument: unknown key 'bogus'"),
     (["--config", "configs/demo.py", "--config.train.stepz=3"], "error: unknown config field in an override"),
     (["--config", "configs/demo.py:per_class=200,rho=1"], "error: few_sample_indices: class 0 has"),
+    (["--config", "configs/demo.py:method=mir,oe=base", "--config.arms=base,logit_adjust"],
+     "error: config.arms: arm 'logit_adjust' adjusts the cross-entropy on labels, but method 'mir' is label-free"),
+    (["--config", "configs/demo.py:method=cd", "--config.method.cd.mu=1.5"], "error: config.method.cd.mu: must be"),
+    (["--config", "configs/demo.py:method=practise"], "error: config.method.practise"),
 ])
 def test_cli_reports_bad_input_in_one_line(args, expected, tmp_path):
     out = subprocess.run([sys.executable, "-m", "oefsmc_jax", *args, "--workdir", str(tmp_path / "w")],

@@ -210,3 +210,18 @@ def test_paired_table_against_any_reference_arm():
     vs_base = paired_table(records, "top1")
     assert "Arm vs base" in vs_base and "+ resampling" in vs_base and "+ OE-FSMC" in vs_base
     assert paired_table(records, "top1", reference="oe_confidence") == ""
+
+
+def test_imbalance_drop_is_paired_by_seed_with_an_interval():
+    from oefsmc_jax.experiments.summarize import imbalance_table
+
+    def rec(seed, mode, top1):
+        return {"group": "g", "method": "kd", "arch": "r", "per_class": 10, "mode": mode, "seed": seed,
+                "arm": "base", "metrics": {"top1": top1}}
+
+    records = [rec(0, "balanced", 60), rec(1, "balanced", 62), rec(2, "balanced", 61), rec(0, "exp", 50),
+               rec(1, "exp", 55), rec(2, "exp", 52), rec(3, "exp", 40)]  # seed 3 has no balanced partner
+    row = imbalance_table(records).splitlines()[2]
+    # drops 10, 7, 9: mean 8.67, sd 1.528, t(2) = 4.303 -> half width 3.79
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:] == ["61.0", "49.2", "3", "+8.7", "[+4.9, +12.5]"]

@@ -94,24 +94,31 @@ def paired_table(records: list[dict], metric: str = "top1", reference: str = "ba
 
 
 def imbalance_table(records: list[dict]) -> str:
-    """Mean top-1 on the balanced set minus mean top-1 on the long-tailed set of the same total, per arm."""
-    acc = collections.defaultdict(list)
+    """Claim 1, per method, budget and arm: mean top-1 on the balanced set, on the long-tailed set of the same total,
+    and the imbalance drop ``balanced - long-tailed`` paired by seed (a seed draws both sets from one key, so they
+    are paired) with its 95 % t-interval."""
+    acc: dict = collections.defaultdict(dict)
     for r in records:
         if r.get("overrides"):
             continue
-        acc[(r["method"], r["arch"], r["per_class"], r["arm"], r["mode"])].append(r["metrics"]["top1"])
+        acc[(r["method"], r["arch"], r["per_class"], r["arm"], r["mode"])][r["seed"]] = r["metrics"]["top1"]
     rows = []  # no balanced cells: no rows, and the summary leaves the section out
     for (method, arch, n, arm, mode) in sorted(acc):
         if mode != "balanced" or (method, arch, n, arm, "exp") not in acc:
             continue
-        bal, exp = np.mean(acc[(method, arch, n, arm, "balanced")]), np.mean(acc[(method, arch, n, arm, "exp")])
+        bal, exp = acc[(method, arch, n, arm, "balanced")], acc[(method, arch, n, arm, "exp")]
+        seeds = sorted(set(bal) & set(exp))
+        d = paired_difference([bal[s] for s in seeds], [exp[s] for s in seeds]) if seeds else None
+        ci = "-" if d is None or d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
         rows.append({"method": method.upper(), "teacher": arch, "budget": n, "arm": ARM_NAMES.get(arm, arm),
-                     "bal": bal, "exp": exp, "drop": bal - exp})
+                     "bal": np.mean(list(bal.values())), "exp": np.mean(list(exp.values())),
+                     "drop": "-" if d is None else f"{d['mean']:+.1f}", "n": len(seeds), "ci": ci})
     if not rows:
         return ""
     return format_table(rows, [("method", "Method", None), ("teacher", "Teacher", None),
                                ("budget", "Per class", None), ("arm", "Arm", None), ("bal", "Balanced set", ".1f"),
-                               ("exp", "Long-tailed set", ".1f"), ("drop", "Imbalance drop", "+.1f")])
+                               ("exp", "Long-tailed set", ".1f"), ("n", "Paired seeds", None),
+                               ("drop", "Imbalance drop", None), ("ci", "95 % CI", None)])
 
 
 def plot_budget(records: list[dict], path: pathlib.Path) -> pathlib.Path | None:
