@@ -39,9 +39,6 @@ def chenyaofo_teacher(arch: str) -> str:
     return hits[0] if hits else ""
 
 
-CHENYAOFO_MEAN = (0.4914, 0.4822, 0.4465)  # the chenyaofo teachers' own normalisation (data README)
-CHENYAOFO_STD = (0.2023, 0.1994, 0.2010)
-
 
 def get_config(arg: str | None = None):
     """CIFAR-10 config; see the module docstring for the argument keys."""
@@ -63,6 +60,8 @@ def get_config(arg: str | None = None):
         if a["family"] == "chenyaofo":  # option-B shortcuts and CIFAR-10 normalisation
             c.teacher.checkpoint = a["teacher"] or chenyaofo_teacher(a["arch"])
             c.arch.shortcut = "B"
+            from oefsmc_jax.convert import CHENYAOFO_MEAN, CHENYAOFO_STD
+
             c.data.mean, c.data.std = CHENYAOFO_MEAN, CHENYAOFO_STD
         else:
             c.teacher.checkpoint = a["teacher"] or akamaster_teacher(a["arch"])

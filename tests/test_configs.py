@@ -20,6 +20,7 @@ import imagenet  # noqa: E402
 @pytest.mark.parametrize("module,arg", [
     (demo, None), (demo, "method=bp,per_class=3,rho=1,oe=1"), (cifar10, None),
     (cifar10, "method=kd,arch=resnet56,per_class=10,rho=10,oe=1"), (cifar10, "runlocal=1,oe=0"),
+    (cifar10, "family=chenyaofo,method=cd,arch=resnet32"),
     (cifar100, "teacher="), (imagenet, "runlocal=1"), (imagenet, None)])
 def test_shipped_configs_validate(module, arg):
     c = module.get_config(arg)
