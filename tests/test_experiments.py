@@ -73,8 +73,9 @@ def test_methods_grid_validates():
     cells = expand(grid.groups)
     assert len(cells) == 4 * 2 * 2 * 5 and {c.method for c in cells} == {"mir", "practise", "fskd", "cd"}
     assert cells[0].arms == ("base", "oe", "oe_complement")
-    assert [c.id for c in cells[:3]] == ["mir-resnet20-n10-exp-s0", "mir-resnet20-n10-balanced-s0",
-                                         "practise-resnet20-n10-exp-s0"]
+    assert [c.id for c in cells[:5]] == [f"{m}-resnet20-n10-exp-s0" for m in ("mir", "practise", "fskd", "cd")] + [
+        "mir-resnet20-n10-balanced-s0"]
+    assert cells[4].arms == ("base",)
     assert grid.base.method.practise.k == 2 and grid.base.optim.decay_at == (0.4, 0.8)
     for cell in cells[::5]:
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
