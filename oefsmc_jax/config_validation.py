@@ -52,6 +52,10 @@ def _check_source(field: str, cfg: Any) -> None:
             _fail(f"{field}.path", "an npz source needs a path to a file with 'x' (uint8 NHWC) and 'y'")
         if not os.path.isfile(cfg.path):
             _fail(f"{field}.path", f"file {cfg.path} does not exist")
+    exclude = cfg.get("exclude_classes", ()) or ()
+    if exclude and (cfg.kind != "npz" or not all(isinstance(c, int) and not isinstance(c, bool) for c in exclude)):
+        _fail(f"{field}.exclude_classes", "must be class ids (ints) of an npz source's labels, got "
+                                          f"{tuple(exclude)!r} for a {cfg.kind} source")
     if cfg.kind == "tfds" and not cfg.get("name"):
         _fail(f"{field}.name", "a tfds source needs a dataset name, e.g. cifar10")
     if cfg.kind in ("tfds", "digits") and not cfg.get("split"):

@@ -1,5 +1,6 @@
 """Configs and validation: every shipped config validates; every bad field fails early with one line naming it."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -125,3 +126,26 @@ def test_cli_reports_bad_input_in_one_line(args, expected, tmp_path):
     lines = [ln for ln in out.stderr.splitlines() if ln.strip() and not ln.startswith("run: ")]
     assert len(lines) == 1 and lines[0].startswith(expected), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_ood_pools_class_disjoint_and_textures(shared_data):
+    """The class-disjoint control drops the 30 Tiny-ImageNet classes that are CIFAR-10 classes in meaning; DTD-10
+    has no class overlap at all (issue 9, item 2)."""
+    from oefsmc_jax.data import load_source
+
+    overlap = json.loads((shared_data / "tinyimagenet_cifar10_overlap.json").read_text())["all_indices"]
+    disjoint = cifar10.get_config("pool=tiny_disjoint")
+    validate(disjoint, num_devices=1)
+    pool = load_source(disjoint.data.ood)
+    with np.load(shared_data / "tinyimagenet_val_32x32.npz") as f:
+        keep = ~np.isin(f["y"], overlap)
+        np.testing.assert_array_equal(pool.x, f["x"][keep])
+    assert len(overlap) == 30 and len(pool) == 8500 and np.all(pool.y == -1)
+    assert len(load_source(disjoint.data.ood, np.arange(5))) == 5  # indices refer to the remaining images
+    dtd = cifar10.get_config("pool=dtd")
+    validate(dtd, num_devices=1)
+    assert len(load_source(dtd.data.ood)) == 1200 and dtd.oe.heldout == 200
+    bad = cifar10.get_config("pool=tiny_disjoint")
+    bad.data.ood.exclude_classes = ("cat",)
+    with pytest.raises(ConfigError, match=r"config.data.ood.exclude_classes: must be class ids"):
+        validate(bad, num_devices=1)

@@ -5,7 +5,10 @@ Every source returns an :class:`ImageSet` of ``uint8`` images ``[N, H, W, C]`` a
 
 ``load_source(cfg)`` dispatches on ``cfg.kind``:
 
-- ``npz``: ``path``, ``x_key`` (``'x'``), ``y_key`` (``'y'``; a missing key gives labels ``-1``).
+- ``npz``: ``path``, ``x_key`` (``'x'``), ``y_key`` (``'y'``; a missing key gives labels ``-1``),
+  ``exclude_classes`` (``()``: class ids whose images are left out, read from ``class_key``, ``'y'``; e.g. the
+  Tiny-ImageNet classes that are CIFAR-10 classes in meaning, for a class-disjoint OOD pool; ``indices`` then refer
+  to the remaining images).
 - ``tfds``: ``name``, ``split``, ``data_dir`` (``None`` = TFDS default), ``image_key`` (``'image'``),
   ``label_key`` (``'label'``; ``None`` gives labels ``-1``), ``max_examples`` (``0`` = the whole split),
   ``download`` (``False``: the prepared array_record files must already exist), ``center_crop_fraction``
@@ -190,6 +193,17 @@ def _load_npz(cfg: Any, indices: np.ndarray | None) -> ImageSet:
             raise KeyError(f"{path}: no array {x_key!r} (has {sorted(f.files)})")
         x = f[x_key]
         y = f[y_key] if y_key and y_key in f.files else np.full(x.shape[0], -1, np.int32)
+        exclude = [int(c) for c in (_get(cfg, "exclude_classes", ()) or ())]
+        if exclude:
+            class_key = _get(cfg, "class_key", "y")
+            if class_key not in f.files:
+                raise ValueError(f"{path}: exclude_classes needs class labels under {class_key!r} (has "
+                                 f"{sorted(f.files)})")
+            keep = ~np.isin(f[class_key], exclude)
+            if len(keep) != len(x):
+                raise ValueError(f"{path}: {len(x)} images but {len(keep)} {class_key!r} labels")
+            x, y = x[keep], y[keep]
+            name = f"{name}[without {len(exclude)} classes]"
     if len(y) != len(x):
         raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
     if indices is not None:
