@@ -98,6 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.oe.eta = 0.1  # class-dependent regulariser weight (0 = off) [choice]
     c.oe.bn_mode = "joint"  # joint: BN sees ID and OOD together (Outlier Exposure) | separate [choice]
     c.oe.early_stopping = True  # stop on held-out OOD student-teacher agreement [choice]
+    c.oe.early_stopping_arms = "ood"  # ood: only the arms with OOD images stop early | all: every arm does
     c.oe.heldout = 1000  # size of the held-out OOD slice
     c.oe.eval_every = 50
     c.oe.patience = 5

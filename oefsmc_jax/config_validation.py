@@ -98,7 +98,8 @@ def validate(config: Any, num_devices: int = 1) -> None:
     # label-free method); the teacher of a checkpoint has the architecture config.arch names
     check_arms(arms, build_method(config.method, build_arch(config.arch, config.data.num_classes)))
     sources = [("data.id", config.data.id), ("data.test", config.data.test)]
-    uses_pool = any(a.uses_ood for a in arms)
+    uses_pool = any(a.uses_ood for a in arms) or (config.oe.early_stopping and
+                                                   config.oe.get("early_stopping_arms", "ood") == "all")
     if uses_pool:
         sources.append(("data.ood", config.data.ood))
     for field, cfg in sources:
@@ -120,6 +121,8 @@ def validate(config: Any, num_devices: int = 1) -> None:
         _fail("oe.selection", f"unknown rule {oe.selection!r}; allowed: {', '.join(SELECTIONS)}")
     if not oe.selection_factor > 0:
         _fail("oe.selection_factor", f"must be > 0, got {oe.selection_factor}")
+    if oe.get("early_stopping_arms", "ood") not in ("ood", "all"):
+        _fail("oe.early_stopping_arms", f"must be 'ood' or 'all', got {oe.early_stopping_arms!r}")
     if oe.bn_mode not in BN_MODES:
         _fail("oe.bn_mode", f"must be one of {', '.join(BN_MODES)}, got {oe.bn_mode!r}")
     if oe.alpha != -1 and not 0 < oe.alpha:

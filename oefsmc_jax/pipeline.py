@@ -42,7 +42,16 @@ from oefsmc_jax.methods import CompressionContext, Method, Supervised, build_met
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, count_params, shrink
 from oefsmc_jax.models.latency import measure_latency
 from oefsmc_jax.oe import complementary
-from oefsmc_jax.oe.arms import ARMS, Arm, arm_names, arm_selection, arms_of, check_arms, uses_ood
+from oefsmc_jax.oe.arms import (
+    ARMS,
+    Arm,
+    arm_names,
+    arm_selection,
+    arms_of,
+    check_arms,
+    needs_teacher_probs,
+    uses_ood,
+)
 from oefsmc_jax.oe.calibration import Calibration
 from oefsmc_jax.oe.calibration import calibration_set as build_calibration
 from oefsmc_jax.oe.selection import select as select_ood
@@ -128,7 +137,7 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
 
     ood = heldout = candidates = None
     ood_idx = held_idx = np.zeros(0, np.int64)
-    if uses_ood(config):
+    if uses_ood(config) or (config.oe.early_stopping and config.oe.get("early_stopping_arms", "ood") == "all"):
         pool = load_source(config.data.ood)
         m = config.oe.size if config.oe.size >= 0 else default_ood_size(counts, config.oe.size_cap or None)
         held_n = config.oe.heldout if config.oe.early_stopping else 0
@@ -138,7 +147,7 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
         ood_idx, held_idx = ood_split(jax.random.PRNGKey(s.seed + 1), len(pool), m, held_n)
         ood, heldout = pool.take(ood_idx), pool.take(held_idx)
         used = pool.take(np.concatenate([ood_idx, held_idx]))
-        if any(arm_selection(config, a).startswith("teacher_") for a in arm_names(config)):
+        if needs_teacher_probs(config):
             candidates = pool.take(np.setdiff1d(np.arange(len(pool)), held_idx))
             check_disjoint(candidates, train, "the OOD pool overlaps the in-distribution few-sample set")
             check_disjoint(candidates, test, "the OOD pool overlaps the evaluation split (it must never be used "
@@ -295,16 +304,21 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
     oe_on = spec_arm.uses_ood
     rule = spec_arm.selection(config)
     k = config.data.num_classes
-    ood_set, ood_labels, eta = data.ood, None, config.oe.eta
+    ood_set, ood_labels, eta = data.ood, None, spec_arm.eta(config)
     if oe_on and rule != "random":
         sel = select_ood(rule, pool_probs, data.counts, config.oe.selection_factor)
         if sel.short:
             log(f"[{arm}] warning: {sel.shortfall_message()}")
         ood_set = data.candidates.take(sel.indices)
         ood_labels = sel.classes.astype(np.int32)
-        eta = config.oe.selection_eta
         log(f"[{arm}] {rule}: selected {len(ood_set)} OOD images (c = {config.oe.selection_factor:g}), "
             f"per class {np.bincount(sel.classes, minlength=k).tolist()}")
+    elif oe_on and spec_arm.count == "teacher_complement":
+        # random images, as many as the teacher complement would pick: separates the count from the choice
+        n = len(select_ood("teacher_complement", pool_probs, data.counts, config.oe.selection_factor).indices)
+        idx = np.sort(np.random.default_rng(config.seed + 11).choice(len(data.candidates), n, replace=False))
+        ood_set = data.candidates.take(idx)
+        log(f"[{arm}] random: {n} OOD images, the teacher complement's count (c = {config.oe.selection_factor:g})")
     recipe = spec_arm.wrap(method.recipe(), data.counts)
     alpha = config.oe.alpha if config.oe.alpha >= 0 else None
     gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(data.counts), alpha))
@@ -328,8 +342,10 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
         save_model(adir / "compressed", spec, variables)
     use_ood = oe_on and ood_set is not None and len(ood_set) > 0
     if recipe.finetunes:
+        es_on = oe_on or config.oe.get("early_stopping_arms", "ood") == "all"
         res = _finetune_arm(config, arm, adir, mesh, data, recipe, spec, variables, teacher, spec_arm, gamma, eta,
-                            ood_set if use_ood else None, heldout_pred if oe_on else None)
+                            ood_set if use_ood else None, heldout_pred if es_on else None,
+                            ood_labels if use_ood and spec_arm.fixed_labels else None)
         final_vars, steps_run = res.variables, res.steps_run
         es = {"best_step": res.best_step, "best_heldout_agreement": res.best_agreement,
               "stopped_early": res.stopped_early}
@@ -344,7 +360,8 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
     metrics = classification_metrics(pred, data.test.y, k, data.counts)
     metrics["agreement"] = agreement(pred, teacher_test_pred)
     result = {"arm": arm, "method": method.describe(), "metrics": metrics, "steps": steps_run,
-              "ood_selection": rule if oe_on else None, "ood_images": len(ood_set) if use_ood else 0, **es,
+              "ood_selection": rule if oe_on else None, "ood_images": len(ood_set) if use_ood else 0,
+              "eta": eta if use_ood else None, **es,
               "spec": spec_x.to_dict(),
               "params": count_params(spec_x), "flops": count_flops(spec_x, config.data.image_size),
               "wall_s": time.time() - t0, "version": __version__}
@@ -358,7 +375,8 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
 
 def _finetune_arm(config: Any, arm: str, adir: pathlib.Path, mesh: Any, data: RunData, recipe: Any,
                   spec: ArchSpec, variables: dict, teacher: tuple[ArchSpec, dict], spec_arm: Arm,
-                  gamma: np.ndarray, eta: float, ood_set: ImageSet | None, heldout_pred: np.ndarray | None) -> Any:
+                  gamma: np.ndarray, eta: float, ood_set: ImageSet | None, heldout_pred: np.ndarray | None,
+                  ood_labels: np.ndarray | None = None) -> Any:
     """The fine-tuning stage of one arm (method.md §4): the recipe's loss on ID images, plus OE-FSMC's terms when
     the arm has OOD images; early stopping on held-out OOD agreement for OE arms."""
     k = config.data.num_classes
@@ -369,13 +387,15 @@ def _finetune_arm(config: Any, arm: str, adir: pathlib.Path, mesh: Any, data: Ru
         x_ood=replicate(ood_set.x, mesh) if ood_set is not None else None,
         id_probs=replicate(id_probs, mesh) if id_probs is not None else None,
         gamma=replicate(gamma.astype(np.float32), mesh),
-        reg_weights=replicate(np.asarray(complementary.class_weights(jnp.asarray(gamma)), np.float32), mesh))
+        reg_weights=replicate(np.asarray(complementary.class_weights(jnp.asarray(gamma)), np.float32), mesh),
+        y_ood=replicate(ood_labels.astype(np.int32), mesh) if ood_labels is not None else None)
     tr = config.train
     step_cfg = StepConfig(batch_id=tr.batch_id, batch_ood=tr.batch_ood if ood_set is not None else 0,
                           pad=config.data.pad, flip=config.data.flip, mean=tuple(config.data.mean),
                           std=tuple(config.data.std), lambda_jd=config.oe.lambda_jd, eta=eta, tau=config.method.tau,
                           bn_mode=config.oe.bn_mode)
-    early = (spec_arm.uses_ood and config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
+    # early stopping on held-out OOD agreement: OE arms (the default), or every arm (oe.early_stopping_arms=all)
+    early = (config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
              and heldout_pred is not None)
     loop = LoopConfig(steps=tr.steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early else 0,
                       patience=config.oe.patience, ckpt_every=tr.ckpt_every)

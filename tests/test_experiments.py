@@ -148,7 +148,7 @@ def tiny_grid(tmp_path_factory):
         "groups": [{"name": "g", "method": ["kd"], "arch": ["resnet8"], "per_class": [3], "mode": ["exp"],
                     "seed": [0, 1], "arms": "base,oe,logit_adjust"},
                    {"name": "h", "method": ["bp"], "arch": ["resnet8"], "per_class": [3], "mode": ["exp"],
-                    "seed": [0], "arms": "oe_complement,oe_confidence"}]})
+                    "seed": [0], "arms": "oe_complement,oe_confidence,oe_random_matched,oe_complement_r"}]})
     records = run_grid(grid, root / "w")
     return root, grid, records
 
@@ -157,7 +157,14 @@ def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
     root, grid, records = tiny_grid
     assert sorted((r["cell"], r["arm"]) for r in records) == sorted(
         [(f"kd-resnet8-n3-exp-s{s}", a) for s in (0, 1) for a in ("base", "oe", "logit_adjust")]
-        + [("bp-resnet8-n3-exp-s0", "oe_complement"), ("bp-resnet8-n3-exp-s0", "oe_confidence")])
+        + [("bp-resnet8-n3-exp-s0", a) for a in ("oe_complement", "oe_confidence", "oe_random_matched",
+                                                  "oe_complement_r")])
+    h = {r["arm"]: r for r in records if r["cell"] == "bp-resnet8-n3-exp-s0"}
+    # the deconfounding arms: random images at the teacher complement's count with R off; the complement with R on
+    assert h["oe_random_matched"]["ood_images"] == h["oe_complement"]["ood_images"] > 0
+    assert (h["oe_complement"]["eta"], h["oe_random_matched"]["eta"], h["oe_complement_r"]["eta"]) == (0.0, 0.0, 0.1)
+    assert h["oe_random_matched"]["ood_selection"] == "random"
+    assert h["oe_random_matched"]["metrics"] != h["oe_complement"]["metrics"]
     for arm, rule in (("oe", "random"), ("oe_complement", "teacher_complement"),
                       ("oe_confidence", "teacher_confidence")):  # every base method takes every selection rule
         cell = "kd-resnet8-n3-exp-s0" if arm == "oe" else "bp-resnet8-n3-exp-s0"
@@ -173,6 +180,7 @@ def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
     again = run_grid(grid, root / "w")
     assert len(again) == len(records)
     assert "3 cells, 3 finished earlier, 0 to run" in capfd.readouterr().err
+    assert ARMS["oe_complement_r"].fixed_labels and not ARMS["oe_complement"].fixed_labels
 
 
 def test_summary_reports_paired_differences(tiny_grid):
@@ -226,3 +234,20 @@ def test_imbalance_drop_is_paired_by_seed_with_an_interval():
     # drops 10, 7, 9: mean 8.67, sd 1.528, t(2) = 4.303 -> half width 3.79
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4:] == ["61.0", "49.2", "3", "+8.7", "[+4.9, +12.5]"]
+
+
+def test_factorial_contrasts_change_one_thing_each():
+    from oefsmc_jax.experiments.summarize import factorial_table
+
+    top1 = {"oe": [50, 52], "oe_random_matched": [55, 54], "oe_random_matched_r": [53, 53], "oe_complement": [60, 61],
+            "oe_complement_r": [58, 61]}
+    records = [{"group": "g", "method": "kd", "arch": "r", "per_class": 10, "mode": "exp", "seed": s, "arm": arm,
+                "metrics": {"top1": v[s]}} for arm, v in top1.items() for s in (0, 1)]
+    rows = {r.split("|")[5].strip(): [c.strip() for c in r.strip("|").split("|")] for r in
+            factorial_table(records).splitlines()[2:]}
+    assert rows["choice of images (same count, R off)"][6] == "+6.00"  # (60-55 + 61-54) / 2
+    assert rows["R, on teacher-chosen images (labels: the chosen class)"][6] == "-1.00"
+    assert rows["R, on random images"][6] == "-1.50"
+    assert rows["count: teacher's instead of K*n_max - n (random images, R on)"][6] == "+2.00"
+    # d = (10, 9): mean 9.5, sd 0.707, t(1) = 12.706 -> half width 6.35
+    assert rows["all together: teacher complement, R off, vs the paper's arm"][6:] == ["+9.50", "[+3.1, +15.9]"]

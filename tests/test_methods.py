@@ -151,3 +151,26 @@ def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
     best = max(e["heldout_agreement"] for e in evals)
     assert best == pytest.approx(res.best_agreement)
     assert min(e["step"] for e in evals if e["heldout_agreement"] == best) == res.best_step
+
+
+def test_fixed_ood_labels_replace_the_gamma_draw(teacher, tiny_data):
+    """R with labels fixed per OOD image (the teacher-complement arm with R on): with Gamma all on class 0, fixed
+    labels 0 give exactly the step of dynamic labels; fixed labels 3 change R and only R."""
+    mesh = make_mesh(1)
+    cfg = StepConfig(batch_id=8, batch_ood=8, pad=1, lambda_jd=1.0, eta=0.5)
+    trainer = make_trainer(mesh, SPEC, SPEC, KD((0.5,) * 3).recipe(), cfg,
+                           {"name": "sgd", "lr": 0.01, "schedule": "constant"}, 1)
+    d = tiny_data
+    gamma = np.eye(K, dtype=np.float32)[0]
+
+    def step(y_ood):
+        data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, gamma, np.arange(1, K + 1, dtype=np.float32),
+                                  y_ood), mesh)
+        state = replicate(init_state(teacher, trainer.tx, 0), mesh)
+        return trainer.step(state, data, replicate(teacher, mesh), replicate(teacher["masks"], mesh), None)[1]
+
+    dynamic, zeros, threes = step(None), step(np.zeros(40, np.int32)), step(np.full(40, 3, np.int32))
+    for k in ("base", "jd", "reg", "loss"):
+        assert float(dynamic[k]) == float(zeros[k]), k
+    assert float(threes["base"]) == float(zeros["base"]) and float(threes["jd"]) == float(zeros["jd"])
+    assert float(threes["reg"]) != float(zeros["reg"])

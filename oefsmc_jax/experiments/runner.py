@@ -179,7 +179,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
             records.append({"cell": cell.id, "arm": arm, **cell.settings(), "metrics": r["metrics"],
                             "teacher": out["teacher"], "steps": r["steps"], "best_step": r["best_step"],
                             "stopped_early": r.get("stopped_early"), "ood_selection": r.get("ood_selection"),
-                            "ood_images": r.get("ood_images"), "method_hparams": r.get("method"),
+                            "ood_images": r.get("ood_images"), "eta": r.get("eta"),
+                            "method_hparams": r.get("method"),
                             "params": r["params"], "flops": r["flops"], "wall_s": r["wall_s"],
                             "version": __version__, **code, "versions": versions(), "device": device,
                             "config": portable(c.to_dict(), roots)})

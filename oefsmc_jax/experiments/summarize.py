@@ -159,6 +159,42 @@ def plot_budget(records: list[dict], path: pathlib.Path) -> pathlib.Path | None:
     return path
 
 
+# What the teacher arm's gain over the paper's rule is made of (issue 9): each contrast changes one thing.
+FACTORS = (
+    ("choice of images (same count, R off)", "oe_complement", "oe_random_matched"),
+    ("R, on teacher-chosen images (labels: the chosen class)", "oe_complement_r", "oe_complement"),
+    ("R, on random images", "oe_random_matched_r", "oe_random_matched"),
+    ("count: teacher's instead of K*n_max - n (random images, R on)", "oe_random_matched_r", "oe"),
+    ("all together: teacher complement, R off, vs the paper's arm", "oe_complement", "oe"),
+)
+
+
+def factorial_table(records: list[dict], metric: str = "top1") -> str:
+    """The paired contrasts of :data:`FACTORS` per setting (same seed, subset and pool), with 95 % t-intervals;
+    '' when no setting has both arms of any contrast."""
+    by = collections.defaultdict(dict)
+    for r in records:
+        by[_key(r) + (r["seed"],)][r["arm"]] = r["metrics"].get(metric)
+    rows = []
+    settings = sorted({k[:-1] for k in by}, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "balanced", k[5]))
+    for key in settings:
+        seeds = sorted(k[-1] for k in by if k[:-1] == key)
+        for label, a, b in FACTORS:
+            pairs = [(by[key + (s,)][a], by[key + (s,)][b]) for s in seeds
+                     if by[key + (s,)].get(a) is not None and by[key + (s,)].get(b) is not None]
+            if not pairs:
+                continue
+            d = paired_difference([x for x, _ in pairs], [y for _, y in pairs])
+            ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+            rows.append({"method": key[1].upper(), "budget": key[3], "set": key[4], "settings": _overrides_str(key[5]),
+                         "factor": label, "n": d["n"], "mean": f"{d['mean']:+.2f}", "ci": ci})
+    if not rows:
+        return ""
+    return format_table(rows, [("method", "Method", None), ("budget", "Per class", None), ("set", "Set", None),
+                               ("settings", "Settings", None), ("factor", "What changes", None),
+                               ("n", "Seeds", None), ("mean", f"Mean Δ {metric}", None), ("ci", "95 % CI", None)])
+
+
 def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_names: list[str] | None = None,
               title: str = "Results") -> pathlib.Path:
     """Write ``summary.md``, ``accuracy_vs_budget.png`` and one per-class plot into ``out_dir``."""
@@ -180,6 +216,9 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
     if vs_paper:
         parts += ["## Teacher-guided OOD selection against the paper's rule (paired, same OOD pool)", "",
                   vs_paper, "", paired_table(records, "few", reference="oe", arms=guided), ""]
+    factorial = factorial_table(records)
+    if factorial:
+        parts += ["## What the teacher arm's gain is made of (one change per row, paired)", "", factorial, ""]
     imbalance = imbalance_table(records)
     if imbalance:
         parts += ["## What imbalance costs (balanced minus long-tailed set of the same total)", "", imbalance, ""]

@@ -52,6 +52,22 @@ class Arm:
     ood: str | None = None  # None: no OOD images; "config": oe.selection; else a selection rule
     id_sampling: str = "uniform"  # uniform | class_balanced
     logit_adjust: bool = False
+    count: str = "rule"  # rule: the rule's own count; teacher_complement: as many as the teacher complement picks
+    reg: str = "rule"  # rule: R as the rule has it (oe.eta random, oe.selection_eta teacher-guided); on; off
+    fixed_labels: bool = False  # R's labels: the class each image was chosen for (else drawn from Gamma each step)
+
+    @property
+    def needs_teacher_probs(self) -> bool:
+        """Whether the arm needs the teacher's probabilities on the pool (its rule or its count)."""
+        return self.uses_ood and (self.ood.startswith("teacher_") or self.count == "teacher_complement")
+
+    def eta(self, config: Any) -> float:
+        """The weight of OE-FSMC's regulariser R in this arm."""
+        if self.reg == "on":
+            return float(config.oe.eta)
+        if self.reg == "off":
+            return 0.0
+        return float(config.oe.selection_eta if self.selection(config).startswith("teacher_") else config.oe.eta)
 
     @property
     def uses_ood(self) -> bool:
@@ -92,6 +108,14 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("oe", "{M} + OE-FSMC", "+ OE-FSMC", ood="config"),
     Arm("oe_complement", "{M} + OOD by teacher complement", "+ OOD teacher complement", ood="teacher_complement"),
     Arm("oe_confidence", "{M} + OOD by teacher confidence", "+ OOD teacher confidence", ood="teacher_confidence"),
+    # arms that separate the causes of the teacher arm's gain (issue 9): same count as the teacher complement with
+    # random images, R on or off; the teacher complement with R on (labels: the class each image was chosen for)
+    Arm("oe_random_matched", "{M} + random OOD at the teacher count, R off", "+ random OOD, teacher count, R off",
+        ood="random", count="teacher_complement", reg="off"),
+    Arm("oe_random_matched_r", "{M} + random OOD at the teacher count, R on", "+ random OOD, teacher count, R on",
+        ood="random", count="teacher_complement", reg="on"),
+    Arm("oe_complement_r", "{M} + OOD by teacher complement, R on", "+ OOD teacher complement, R on",
+        ood="teacher_complement", reg="on", fixed_labels=True),
     Arm("resample", "{M} + class-balanced resampling", "+ resampling", id_sampling="class_balanced"),
     Arm("logit_adjust", "{M} + logit adjustment", "+ logit adj.", logit_adjust=True),
 )}
@@ -128,6 +152,12 @@ def arms_of(config: Any) -> list[Arm]:
 def uses_ood(config: Any) -> bool:
     """Whether any arm of the run needs the OOD pool."""
     return any(a.uses_ood for a in arms_of(config))
+
+
+def needs_teacher_probs(config: Any) -> bool:
+    """Whether any arm of the run needs the teacher's probabilities on the pool."""
+    return any(a.needs_teacher_probs for a in arms_of(config)) or (
+        any(a.ood == "config" for a in arms_of(config)) and str(config.oe.selection).startswith("teacher_"))
 
 
 def arm_selection(config: Any, arm: str) -> str:

@@ -59,6 +59,7 @@ class StepData:
     id_probs: jax.Array | None  # sampling probabilities of the ID images, None = uniform
     gamma: jax.Array  # complementary distribution [K]
     reg_weights: jax.Array  # class-dependent weights w_k = K * Gamma_k  [K]
+    y_ood: jax.Array | None = None  # fixed labels of the OOD images for R; None = drawn from Gamma every step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +158,12 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
                             cfg.batch_ood)
             out["x_ood"] = data.x_ood[idx_ood]
             out["k_ood"] = local(jax.random.split(k_aug_ood, cfg.batch_ood), cfg.batch_ood)
-            y_ood = jax.random.categorical(k_lab, jnp.log(jnp.maximum(data.gamma, 1e-30)), shape=(cfg.batch_ood,))
-            out["y_ood"] = local(y_ood, cfg.batch_ood)
+            if data.y_ood is not None:  # labels fixed per image (e.g. the class the teacher chose it for)
+                out["y_ood"] = data.y_ood[idx_ood]
+            else:
+                y_ood = jax.random.categorical(k_lab, jnp.log(jnp.maximum(data.gamma, 1e-30)),
+                                               shape=(cfg.batch_ood,))
+                out["y_ood"] = local(y_ood, cfg.batch_ood)
         return out
 
     def per_device(state: TrainState, data: StepData, teacher_vars, masks, mult):
