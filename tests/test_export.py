@@ -151,3 +151,19 @@ def test_latency_cost_and_flop_counts(run_dir):
     # XLA: 2 FLOPs per in-image MAC plus the elementwise ops (BN, ReLU, masks, residual adds, pooling)
     flops = xla_flops(SPEC, run_dir[2], SIZE)  # masked, so the full spec's shapes
     assert 2 * by_hand < flops < 1.2 * 2 * by_hand
+
+
+def test_save_model_replaces_a_model_left_by_a_killed_run(tmp_path):
+    """A run killed after saving its student but before writing its result saves the student again on resume."""
+    from oefsmc_jax.pipeline import init_variables
+
+    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    a = init_variables(spec, 8, 0)
+    b = init_variables(spec, 8, 1)
+    save_model(tmp_path / "student", spec, a, {"arm": "oe"})
+    save_model(tmp_path / "student", spec, b, {"arm": "oe", "again": True})
+    spec2, got, meta = load_model(tmp_path / "student")
+    assert spec2 == spec and meta["again"] is True
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary folder left behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -51,11 +52,30 @@ class Checkpointer:
 
 
 def save_model(directory: str | os.PathLike, spec: ArchSpec, variables: dict, extra: dict | None = None) -> None:
-    """Write a model (variables + its ``ArchSpec`` as JSON beside the arrays) as an Orbax checkpoint."""
-    ckpt = Checkpointer(directory, max_to_keep=1)
+    """Write a model (variables + its ``ArchSpec`` as JSON beside the arrays) as an Orbax checkpoint.
+
+    A model already in ``directory`` (e.g. left by a run killed between saving its student and writing its result)
+    is replaced. In a single process the new model is written beside it and swapped in with a rename, so a crash
+    never leaves a half-written model where a finished one was.
+    """
+    directory = pathlib.Path(directory).absolute()
     variables = jax.tree.map(np.asarray, jax.device_get(variables))
-    ckpt.save(0, variables, {"spec": spec.to_dict(), **(extra or {})}, force=True)
+    meta = {"spec": spec.to_dict(), **(extra or {})}
+    if jax.process_count() > 1:  # every process takes part in an Orbax save; no local swap
+        ckpt = Checkpointer(directory, max_to_keep=1)
+        ckpt.save(0, variables, meta, force=True)
+        ckpt.close()
+        return
+    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt = Checkpointer(tmp, max_to_keep=1)
+    ckpt.save(0, variables, meta, force=True)
     ckpt.close()
+    old = directory.with_name(f"{directory.name}.old{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_model(directory: str | os.PathLike) -> tuple[ArchSpec, dict, dict]:
