@@ -22,6 +22,7 @@ from oefsmc_jax.training.checkpoint import save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
+import deconfound_cifar10  # noqa: E402
 import demo  # noqa: E402
 import large_cifar10  # noqa: E402
 import methods_cifar10  # noqa: E402
@@ -78,6 +79,19 @@ def test_methods_grid_validates():
     assert cells[4].arms == ("base",)
     assert grid.base.method.practise.k == 2 and grid.base.optim.decay_at == (0.4, 0.8)
     for cell in cells[::5]:
+        validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
+
+
+@pytest.mark.parametrize("pool", ["tiny", "tiny_disjoint", "dtd"])
+def test_deconfound_grid_validates(pool):
+    from oefsmc_jax.config_validation import validate
+
+    grid = deconfound_cifar10.get_config(f"pool={pool}")
+    cells = expand(grid.groups)
+    assert len(cells) == 10 + 10 + 9 and grid.base.oe.early_stopping_arms == "all"
+    assert cells[0].arms == ("base", "oe", "oe_random_matched", "oe_random_matched_r", "oe_complement",
+                             "oe_complement_r", "oe_confidence")
+    for cell in cells[::4]:
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
 
 
