@@ -174,3 +174,28 @@ def test_fixed_ood_labels_replace_the_gamma_draw(teacher, tiny_data):
         assert float(dynamic[k]) == float(zeros[k]), k
     assert float(threes["base"]) == float(zeros["base"]) and float(threes["jd"]) == float(zeros["jd"])
     assert float(threes["reg"]) != float(zeros["reg"])
+
+
+def test_the_steps_own_ood_labels_follow_gamma(teacher, tiny_data):
+    """The labels the train step itself draws for OOD images follow Gamma (method.md §2), read through R: with a
+    zero classifier every CE is log K, so with class weights one-hot on class c, R / log K is the share of the
+    batch's OOD labels equal to c. 300 steps x 32 labels per class, lr 0 (the weights never move)."""
+    mesh = make_mesh(1)
+    steps, b = 200, 32
+    cfg = StepConfig(batch_id=8, batch_ood=b, pad=1, lambda_jd=0.0, eta=1.0)
+    trainer = make_trainer(mesh, SPEC, SPEC, KD((0.5,) * 3).recipe(), cfg,
+                           {"name": "sgd", "lr": 1e-30, "momentum": 0.0, "schedule": "constant"}, steps)
+    d = tiny_data
+    gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(d.counts)), np.float32)
+    student = jax.tree.map(np.asarray, teacher)
+    student["params"] = {**student["params"], "head": jax.tree.map(np.zeros_like, student["params"]["head"])}
+    for c in (0, 4, 9):  # Gamma_c = 1/42 (the largest class), 4/42, 6/42 (the rarest)
+        data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, gamma, np.eye(K, dtype=np.float32)[c]), mesh)
+        state = replicate(init_state(student, trainer.tx, seed=c), mesh)
+        shares = []
+        for _ in range(steps):
+            state, m = trainer.step(state, data, replicate(teacher, mesh), replicate(teacher["masks"], mesh), None)
+            shares.append(float(m["reg"]) / np.log(K))
+        n = steps * b
+        sd = np.sqrt(gamma[c] * (1 - gamma[c]) / n)
+        assert abs(np.mean(shares) - gamma[c]) < 4 * sd + 1e-6, (c, np.mean(shares), gamma[c])
