@@ -54,7 +54,7 @@ def _bad(mutate):
 
 
 @pytest.mark.parametrize("mutate,field,allowed", [
-    (lambda c: setattr(c.method, "name", "nope"), "config.method.name", "allowed: bp, kd"),
+    (lambda c: setattr(c.method, "name", "nope"), "config.method.name", "allowed: bp, cd, fskd, kd, mir, practise"),
     (lambda c: setattr(c.arch, "name", "resnet21"), "config.arch.name", "6n+2"),
     (lambda c: setattr(c.arch, "name", "alexnet"), "config.arch.name", "allowed: resnet<6n+2>"),
     (lambda c: setattr(c.data.id, "kind", "csv"), "config.data.id.kind", "allowed: npz, tfds, digits"),
