@@ -102,17 +102,27 @@ class CompressionContext:
         return normalize(jnp.asarray(x), jnp.asarray(self.mean, jnp.float32), jnp.asarray(self.std, jnp.float32))
 
     def activations(self, spec: ArchSpec, variables: dict, points: Sequence[str], *, x: jax.Array | None = None,
-                    train: bool = False, edits: Mapping[str, Callable] | None = None) -> dict[str, jax.Array]:
+                    train: bool = False, edits: Mapping[str, Callable] | None = None,
+                    keep: Sequence[str] | None = None) -> dict[str, jax.Array]:
         """Activations at named ``points`` (see ``models.probe``) of ``(spec, variables)`` on ``x`` (default: the
         whole calibration set, normalised), in train (batch statistics) or eval BatchNorm mode, in batches of
-        ``batch_size`` (train mode: one batch, as BatchNorm statistics depend on it)."""
+        ``batch_size`` (train mode: one batch, as BatchNorm statistics depend on it).
+
+        ``keep`` returns only those of ``points``: a stage that visits points one by one passes all of them every
+        time, so one compiled forward serves every point, and keeps one (memory: one batch of every point).
+        """
         x = self.images() if x is None else x
         fn = _activation_fn(spec, tuple(points), train, edits is not None)
+        keep = list(points) if keep is None else list(keep)
+
+        def run(xb):
+            out = fn(variables, xb, edits) if edits is not None else fn(variables, xb)
+            return {k: out[k] for k in keep}
+
         if train or len(x) <= self.batch_size:
-            return fn(variables, x, edits) if edits is not None else fn(variables, x)
-        parts = [fn(variables, x[i:i + self.batch_size], edits) if edits is not None else
-                 fn(variables, x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
-        return {k: jnp.concatenate([p[k] for p in parts]) for k in parts[0]}
+            return run(x)
+        parts = [run(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)]
+        return {k: jnp.concatenate([p[k] for p in parts]) for k in keep}
 
     def record(self, name: str, obj: Any) -> None:
         """Write what a stage decided to ``workdir/compression/NAME.json`` (process 0 only)."""

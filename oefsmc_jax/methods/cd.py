@@ -73,10 +73,11 @@ def cd_stage(keep_ratio: float, p: CDParams) -> Stage:
         t_vars = ctx.teacher_variables
         plan = cd_plan(spec, keep_ratio)
         records = []
+        every = ["/".join(layer.path) + ":in" for layer in plan]  # one compiled forward per network
         for i, layer in enumerate(plan):
-            point = "/".join(layer.path) + ":in"
-            xs = ctx.activations(spec, variables, [point], x=x)[point]
-            xt = ctx.activations(ctx.teacher_spec, t_vars, [point], x=x)[point]
+            point = every[i]
+            xs = ctx.activations(spec, variables, every, x=x, keep=[point])[point]
+            xt = ctx.activations(ctx.teacher_spec, t_vars, every, x=x, keep=[point])[point]
             w_t = jnp.asarray(_get(t_vars["params"], layer.path)["kernel"])
             w_s = jnp.asarray(_get(variables["params"], layer.path)["kernel"])
             res = cd_solve_layer(w_s, w_t, xs, xt, keep=layer.keep, iters=p.iters, lr=lr, mu=mu,

@@ -59,10 +59,11 @@ def fskd_stage(block_output: bool) -> Stage:
         weights = np.asarray(ctx.calibration.weights, np.float64)
         pts = correction_points(spec, block_output)
         residuals = []
+        every = ["/".join(p.bn) + ":out" for p in pts]  # one compiled forward per network for all points
         for i, pt in enumerate(pts):
-            point = "/".join(pt.bn) + ":out"
-            z = np.asarray(ctx.activations(spec, variables, [point])[point])
-            t = np.asarray(ctx.activations(ctx.teacher_spec, ctx.teacher_variables, [point])[point])
+            point = every[i]
+            z = np.asarray(ctx.activations(spec, variables, every, keep=[point])[point])
+            t = np.asarray(ctx.activations(ctx.teacher_spec, ctx.teacher_variables, every, keep=[point])[point])
             idx = kept.get("/".join(pt.bn))
             if idx is not None:
                 t = t[..., idx]
