@@ -16,6 +16,7 @@ Adding a method is one file plus one line in ``oefsmc_jax.methods.METHODS``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import sys
@@ -141,17 +142,14 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-_ACT_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=128)
 def _activation_fn(spec: ArchSpec, points: tuple[str, ...], train: bool, with_edits: bool) -> Callable:
-    key = (spec, points, train, with_edits)
-    if key not in _ACT_CACHE:
-        model = build_model(spec)
-        if with_edits:  # edits close over arrays: not cached across calls
-            return lambda v, x, e: forward(model, v, x, train=train, capture=points, edits=e)[1]
-        _ACT_CACHE[key] = jax.jit(lambda v, x: forward(model, v, x, train=train, capture=points)[1])
-    return _ACT_CACHE[key]
+    """The forward that captures ``points`` of ``spec``: jitted once per (spec, points, mode); with edits (functions
+    that may close over arrays being fitted) it is traced on every call instead."""
+    model = build_model(spec)
+    if with_edits:
+        return lambda v, x, e: forward(model, v, x, train=train, capture=points, edits=e)[1]
+    return jax.jit(lambda v, x: forward(model, v, x, train=train, capture=points)[1])
 
 
 @dataclasses.dataclass(frozen=True)
