@@ -297,3 +297,19 @@ def test_plan_vgg16_and_resnet34():
     assert [p.keep for p in p34 if p.width_key is not None] == [32, 32, 64, 64, 128, 128, 128, 128]
     with pytest.raises(ValueError):
         cd_plan(imagenet_resnet_spec(50), 0.5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gram_gradient_equals_conv_autodiff(layer_a, stride):
+    """The default solver (gradient 2 A D from the im2col Gram) follows the autodiff-through-convs reference."""
+    w_t, xs, xt, weights = layer_a
+    w_init = w_t + np.random.default_rng(7).normal(0, 0.1, w_t.shape).astype(np.float32)
+    kw = dict(keep=5, iters=12, lr=0.01, mu=0.7, stride=stride, weights=weights, return_state=True)
+    a = cd_solve_layer(w_init, w_t, xs, xt, **kw)
+    b = cd_solve_layer(w_init, w_t, xs, xt, gradient="conv", **kw)
+    np.testing.assert_array_equal(np.asarray(a.in_mask), np.asarray(b.in_mask))
+    np.testing.assert_allclose(np.asarray(a.w), np.asarray(b.w), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a.adam.m), np.asarray(b.adam.m), rtol=1e-3, atol=1e-7)
+    assert float(a.loss_final) == pytest.approx(float(b.loss_final), rel=1e-4)
+    with pytest.raises(ValueError, match="gradient"):
+        cd_solve_layer(w_init, w_t, xs, xt, gradient="adam", **kw)

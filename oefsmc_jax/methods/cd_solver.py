@@ -17,7 +17,10 @@ official two-conv difference (and exactly 0 at ``w == w_t``).
 
 Solver (:func:`cd_solve_layer`), per step ``i = 0 .. iters-1``, as the official loop:
 
-1. gradient of L at ``w``; the gradient and BOTH Adam moments are multiplied by the current input-channel mask;
+1. gradient of L at ``w`` (L is quadratic in ``D = w - w_t``: ``L = tr(D^T A D)`` with ``A`` the weighted im2col
+   Gram ``sum_i w_i (mu Pt_i^T Pt_i + (1 - mu) Ps_i^T Ps_i) / norm``, built once per layer, so the gradient is
+   ``2 A D``, one [9 C_in]^2 matmul per step instead of four convs: the same value up to float rounding, ~100x
+   faster on a CPU); the gradient and BOTH Adam moments are multiplied by the current input-channel mask;
    one Adam step (PyTorch formula: beta 0.9/0.999, eps 1e-8, no weight decay) with the step's lr;
 2. for ``i <= iters//3``: target ``k_i = int((C_in - keep) * (iters/3 - i) / (iters/3)) + keep`` (computed in
    Python float64, exactly as the official code); whenever ``k_i`` falls below the previous target, every input
@@ -231,13 +234,58 @@ def _select_top(w: Array, mask: Array, k: Array) -> Array:
     return (rank < k).astype(w.dtype)
 
 
-@partial(jax.jit, static_argnames=("stride", "padding", "precision"))
-def _solve(w_init, w_t, xs, xt, weights, ks, proj, lrs, mu, *, stride, padding, precision):
+def _patches(x: Array, window: tuple[int, int], stride: tuple[int, int], padding: Any, precision: Any) -> Array:
+    """im2col of NHWC ``x``: [n, h', w', C_in*kh*kw], features ordered (C_in, kh, kw)."""
+    return lax.conv_general_dilated_patches(x, window, stride, padding, dimension_numbers=("NHWC", "OIHW", "NHWC"),
+                                            precision=precision)
+
+
+def _gram(xs, xt, weights, mu, window, stride, padding, precision):
+    """``sum_i w_i (mu Pt_i^T Pt_i + (1 - mu) Ps_i^T Ps_i)`` over samples (one at a time: memory of one image's
+    patches), the quadratic form of CD's layer loss in the kernel difference."""
+
+    def one(acc, inp):
+        s, t, wi = inp
+        ps = _patches(s[None], window, stride, padding, precision)
+        pt = _patches(t[None], window, stride, padding, precision)
+        ps = ps.reshape(-1, ps.shape[-1])
+        pt = pt.reshape(-1, pt.shape[-1])
+        g = mu * jnp.matmul(pt.T, pt, precision=precision) + (1.0 - mu) * jnp.matmul(ps.T, ps, precision=precision)
+        return acc + wi * g, None
+
+    k = xs.shape[-1] * window[0] * window[1]
+    acc, _ = lax.scan(one, jnp.zeros((k, k), xs.dtype), (xs, xt, weights.astype(xs.dtype)))
+    return acc
+
+
+def _norm(xs, w, weights, stride, padding):
+    """``sum_i w_i * h'*w'*C_out``: the denominator of both weighted layer terms."""
+    out = jax.eval_shape(lambda x: _conv(x, w, stride, padding, None), xs[:1])
+    return jnp.sum(weights.astype(xs.dtype)) * (out.size // out.shape[0])
+
+
+@partial(jax.jit, static_argnames=("stride", "padding", "precision", "gradient"))
+def _solve(w_init, w_t, xs, xt, weights, ks, proj, lrs, mu, *, stride, padding, precision, gradient):
     def loss_fn(w):
         lc, li = _terms(w, w_t, xs, xt, weights, stride, padding, precision)
         return mu * lc + (1.0 - mu) * li
 
-    grad_fn = jax.grad(loss_fn)
+    if gradient == "conv":  # autodiff through the four convs (reference; slow on CPUs)
+        return _adam_topk(w_init, jax.grad(loss_fn), ks, proj, lrs) + (loss_fn(w_init),)
+    kh, kw, c_in, c_out = w_init.shape
+    a = _gram(xs, xt, weights, mu, (kh, kw), stride, padding, precision) / _norm(xs, w_init, weights, stride,
+                                                                              padding)
+
+    def grad_fn(w):  # the loss is tr(D^T A D) in D = w - w_t (im2col layout), so its gradient is 2 A D
+        d = jnp.transpose(w - w_t, (2, 0, 1, 3)).reshape(c_in * kh * kw, c_out)
+        g = 2.0 * jnp.matmul(a, d, precision=precision)
+        return jnp.transpose(g.reshape(c_in, kh, kw, c_out), (1, 2, 0, 3))
+
+    return _adam_topk(w_init, grad_fn, ks, proj, lrs) + (loss_fn(w_init),)
+
+
+def _adam_topk(w_init, grad_fn, ks, proj, lrs):
+    """The official loop (module docstring) from ``w_init`` with gradient ``grad_fn``: (w, mask, adam state)."""
     col = lambda mask: mask[None, None, :, None]
 
     def step(carry, inp):
@@ -267,13 +315,14 @@ def _solve(w_init, w_t, xs, xt, weights, ks, proj, lrs, mu, *, stride, padding, 
     carry0 = (w_init, jnp.zeros_like(w_init), jnp.zeros_like(w_init), jnp.ones((c_in,), w_init.dtype),
               jnp.zeros((), w_init.dtype))
     (w, m, v, mask, t), _ = lax.scan(step, carry0, (ks, proj, lrs))
-    return w, mask, loss_fn(w_init), loss_fn(w), AdamState(m, v, t)
+    return w, mask, AdamState(m, v, t)
 
 
 def cd_solve_layer(
     w_init: Array, w_t: Array, xs: Array, xt: Array, *, keep: int, iters: int, lr: float, mu: float,
     stride: int | Sequence[int] = 1, padding: PaddingLike = 1, weights: Array | None = None,
     return_state: bool = False, fix_lr_offbyone: bool = False, precision: Any = lax.Precision.HIGHEST,
+    gradient: str = "gram",
 ) -> CDLayerResult:
     """Re-fit one conv with CD's masked Adam + shrinking hard top-k input-channel projection.
 
@@ -281,7 +330,8 @@ def cd_solve_layer(
     ``keep``: input channels left at the end (``keep == C_in``: no pruning, the layer is only re-fitted);
     ``weights``: optional per-sample weights [n] (None = plain element means).  One compile per
     (kernel shape, input shape, stride, padding, iters); ``keep``, ``lr``, ``mu`` and ``weights`` values do not
-    recompile.  See the module docstring for the exact iteration and the deviations from the official code.
+    recompile.  ``gradient``: "gram" (the quadratic form, default) or "conv" (autodiff through the convs, the
+    slow reference).  See the module docstring for the exact iteration and the deviations from the official code.
     """
     _check_layer_inputs(w_init, w_t, xs, xt, weights)
     c_in = int(np.shape(w_init)[2])
@@ -289,11 +339,16 @@ def cd_solve_layer(
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     n = int(np.shape(xs)[0])
     wts = jnp.ones((n,), jnp.float32) if weights is None else f32(weights)
-    w, mask, l0, l1, adam = _solve(
+    if gradient not in ("gram", "conv"):
+        raise ValueError(f"gradient must be 'gram' or 'conv', got {gradient!r}")
+    st, pd = _norm_stride(stride), _norm_padding(padding)
+    w, mask, adam, l0 = _solve(
         f32(w_init), f32(w_t), f32(xs), f32(xt), wts, jnp.asarray(ks), jnp.asarray(proj),
         jnp.asarray(lr_factor) * jnp.float32(lr), jnp.float32(mu),
-        stride=_norm_stride(stride), padding=_norm_padding(padding), precision=precision,
+        stride=st, padding=pd, precision=precision, gradient=gradient,
     )
+    lc, li = _terms_jit(w, f32(w_t), f32(xs), f32(xt), wts, st, pd, precision)
+    l1 = jnp.float32(mu) * lc + (1.0 - jnp.float32(mu)) * li
     return CDLayerResult(w, mask, l0, l1, adam if return_state else None)
 
 
