@@ -1,0 +1,203 @@
+"""Which pool classes each OOD selection rule picks, per CIFAR-10 class (issue 9, item 2).
+
+The Tiny-ImageNet pool is partly in-distribution: about 30 of its 200 classes are CIFAR-10 classes in meaning
+(``shared/data/tinyimagenet_cifar10_overlap.json``: ``strict`` and ``near`` lists). This tool shows what each rule
+takes from such a pool, so that a reader sees what "OOD" means in a result:
+
+* ``random`` (the paper): ``m = K * n_max - n`` pool images uniformly at random, labelled later by draws from the
+  complementary distribution, so "the class it was picked for" is the draw; the expected share of each pool class is
+  its share of the pool, which the table reports exactly (no draw is needed).
+* ``teacher_complement`` and ``teacher_confidence`` (``oe/selection.py``) on the teacher's probabilities over the
+  whole pool (the pipeline uses the pool minus a held-out slice of ``oe.heldout`` images; the picture is the same).
+
+For each budget it writes ``ood_classes_nN.md`` (per CIFAR-10 class: images picked, the share from strict / near
+overlap classes, and the three most picked pool classes) and ``ood_classes_nN.png`` (stacked bars of those shares),
+plus ``ood_classes.json`` with every count and the provenance of the run.
+
+    python -m oefsmc_jax.experiments.ood_classes --out docs/results/ood_classes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def overlap_groups(overlap: dict, num_pool_classes: int) -> np.ndarray:
+    """Per pool class: 2 = a CIFAR-10 class in meaning (``strict``), 1 = close to one (``near``), 0 = disjoint."""
+    group = np.zeros(num_pool_classes, np.int64)
+    for level, value in (("near", 1), ("strict", 2)):
+        for entries in overlap.get(level, {}).values():
+            for e in entries:
+                group[int(e["index"])] = value
+    return group
+
+
+def picks_by_class(rule: str, probs: np.ndarray, pool_y: np.ndarray, counts: np.ndarray, factor: float,
+                   num_pool_classes: int) -> np.ndarray:
+    """Expected number of images of each pool class picked for each ID class: ``[K, num_pool_classes]``.
+
+    Teacher rules: exact counts of the selection. ``random``: the paper's ``m`` images, spread over pool classes by
+    their pool share and over ID classes by the complementary distribution ``Gamma`` (expected values).
+    """
+    from oefsmc_jax.oe.complementary import complementary_distribution
+    from oefsmc_jax.oe.selection import select
+
+    k = len(counts)
+    out = np.zeros((k, num_pool_classes))
+    if rule == "random":
+        m = int(k * counts.max() - counts.sum())
+        gamma = np.asarray(complementary_distribution(np.asarray(counts, np.float32), None), np.float64)
+        share = np.bincount(pool_y, minlength=num_pool_classes) / len(pool_y)
+        return m * gamma[:, None] * share[None, :]
+    sel = select(rule, probs, counts, factor)
+    np.add.at(out, (sel.classes, pool_y[sel.indices]), 1.0)
+    return out
+
+
+def table(picks: np.ndarray, group: np.ndarray, pool_names: Sequence[str], id_names: Sequence[str],
+          rule: str) -> list[str]:
+    """Markdown rows for one rule: per ID class, images, % strict, % near, top-3 pool classes."""
+    rows = [f"### `{rule}`", "", "| class | images | strict overlap | near | top pool classes (images) |",
+            "| --- | --- | --- | --- | --- |"]
+    for c, name in enumerate(id_names):
+        n = picks[c].sum()
+        if n == 0:
+            rows.append(f"| {name} | 0 | | | |")
+            continue
+        strict = picks[c][group == 2].sum() / n
+        near = picks[c][group == 1].sum() / n
+        top = np.argsort(-picks[c], kind="stable")[:3]
+        tops = ("every pool class in its pool share" if rule == "random" else
+                ", ".join(f"{pool_names[j]} ({int(picks[c, j])})" for j in top if picks[c, j] > 0))
+        rows.append(f"| {name} | {n:.0f} | {100 * strict:.0f} % | {100 * near:.0f} % | {tops} |")
+    tot = picks.sum()
+    rows.append(f"| **all** | {tot:.0f} | {100 * picks[:, group == 2].sum() / tot:.0f} % | "
+                f"{100 * picks[:, group == 1].sum() / tot:.0f} % | |")
+    return rows + [""]
+
+
+def plot(per_rule: dict[str, np.ndarray], group: np.ndarray, id_names: Sequence[str], path: pathlib.Path,
+         title: str) -> None:
+    """Stacked bars per ID class and rule: share of picks from strict / near / disjoint pool classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rules = list(per_rule)
+    fig, axes = plt.subplots(1, len(rules), figsize=(4.2 * len(rules), 3.6), sharey=True)
+    for ax, rule in zip(np.atleast_1d(axes), rules):
+        p = per_rule[rule]
+        n = np.maximum(p.sum(1), 1e-12)
+        parts = [p[:, group == g].sum(1) / n for g in (2, 1, 0)]
+        bottom = np.zeros(len(id_names))
+        for part, label, color in zip(parts, ("strict overlap", "near overlap", "disjoint"),
+                                      ("#d62728", "#ff9896", "#1f77b4")):
+            ax.bar(range(len(id_names)), part, bottom=bottom, label=label, color=color)
+            bottom += part
+        for i, v in enumerate(p.sum(1)):
+            ax.text(i, 1.01, f"{v:.0f}", ha="center", fontsize=7)
+        ax.set_xticks(range(len(id_names)), id_names, rotation=60, fontsize=8)
+        ax.set_title(rule, fontsize=10)
+        ax.set_ylim(0, 1.08)
+    np.atleast_1d(axes)[0].set_ylabel("share of the images picked for the class")
+    np.atleast_1d(axes)[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Compute the teacher's pool probabilities, apply each rule at each budget, write tables, plots and JSON."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--data", default=None, help="shared data folder (default $OEFSMC_DATA or ../shared/data)")
+    ap.add_argument("--arch", default="resnet20", help="akamaster CIFAR-10 teacher")
+    ap.add_argument("--per-class", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--rho", type=float, default=10.0)
+    ap.add_argument("--factor", type=float, default=2.5, help="oe.selection_factor c of the teacher rules")
+    a = ap.parse_args(argv)
+
+    import jax
+
+    from oefsmc_jax.convert import load_pretrained, teacher_preprocessing
+    from oefsmc_jax.data.subsets import class_counts
+    from oefsmc_jax.models import build_model
+    from oefsmc_jax.provenance import code_version, portable, versions
+    from oefsmc_jax.training.parallel import make_mesh
+    from oefsmc_jax.training.step import make_predict
+
+    root = pathlib.Path(a.data) if a.data else None
+    if root is None:
+        from oefsmc_jax.experiments.runner import _data_root
+        root = pathlib.Path(_data_root())
+    teacher_path = sorted((root / "teachers" / "akamaster_cifar10_resnet").glob(f"{a.arch}-*.npz"))
+    if not teacher_path:
+        raise SystemExit(f"error: no akamaster teacher {a.arch}-*.npz under {root / 'teachers'}")
+    pool = np.load(root / "tinyimagenet_val_32x32.npz")
+    overlap = json.loads((root / "tinyimagenet_cifar10_overlap.json").read_text())
+    pool_names = [str(n).split(",")[0] for n in pool["class_names"]]
+    pool_y = np.asarray(pool["y"], np.int64)
+    group = overlap_groups(overlap, len(pool_names))
+
+    spec, variables = load_pretrained(teacher_path[0])
+    mean, std = teacher_preprocessing(teacher_path[0])
+    predict = make_predict(make_mesh(None), build_model(spec), tuple(mean), tuple(std), 500)
+    logits = np.concatenate([predict(variables, pool["x"][i:i + 2000])["logits"] for i in range(0, len(pool_y), 2000)])
+    probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+    print(f"teacher {teacher_path[0].name}: pool of {len(pool_y)} images, {int((group == 2).sum())} strict and "
+          f"{int((group == 1).sum())} near overlap classes; teacher argmax lands on an overlap class's own CIFAR "
+          f"class for {100 * _agree(probs, pool_y, overlap):.0f} % of those images", file=sys.stderr)
+
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"teacher": teacher_path[0].name, "pool": "tinyimagenet_val_32x32.npz",
+                              "factor": a.factor, "rho": a.rho, "budgets": {}, **code_version(),
+                              "versions": versions(), "device": jax.devices()[0].device_kind}
+    for n in a.per_class:
+        counts = class_counts(len(CIFAR10), "exp", n, a.rho, True)
+        per_rule = {r: picks_by_class(r, probs, pool_y, counts, a.factor, len(pool_names))
+                    for r in ("random", "teacher_complement", "teacher_confidence")}
+        lines = [f"# Which Tiny-ImageNet classes each rule picks: {n} per class, rho = {a.rho:g}", "",
+                 f"Teacher `{teacher_path[0].name}` (akamaster ResNet), pool `tinyimagenet_val_32x32.npz` (10,000 "
+                 f"images, 200 classes), ID counts {counts.tolist()}, teacher rules at c = {a.factor:g}. `random` "
+                 "rows are expected values (pool share x the complementary distribution), the teacher rows exact "
+                 "counts. Overlap lists: `tinyimagenet_cifar10_overlap.json`.", ""]
+        for r, p in per_rule.items():
+            lines += table(p, group, pool_names, CIFAR10, r)
+        (out / f"ood_classes_n{n}.md").write_text("\n".join(lines))
+        plot(per_rule, group, CIFAR10, out / f"ood_classes_n{n}.png",
+             f"Pool classes picked per CIFAR-10 class ({n}/class, rho {a.rho:g}, c {a.factor:g})")
+        record["budgets"][str(n)] = {"counts": counts.tolist(),
+                                     **{r: np.round(p, 4).tolist() for r, p in per_rule.items()}}
+        print(f"n{n}: wrote {out / f'ood_classes_n{n}.md'} and .png", file=sys.stderr)
+    record["pool_class_names"] = pool_names
+    record["overlap_group"] = group.tolist()
+    (out / "ood_classes.json").write_text(json.dumps(portable(record, {"data": root}), indent=1))
+    return record
+
+
+def _agree(probs: np.ndarray, pool_y: np.ndarray, overlap: dict) -> float:
+    """Share of the strict-overlap pool images whose teacher argmax is the CIFAR-10 class they overlap."""
+    hits = total = 0
+    for cname, entries in overlap.get("strict", {}).items():
+        k = CIFAR10.index(cname)
+        for e in entries:
+            sel = pool_y == int(e["index"])
+            hits += int((probs[sel].argmax(1) == k).sum())
+            total += int(sel.sum())
+    return hits / max(total, 1)
+
+
+if __name__ == "__main__":
+    main()
