@@ -38,8 +38,8 @@ def main() -> None:
         w0 = (w_t + rng.normal(0, 0.05, w_t.shape)).astype(np.float32)
         ms = {}
         for g in ("gram", "conv"):
-            def solve() -> None:
-                cd_solve_layer(w0, w_t, xs, xt, keep=c // 2 + 1, iters=a.iters, lr=1e-3, mu=0.9,
+            def solve(w0=w0, w_t=w_t, xs=xs, xt=xt, keep=c // 2 + 1, g=g) -> None:
+                cd_solve_layer(w0, w_t, xs, xt, keep=keep, iters=a.iters, lr=1e-3, mu=0.9,
                                gradient=g).w.block_until_ready()
             solve()  # compile
             best = float("inf")

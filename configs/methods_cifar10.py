@@ -7,8 +7,9 @@ pool; balanced cells run base only (both OOD arms get no OOD image there).
 
 Shortened to fit a 2-core CPU (say so when quoting results): 200 fine-tuning steps of 32 + 32 images (official MiR:
 2,000 of 64), PRACTISE adaptor fits of ``fit_steps`` steps of ``batch`` images (official 2,000 of 64) and CD layer
-solves of ``cd_iters`` Adam steps (default the official 3,000). Cells run seed by seed, all of 10 per class first. Fine-tuning
-follows MiR's official schedule for every method: SGD lr 0.02, momentum 0.9, wd 1e-4, lr x0.1 at 40 % and 80 %.
+solves of ``cd_iters`` Adam steps (default the official 3,000). Cells run seed by seed, all of 10 per class first.
+Fine-tuning follows MiR's official schedule for every method: SGD lr 0.02, momentum 0.9, wd 1e-4, lr x0.1 at 40 %
+and 80 %.
 Students: half of every block's internal width (MiR, FSKD, CD; CD keeps int(r*C)+1), or the k = 2 lowest-score
 blocks of ResNet-20's six candidates dropped (PRACTISE). FSKD does not fine-tune (the original), so its arms differ
 only in the calibration set of the compression stage.

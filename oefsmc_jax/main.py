@@ -57,8 +57,50 @@ def parse_flags(argv: list[str]) -> list[str]:
     return parse_config_flags(FLAGS, argv)
 
 
+USAGE = """\
+usage: oefsmc [run] --config CONFIG.py[:ARG] --workdir DIR [--config.FIELD=VALUE ...] [--multihost]
+       oefsmc import-teacher SRC OUT_DIR [--depth N] [--check-npz NPZ]
+       oefsmc export --workdir DIR --arm ARM --out OUT
+       oefsmc experiments --config GRID.py[:ARG] --workdir DIR [--only GROUP] [--cell ID]
+       oefsmc experiments summarize --workdir DIR [--out OUT]
+
+OE-FSMC in JAX/Flax: compress a pretrained image classifier from a few class-imbalanced labelled images, with
+out-of-distribution images in the compression and the fine-tuning stage. (`oefsmc` is `python -m oefsmc_jax`.)
+
+subcommands:
+  run (default)    compress, fine-tune and evaluate every arm of a config; rerunning the same workdir resumes
+  import-teacher   convert a pretrained PyTorch CIFAR ResNet (.npz export or .th) into an Orbax model checkpoint
+  export           write one arm's compressed student, physically smaller, with its preprocessing inside
+  experiments      run (or resume) a grid of runs and summarise it with paired intervals and plots
+
+run flags:
+  --config FILE[:ARG]     an ml_collections config file with get_config(arg), e.g. configs/cifar10.py:method=mir
+  --config.FIELD=VALUE    override any config field, e.g. --config.train.steps=500 --config.oe.lambda_jd=0.3
+  --workdir DIR           checkpoints, metrics, results.json per arm, report.md, per-class plot
+  --multihost             call jax.distributed.initialize() first (one process per host)
+
+examples:
+  oefsmc --config configs/demo.py --workdir runs/demo
+  oefsmc --config configs/cifar10.py:method=practise,per_class=10,rho=10 --workdir runs/practise \\
+      --config.train.steps=2000
+  oefsmc export --workdir runs/practise --arm oe --out runs/practise_student
+
+Subcommand help: oefsmc import-teacher --help, oefsmc export --help, oefsmc experiments --help; every config field
+with its default: the README's configuration reference.
+"""
+
+
 def cli() -> None:
-    """Entry point: ``import-teacher`` or ``export`` subcommand, or a compression run."""
+    """Entry point (``python -m oefsmc_jax`` and the ``oefsmc`` command): ``--help``, a subcommand
+    (``run``, ``import-teacher``, ``export``, ``experiments``), or a compression run."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help", "help", "-help", "--helpfull"):
+        print(USAGE, end="")
+        sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "run":
+        sys.argv = [sys.argv[0], *sys.argv[2:]]
+    if len(sys.argv) > 1 and sys.argv[1] == "experiments":
+        sys.stdout.flush()  # its own absl flags clash with this module's: a fresh interpreter runs the grid
+        os.execv(sys.executable, [sys.executable, "-m", "oefsmc_jax.experiments", *sys.argv[2:]])
     if len(sys.argv) > 1 and sys.argv[1] == "import-teacher":
         from oefsmc_jax.convert import main as import_main
 

@@ -123,8 +123,10 @@ def test_loss_terms_match_numpy_and_mu_extremes(layer_b, stride):
     assert float(cd_layer_loss(w, w_t, xs, xt, mu=1.0, **kw)) == float(lc)
     assert float(cd_layer_loss(w, w_t, xs, xt, mu=0.0, **kw)) == float(li)
     assert float(cd_layer_loss(w, w_t, xs, xt, mu=0.6, **kw)) == pytest.approx(0.6 * ref_lc + 0.4 * ref_li, rel=1e-5)
-    # output shape really follows the stride: stride 2 on 5x5 with pad 1 gives 3x3
-    assert np_conv(xs, w, stride, 1).shape[1] == (3 if stride == 2 else 5)
+    # the stride really reaches the convs: the other stride gives other terms
+    other_lc, other_li = cd_layer_terms(w, w_t, xs, xt, stride=3 - stride, padding=1)
+    assert float(other_lc) != pytest.approx(float(lc), rel=1e-3)
+    assert float(other_li) != pytest.approx(float(li), rel=1e-3)
 
 
 def test_loss_weights(layer_b):

@@ -63,9 +63,12 @@ def test_run_writes_results_report_and_plot(finished_run):
     for arm in ("base", "oe"):
         res = json.loads((workdir / arm / "result.json").read_text())
         assert res["steps"] == 400
-        assert 0.0 <= res["metrics"]["top1"] <= 100.0
+        assert res["metrics"]["top1"] == out["arms"][arm]["metrics"]["top1"]
     report = (workdir / "report.md").read_text()
     assert "| KD + OE-FSMC |" in report and "| Teacher " in report
+    from oefsmc_jax.evaluation.report import format_percent
+    row = next(line for line in report.splitlines() if line.startswith("| KD + OE-FSMC |"))
+    assert row.split("|")[2].strip() == format_percent(out["arms"]["oe"]["metrics"]["top1"])
     assert (workdir / "per_class_accuracy.png").stat().st_size > 1000
     subset = json.loads((workdir / "subset.json").read_text())
     assert sum(subset["counts"]) == len(subset["id_indices"]) == 49

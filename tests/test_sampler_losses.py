@@ -49,7 +49,8 @@ def test_balancing_weights_equalise_classes():
     w = complementary.balancing_weights(labels, 2)
     # raw 1/3,1/3,1/3,1 -> sum 2 -> normalised to mean 1: x 4/2
     np.testing.assert_allclose(w, [2 / 3, 2 / 3, 2 / 3, 2.0], rtol=1e-6)
-    assert float(w[:3].sum()) == pytest.approx(float(w[3]))
+    # a class with no sample (class 1) is skipped: raw 1/2, 1/2, 1 -> sum 2 -> x 3/2; classes 0 and 2 weigh 1.5 each
+    np.testing.assert_allclose(complementary.balancing_weights(jnp.array([0, 0, 2]), 3), [0.75, 0.75, 1.5], rtol=1e-6)
 
 
 def test_cross_entropy_and_weights():
@@ -93,8 +94,13 @@ def test_joint_distillation_kinds():
     s = {"logits": jnp.array([[math.log(3.0), 0.0]]), "features": jnp.ones((1, 2, 2, 1))}
     t = {"logits": jnp.zeros((1, 2)), "features": jnp.zeros((1, 2, 2, 1))}
     assert float(losses.joint_distillation("features", s, t)) == pytest.approx(1.0)
-    assert float(losses.joint_distillation("logits", s, t, tau=1.0)) == pytest.approx(
-        float(losses.kd_kl(s["logits"], t["logits"], 1.0)))
+    # teacher p = [.5, .5], student q = [.75, .25]: KL(p || q) by hand (tau = 1, so no tau^2 factor)
+    kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert float(losses.joint_distillation("logits", s, t, tau=1.0)) == pytest.approx(kl, rel=1e-5)
+    # tau = 2 reaches kd_kl: student q = softmax([log(3) / 2, 0]) = [sqrt 3, 1] / (sqrt 3 + 1), times tau^2 = 4
+    q = [math.sqrt(3) / (math.sqrt(3) + 1), 1 / (math.sqrt(3) + 1)]
+    kl2 = 4 * (0.5 * math.log(0.5 / q[0]) + 0.5 * math.log(0.5 / q[1]))
+    assert float(losses.joint_distillation("logits", s, t, tau=2.0)) == pytest.approx(kl2, rel=1e-5)
     with pytest.raises(ValueError, match="joint distillation kind"):
         losses.joint_distillation("bogus", s, t)
 

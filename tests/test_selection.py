@@ -39,7 +39,11 @@ def test_complement_picks_top_images_per_class_without_repeats():
     assert not sel.short and sel.shortfall_message() == ""
     sel = select_teacher_complement(PROBS, np.array([3, 1, 1]), 1.0)  # requests [0, 2, 2]: tie -> class 1 first
     assert sel.indices.tolist() == [1, 3, 4, 2]
-    assert len(set(sel.indices.tolist())) == len(sel.indices)
+    # requests [0, 3, 3]: class 1 (tie, first) takes 1, 3, 5; class 2 ranks 4, 2, 3, 5, 0, 1 but 3 and 5 are taken,
+    # so it takes 4, 2, 0 (with repeats allowed it would take 4, 2, 3)
+    sel = select_teacher_complement(PROBS, np.array([4, 1, 1]), 1.0)
+    assert sel.indices.tolist() == [1, 3, 5, 4, 2, 0] and sel.classes.tolist() == [1, 1, 1, 2, 2, 2]
+    assert not sel.short
 
 
 def test_complement_fills_up_to_the_pool_supply_and_says_so():

@@ -45,7 +45,38 @@ def main(argv: list[str]) -> None:
     print(f"summary: {summarize(workdir / 'results.jsonl', out, names, title)}", file=sys.stderr)
 
 
-if __name__ == "__main__":
+USAGE = """\
+usage: python -m oefsmc_jax.experiments --config GRID.py[:ARG] --workdir DIR [--only GROUP] [--cell ID]
+       python -m oefsmc_jax.experiments summarize --workdir DIR [--out OUT]
+       (the same as `oefsmc experiments ...`)
+
+Run (or resume) a grid of runs: every cell (method x architecture x budget x profile x seed, with its arms) runs the
+full pipeline in DIR/cells/ID and appends one record per arm (metrics, git commit, versions, device, portable
+config) to DIR/results.jsonl; finished cells are skipped, so a stopped grid resumes. Then DIR/summary gets tables
+with paired differences and 95 % intervals over seeds, and plots. `summarize` only rewrites the summary.
+
+flags:
+  --config GRID.py[:ARG]  a grid config (base run config + groups), e.g. configs/paper_cifar10.py:seeds=5
+  --workdir DIR           the grid directory (results.jsonl, cells/, cache/, summary/)
+  --only GROUP            run only the group with this name
+  --cell ID               run only one cell, e.g. kd-resnet20-n10-exp-s0
+  --out OUT               where `summarize` writes (default DIR/summary)
+
+examples:
+  python -m oefsmc_jax.experiments --config configs/paper_cifar10.py:runlocal=1 --workdir runs/grid_check
+  python -m oefsmc_jax.experiments --config configs/methods_cifar10.py:methods=cd,budgets=10 --workdir runs/cd
+"""
+
+
+def cli() -> None:
+    """Entry point: ``--help`` prints the usage; otherwise parse flags and run."""
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help", "help", "-help", "--helpfull"):
+        print(USAGE, end="")
+        sys.exit(0)
     from oefsmc_jax.cli_util import parse_config_flags
 
     app.run(main, flags_parser=lambda argv: parse_config_flags(FLAGS, argv))
+
+
+if __name__ == "__main__":
+    cli()
