@@ -113,6 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_ood = 64  # B_ood [choice: B_id = B_ood]
     c.train.log_every = 25
     c.train.ckpt_every = 100
+    c.train.max_nonfinite = 10  # consecutive non-finite (skipped) steps before the run stops, last good ckpt kept
 
     c.optim = ml_collections.ConfigDict({"name": "sgd", "lr": 0.02, "momentum": 0.9, "nesterov": False,
                                          "weight_decay": 1e-4, "schedule": "cosine", "warmup_steps": 0,

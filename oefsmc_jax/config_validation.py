@@ -146,6 +146,8 @@ def validate(config: Any, num_devices: int = 1) -> None:
             _fail(f"train.{f}", f"{b} is not divisible by the device count {num_devices}")
     if t.log_every < 1 or t.ckpt_every < 1:
         _fail("train.log_every", "train.log_every and train.ckpt_every must be >= 1")
+    if t.get("max_nonfinite", 10) < 1:
+        _fail("train.max_nonfinite", f"must be >= 1 (consecutive non-finite steps tolerated), got {t.max_nonfinite}")
     for field, o in (("optim", config.optim), ("teacher.optim", config.teacher.optim)):
         if o.name not in OPTIMIZERS:
             _fail(f"{field}.name", f"unknown optimizer {o.name!r}; allowed: {', '.join(OPTIMIZERS)}")

@@ -24,6 +24,11 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, resul
                     "same workdir resumes.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (one process per host of a TPU pod "
                   "or a multi-node GPU job); the mesh then spans the devices of all hosts.")
+flags.DEFINE_string("coordinator_address", None, "With --multihost where the cluster is not detected: the "
+                    "coordinator's host:port (or $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "With --multihost: the number of processes (or $OEFSMC_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "With --multihost: this process's id, 0..num_processes-1 "
+                     "(or $OEFSMC_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -37,14 +42,27 @@ def main(argv: list[str]) -> None:
     from oefsmc_jax.pipeline import run
 
     if FLAGS.multihost:
-        import jax
+        from oefsmc_jax.training.distributed import initialize
 
-        jax.distributed.initialize()
+        initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    from oefsmc_jax.training import preemption
+
     try:
-        run(FLAGS.config, FLAGS.workdir)
+        with preemption.handle_sigterm():
+            run(FLAGS.config, FLAGS.workdir)
+    except preemption.Preempted as e:
+        print(f"{e} (exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr)
+        sys.exit(preemption.EXIT_PREEMPTED)
+    except preemption.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(preemption.EXIT_NONFINITE)
     except (ConfigError, DataOverlapError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a read-only or full workdir: every finished piece was written atomically and is kept
+        print(f"error: {e}; nothing finished was lost: rerun the same command once the workdir is writable",
+              file=sys.stderr)
+        sys.exit(74)  # EX_IOERR
     except ValueError as e:  # e.g. a class with fewer images than the subset asks for
         if os.environ.get("OEFSMC_DEBUG"):
             raise

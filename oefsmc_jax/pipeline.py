@@ -398,12 +398,48 @@ def _finetune_arm(config: Any, arm: str, adir: pathlib.Path, mesh: Any, data: Ru
     early = (config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
              and heldout_pred is not None)
     loop = LoopConfig(steps=tr.steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early else 0,
-                      patience=config.oe.patience, ckpt_every=tr.ckpt_every)
+                      patience=config.oe.patience, ckpt_every=tr.ckpt_every,
+                      max_nonfinite=tr.get("max_nonfinite", 10))
     heldout = (data.heldout.x, heldout_pred) if early else None
     return finetune(name=arm, workdir=adir, mesh=mesh, spec=spec, variables=variables, recipe=recipe,
                     teacher_spec=t_spec, teacher_variables=t_vars, data=step_data, step_cfg=step_cfg,
                     optim_cfg=config.optim.to_dict(), loop=loop, seed=config.seed, heldout=heldout,
                     meta={"arm": arm, "spec": spec.to_dict(), "subset": data.subset})
+
+
+#: Config fields that do not change a run's results (how often to log or checkpoint, where caches live, how many
+#: devices share the work: results are the same on 1 or N devices); a workdir may be resumed with other values.
+RESUMABLE_FIELDS = ("train.log_every", "train.ckpt_every", "train.max_nonfinite", "eval.batch_size",
+                    "oe.cache_dir", "num_devices", "title")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_same_config(path: pathlib.Path, new: dict) -> None:
+    """Refuse a workdir whose ``config.json`` holds another config (fields present in both, except
+    :data:`RESUMABLE_FIELDS`): its finished arms would otherwise be reported under the new config."""
+    if not path.exists():
+        return
+    try:
+        old = _flat(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return  # unreadable: the subset check still guards the data
+    cur = _flat(json.loads(json.dumps(new, default=_json_default)))
+    diff = [k for k in sorted(set(old) & set(cur)) if old[k] != cur[k]
+            and not any(k == f or k.startswith(f + ".") for f in RESUMABLE_FIELDS)]
+    if diff:
+        shown = ", ".join(f"{k} ({old[k]!r} -> {cur[k]!r})" for k in diff[:4]) + (" ..." if len(diff) > 4 else "")
+        raise ConfigError(f"workdir {path.parent} holds a run of another config: {shown}; use a new --workdir, "
+                          "delete this one, or rerun with the config it was made with")
 
 
 def run(config: Any, workdir: str | os.PathLike) -> dict:
@@ -417,6 +453,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     mesh = make_mesh(config.num_devices or None)
     validate(config, num_devices=mesh.shape["data"])
     workdir.mkdir(parents=True, exist_ok=True)
+    check_same_config(workdir / "config.json", config.to_dict())
     write_json(workdir / "config.json", config.to_dict())
     log(f"run: {len(mesh.devices.flat)} device(s) ({jax.default_backend()}), workdir {workdir}")
     data = prepare_data(config, workdir)

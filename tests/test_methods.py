@@ -206,3 +206,79 @@ def test_the_steps_own_ood_labels_follow_gamma(teacher, tiny_data):
         n = steps * b
         sd = np.sqrt(gamma[c] * (1 - gamma[c]) / n)
         assert abs(np.mean(shares) - gamma[c]) < 4 * sd + 1e-6, (c, np.mean(shares), gamma[c])
+
+
+# ------------------------------------------------------------ non-finite steps, preemption, corrupt checkpoints
+def _robust_run(teacher, tiny_data, workdir, steps, *, nan=False, **loop):
+    mesh = make_mesh(1)
+    d = tiny_data
+    reg = np.full(K, np.nan if nan else 1.0, np.float32)  # NaN class weights make R, the loss and the grads NaN
+    data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32), reg), mesh)
+    return finetune(name="r", workdir=workdir, mesh=mesh, spec=SPEC, variables=teacher, recipe=BP((0.5,) * 3).recipe(),
+                    teacher_spec=SPEC, teacher_variables=teacher, data=data,
+                    step_cfg=StepConfig(batch_id=8, batch_ood=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3),
+                    optim_cfg={"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
+                    loop=LoopConfig(steps=steps, log_every=100, **loop), seed=0)
+
+
+def test_nonfinite_step_skips_the_update_everywhere(teacher, tiny_data):
+    mesh = make_mesh(1)
+    cfg = StepConfig(batch_id=8, batch_ood=8, pad=1)
+    trainer = make_trainer(mesh, SPEC, SPEC, BP((0.5,) * 3).recipe(), cfg,
+                           {"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"}, 2)
+    d = tiny_data
+    good, bad = (replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32),
+                                    np.full(K, w, np.float32)), mesh) for w in (1.0, np.nan))
+    tv, masks = replicate(teacher, mesh), replicate(teacher["masks"], mesh)
+    state0 = jax.device_get(init_state(teacher, trainer.tx, 0))
+    state1, m1 = trainer.step(replicate(state0, mesh), bad, tv, masks, None)
+    state1 = jax.device_get(state1)
+    assert not np.isfinite(float(m1["loss"])) and float(m1["nonfinite"]) == 1.0
+    for name in ("params", "batch_stats", "opt_state"):
+        for a, b in zip(jax.tree.leaves(getattr(state0, name)), jax.tree.leaves(getattr(state1, name))):
+            np.testing.assert_array_equal(a, b)
+    assert int(state1.step) == 1 and int(state1.nonfinite) == 1 and int(state1.skipped) == 1
+    state2, m2 = trainer.step(replicate(state1, mesh), good, tv, masks, None)
+    state2 = jax.device_get(state2)
+    assert np.isfinite(float(m2["loss"])) and float(m2["nonfinite"]) == 0.0
+    assert int(state2.nonfinite) == 0 and int(state2.skipped) == 1
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state1.params),
+                                                         jax.tree.leaves(state2.params)))
+
+
+def test_preemption_then_nan_streak_keep_the_last_good_checkpoint(teacher, tiny_data, tmp_path):
+    from oefsmc_jax.training import preemption
+
+    ref = _robust_run(teacher, tiny_data, tmp_path / "ref", 4)
+    work = tmp_path / "run"
+    preemption.request()  # what the SIGTERM handler does: the run stops after its first step
+    try:
+        with pytest.raises(preemption.Preempted, match="checkpoint written at step 1"):
+            _robust_run(teacher, tiny_data, work, 4)
+    finally:
+        preemption.clear()
+    with pytest.raises(preemption.NonFiniteError, match="newest checkpoint is step 1 .*untouched"):
+        _robust_run(teacher, tiny_data, work, 4, nan=True, ckpt_every=1, max_nonfinite=2)
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+    res = _robust_run(teacher, tiny_data, work, 4)  # resumes from step 1 with good data
+    assert res.steps_run == 4 and res.skipped_steps == 0
+    for a, b in zip(jax.tree.leaves(ref.variables), jax.tree.leaves(res.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(teacher, tiny_data, tmp_path, capfd):
+    ref = _robust_run(teacher, tiny_data, tmp_path / "ref", 4)
+    work = tmp_path / "run"
+    _robust_run(teacher, tiny_data, work, 3, ckpt_every=1)  # checkpoints 2 and 3 (keep 2)
+    ckpts = work / "checkpoints"
+    files = [p for p in (ckpts / "3").rglob("*") if p.is_file() and p.stat().st_size > 0 and "state" in p.parts]
+    assert files
+    for p in files:  # truncate every array file of the newest checkpoint
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    capfd.readouterr()
+    res = _robust_run(teacher, tiny_data, work, 4, ckpt_every=1)
+    err = capfd.readouterr().err
+    assert "checkpoint step 3" in err and "unreadable" in err and "resumed from step 2" in err
+    assert (ckpts / "3.corrupt").is_dir()
+    for a, b in zip(jax.tree.leaves(ref.variables), jax.tree.leaves(res.variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

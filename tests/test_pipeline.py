@@ -145,6 +145,36 @@ def test_killed_run_resumes_to_identical_parameters(finished_run, tmp_path):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_sigterm_checkpoints_exits_75_and_resumes_to_identical_parameters(finished_run, tmp_path):
+    """What a preempted TPU VM or a cluster does: SIGTERM, then the same command again."""
+    workdir_ref, _ = finished_run
+    workdir = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "oefsmc_jax", "--config", f"{REPO / 'configs' / 'demo.py'}:per_class=5",
+           "--workdir", str(workdir), *_flags()]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt_dir = workdir / "base" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 75, out[-3000:]
+    assert "SIGTERM received" in out and "preempted: checkpoint written at step" in out
+    assert not (workdir / "base" / "result.json").exists()
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[base] resumed from step" in done.stderr
+    for arm in ("base", "oe"):
+        _, ref, _ = load_model(workdir_ref / arm / "student")
+        _, got, _ = load_model(workdir / arm / "student")
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_workdir_of_a_different_subset_is_refused(finished_run):
     from oefsmc_jax.config_validation import ConfigError
     from oefsmc_jax.pipeline import run
@@ -153,6 +183,14 @@ def test_workdir_of_a_different_subset_is_refused(finished_run):
     c = tiny_config()
     c.subset.seed = 7
     before = (workdir / "subset.json").read_text()
-    with pytest.raises(ConfigError, match="holds a run on a different few-sample or OOD subset"):
+    with pytest.raises(ConfigError, match=r"holds a run of another config: subset.seed \(0 -> 7\)"):
         run(c, workdir)
+    # without its config.json (e.g. written by an older version) the subset check still refuses it
+    cfg = (workdir / "config.json").read_text()
+    (workdir / "config.json").unlink()
+    try:
+        with pytest.raises(ConfigError, match="holds a run on a different few-sample or OOD subset"):
+            run(c, workdir)
+    finally:
+        (workdir / "config.json").write_text(cfg)
     assert (workdir / "subset.json").read_text() == before

@@ -266,9 +266,11 @@ def _check_same_tree(variables: dict, abstract: dict, source: str) -> None:
 
 
 def read_npz_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All arrays of a ``.npz`` state-dict export (``allow_pickle=False``)."""
-    with np.load(pathlib.Path(path), allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
+    """All arrays of a ``.npz`` state-dict export (``allow_pickle=False``); a truncated, corrupt or non-npz file
+    raises one :class:`ValueError` naming it (a missing one :class:`FileNotFoundError`)."""
+    from oefsmc_jax.data.sources import read_npz
+
+    return read_npz(pathlib.Path(path))[1]
 
 
 def load_akamaster_npz(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
@@ -429,8 +431,9 @@ def teacher_family(path: str | os.PathLike) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"teacher file {path} does not exist")
     if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            keys = list(f.files)
+        from oefsmc_jax.data.sources import read_npz
+
+        keys = read_npz(path, ())[0]
     else:
         keys = list(_read_state(path))
     return detect_family(keys, source=str(path))
@@ -561,7 +564,11 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     if args.check_npz:
         from oefsmc_jax.data import load_source
 
-        data = load_source({"kind": "npz", "path": args.check_npz, "image_size": 32})
+        try:
+            data = load_source({"kind": "npz", "path": args.check_npz, "image_size": 32})
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: --check-npz: {e} (the model was written to {out})", file=sys.stderr)
+            return 1
         t0 = time.perf_counter()
         acc = evaluate_top1(spec2, variables, data.x, data.y, batch_size=args.batch_size, mean=mean, std=std)
         print(f"top-1 on {args.check_npz} ({len(data)} images): {acc:.2f}% "

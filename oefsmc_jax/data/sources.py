@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -183,27 +185,72 @@ def _check_indices(indices: Sequence[int] | np.ndarray, n: int, name: str) -> np
 # sources
 
 
+# what numpy raises for a truncated, corrupt or foreign file (a missing file stays FileNotFoundError)
+_NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
+
+
+def _unreadable(path: str, e: BaseException, key: str | None = None) -> ValueError:
+    """One line naming the file (and the array) that numpy could not read."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= 120 else text[:117].rsplit(" ", 1)[0] + " ..."
+    what = f"array {key!r} of " if key else ""
+    return ValueError(f"{path}: cannot read {what}this .npz file; is it truncated or corrupt, or not an npz of "
+                      f"plain arrays? ({type(e).__name__}{': ' + text if text else ''})")
+
+
+def read_npz(path: str | os.PathLike, keys: Sequence[str] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+    """``(names, arrays)``: the names of all arrays of the npz at ``path`` and those of ``keys`` (default: all)
+    that it has.
+
+    A truncated, corrupt or non-npz file raises one :class:`ValueError` naming it (and the array that could not
+    be read); a missing file stays a :class:`FileNotFoundError`.
+    """
+    path = os.fspath(path)
+    try:
+        f = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except _NPZ_READ_ERRORS as e:
+        raise _unreadable(path, e) from e
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds a single {np.shape(f)} array (.npy), not an .npz archive of named arrays")
+    with f:
+        names, out = list(f.files), {}
+        for key in dict.fromkeys(f.files if keys is None else keys):
+            if key and key in f.files:
+                try:
+                    out[key] = f[key]
+                except _NPZ_READ_ERRORS as e:
+                    raise _unreadable(path, e, key) from e
+    return names, out
+
+
 def _load_npz(cfg: Any, indices: np.ndarray | None) -> ImageSet:
     path = os.fspath(_require(cfg, "path", "npz"))
     x_key, y_key = _get(cfg, "x_key", "x"), _get(cfg, "y_key", "y")
     size, channels = int(_require(cfg, "image_size", "npz")), int(_get(cfg, "channels", 3))
     name = f"npz:{path}"
-    with np.load(path, allow_pickle=False) as f:
-        if x_key not in f.files:
-            raise KeyError(f"{path}: no array {x_key!r} (has {sorted(f.files)})")
-        x = f[x_key]
-        y = f[y_key] if y_key and y_key in f.files else np.full(x.shape[0], -1, np.int32)
-        exclude = [int(c) for c in (_get(cfg, "exclude_classes", ()) or ())]
-        if exclude:
-            class_key = _get(cfg, "class_key", "y")
-            if class_key not in f.files:
-                raise ValueError(f"{path}: exclude_classes needs class labels under {class_key!r} (has "
-                                 f"{sorted(f.files)})")
-            keep = ~np.isin(f[class_key], exclude)
-            if len(keep) != len(x):
-                raise ValueError(f"{path}: {len(x)} images but {len(keep)} {class_key!r} labels")
-            x, y = x[keep], y[keep]
-            name = f"{name}[without {len(exclude)} classes]"
+    exclude = [int(c) for c in (_get(cfg, "exclude_classes", ()) or ())]
+    class_key = _get(cfg, "class_key", "y")
+    names, arrays = read_npz(path, [x_key, y_key, class_key if exclude else ""])
+    files = sorted(names)
+    if x_key not in arrays:
+        raise ValueError(f"{path}: no array {x_key!r} (has {files})")
+    x = arrays[x_key]
+    y = arrays[y_key] if y_key and y_key in arrays else np.full(x.shape[0] if x.ndim else 0, -1, np.int32)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{path}: {x_key!r} must be images [N,H,W,C] or [N,H,W], got shape {x.shape}")
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or
+                           (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
+        raise ValueError(f"{path}: {y_key!r} must be integer class labels [N], got {y.dtype} {y.shape}")
+    if exclude:
+        if class_key not in arrays:
+            raise ValueError(f"{path}: exclude_classes needs class labels under {class_key!r} (has {files})")
+        keep = ~np.isin(arrays[class_key], exclude)
+        if len(keep) != len(x):
+            raise ValueError(f"{path}: {len(x)} images but {len(keep)} {class_key!r} labels")
+        x, y = x[keep], y[keep]
+        name = f"{name}[without {len(exclude)} classes]"
     if len(y) != len(x):
         raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
     if indices is not None:
@@ -214,7 +261,13 @@ def _load_npz(cfg: Any, indices: np.ndarray | None) -> ImageSet:
     if x.ndim == 3:
         x = x[..., None]
     if x.shape[1:] != (size, size, channels):
-        x = _stack(x, size, channels)
+        if x.shape[3] not in (1, 2, 3, 4):
+            raise ValueError(f"{path}: {x_key!r} has {x.shape[3]} channels per image (shape {x.shape}); expected "
+                             f"1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA)")
+        try:
+            x = _stack(x, size, channels)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
     return ImageSet(x, y.astype(np.int32), name)
 
 

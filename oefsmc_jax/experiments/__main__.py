@@ -32,14 +32,26 @@ def main(argv: list[str]) -> None:
     cfg = FLAGS.config
     if len(argv) > 1 and argv[1] != "summarize":
         raise app.UsageError(f"unknown command {argv[1]!r}; allowed: summarize")
+    from oefsmc_jax.training import preemption
+
     try:
         if len(argv) == 1:
             if cfg is None:
                 raise app.UsageError("--config is required to run a grid")
-            run_grid(cfg, workdir, FLAGS.only, FLAGS.cell)
+            with preemption.handle_sigterm():
+                run_grid(cfg, workdir, FLAGS.only, FLAGS.cell)
+    except preemption.Preempted as e:
+        print(f"{e}; the grid resumes from there (exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr)
+        sys.exit(preemption.EXIT_PREEMPTED)
+    except preemption.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(preemption.EXIT_NONFINITE)
     except (ConfigError, DataOverlapError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a read-only or full grid directory: finished records and cells are kept
+        print(f"error: {e}; nothing finished was lost: rerun the same command once it is writable", file=sys.stderr)
+        sys.exit(74)
     names = list(cfg.base.data.class_names) if cfg is not None else None
     title = cfg.title if cfg is not None else "Results"
     print(f"summary: {summarize(workdir / 'results.jsonl', out, names, title)}", file=sys.stderr)

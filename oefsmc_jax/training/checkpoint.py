@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import sys
 from typing import Any
 
 import jax
@@ -40,6 +41,32 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                  meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
+
+    def restore_latest(self, target: Any, log: Any = None) -> tuple[int | None, tuple[Any, dict] | None]:
+        """Restore the newest readable checkpoint into ``target``: ``(step, (state, meta))``, or ``(None, None)``.
+
+        A checkpoint that fails to restore (truncated or corrupted files, a half-written step) is reported in one
+        line, moved aside to ``STEP.corrupt`` (kept for inspection, ignored from then on) and the previous one is
+        tried.
+        """
+        log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, self.restore(step, target)
+            except Exception as e:  # noqa: BLE001 - any failure to read it means this step is unusable
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                bad = self.directory / str(step)
+                log(f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: {msg}); "
+                    f"moved to {bad.name}.corrupt, trying the previous one")
+                if jax.process_index() == 0 and bad.exists():
+                    shutil.rmtree(bad.with_name(f"{bad.name}.corrupt"), ignore_errors=True)
+                    os.replace(bad, bad.with_name(f"{bad.name}.corrupt"))
+                if jax.process_count() > 1:
+                    from jax.experimental import multihost_utils
+
+                    multihost_utils.sync_global_devices(f"checkpoint-{step}-set-aside")
+                self.manager.reload()
+        return None, None
 
     def wait(self) -> None:
         """Block until pending saves are finished."""

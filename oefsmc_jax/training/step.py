@@ -9,7 +9,8 @@ One call of the step, all inside a single ``jax.jit``:
 2. The per-device step then augments and normalises the local images, runs
    the teacher in eval mode and the student in train mode on ``ID ∪ OOD`` (BatchNorm statistics synced with
    ``lax.pmean`` across devices), compute ``L = L_base + lambda_jd * L_jd + eta * R``, ``lax.pmean`` the gradients,
-   apply the optax update and re-apply the pruning masks to parameters and optimizer moments.
+   apply the optax update and re-apply the pruning masks to parameters and optimizer moments. A non-finite loss or
+   gradient skips the update everywhere (counted in the state; ``training.train`` stops after too many in a row).
 
 The few-sample sets are tiny, so they live on every device and no host input pipeline runs during training.
 """
@@ -17,6 +18,7 @@ The few-sample sets are tiny, so they live on every device and no host input pip
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +49,8 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array  # raw uint32[2] key; step keys are fold_in(rng, step)
+    nonfinite: jax.Array  # int32: consecutive steps skipped for a non-finite loss or gradient
+    skipped: jax.Array  # int32: all steps skipped so far
 
 
 @flax.struct.dataclass
@@ -83,7 +87,8 @@ def init_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> 
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=jax.random.PRNGKey(seed))
+                      rng=jax.random.PRNGKey(seed), nonfinite=jnp.zeros((), jnp.int32),
+                      skipped=jnp.zeros((), jnp.int32))
 
 
 def _path_key(path) -> tuple:
@@ -213,8 +218,18 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
             params = jax.tree.map(jnp.multiply, params, mult)
             opt_state = apply_multipliers(opt_state, params, mult)
         parts["grad_norm"] = optax.tree.norm(grads)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  opt_state=opt_state)
+        # A non-finite loss or gradient skips the update on every device (the pmean-ed values agree everywhere):
+        # parameters, optimizer moments and BatchNorm statistics stay as they were; the step still advances, so
+        # the next step draws a new batch. The train loop stops the run after too many consecutive skips.
+        finite = jnp.isfinite(parts["loss"]) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
+                                                                  for g in jax.tree.leaves(grads)]))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        parts["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                                  batch_stats=keep(batch_stats, state.batch_stats),
+                                  opt_state=keep(opt_state, state.opt_state),
+                                  nonfinite=jnp.where(finite, 0, state.nonfinite + 1),
+                                  skipped=state.skipped + (1 - finite.astype(jnp.int32)))
         return new_state, parts
 
     # Everything is replicated in and out: each device draws the global batch's indices, keys and labels from the
@@ -235,12 +250,21 @@ def make_predict(mesh: Mesh, model: nn.Module, mean: tuple[float, ...], std: tup
     batch_size = max(ndev, batch_size - batch_size % ndev)
     mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
-    @jax.jit
+    rep = replicated(mesh)
+
+    # logits come back replicated (an all-gather inside the program), so every process can read them all
+    @functools.partial(jax.jit, out_shardings=rep)
     def forward(variables, x):
         return model.apply(variables, normalize(x, mean_a, std_a), train=False)["logits"]
 
+    def place(v):
+        if isinstance(v, jax.Array) and v.sharding.is_equivalent_to(rep, v.ndim):
+            return v
+        v = np.asarray(jax.device_get(v))
+        return jax.make_array_from_callback(v.shape, rep, lambda idx: v[idx])
+
     def predict(variables: dict, x: np.ndarray) -> dict[str, np.ndarray]:
-        variables = jax.device_put(variables, replicated(mesh))
+        variables = jax.tree.map(place, variables)
         out = []
         for start in range(0, len(x), batch_size):
             chunk = np.asarray(x[start:start + batch_size])

@@ -18,9 +18,11 @@ from jax.sharding import Mesh
 
 from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
+from oefsmc_jax.training import preemption
 from oefsmc_jax.training.checkpoint import Checkpointer
 from oefsmc_jax.training.optim import make_optimizer
 from oefsmc_jax.training.parallel import replicate
+from oefsmc_jax.training.preemption import NonFiniteError
 from oefsmc_jax.training.step import StepConfig, StepData, init_state, make_predict, make_train_step
 
 
@@ -34,6 +36,7 @@ class LoopConfig:
     patience: int = 5
     ckpt_every: int = 100
     keep_checkpoints: int = 2
+    max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before the run stops
 
 
 @dataclasses.dataclass
@@ -46,6 +49,7 @@ class FinetuneResult:
     best_agreement: float | None
     stopped_early: bool
     wall_s: float
+    skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
 
 
 def _freeze(value):
@@ -167,10 +171,10 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
           "bad_evals": jnp.asarray(0, jnp.int32)}
     ckpt_tree = replicate({"state": state, "es": es, "masks": masks}, mesh)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=loop.keep_checkpoints)
-    start = ckpt.latest_step()
     stopped = False
+    start, restored = ckpt.restore_latest(ckpt_tree, log=lambda s: log(f"[{name}] {s}"))
     if start is not None:
-        ckpt_tree, saved_meta = ckpt.restore(start, ckpt_tree)
+        ckpt_tree, saved_meta = restored
         stopped = bool(saved_meta.get("stopped", False))
         log(f"[{name}] resumed from step {start}" + (" (run had already finished)" if stopped else ""))
     state, es, masks = ckpt_tree["state"], ckpt_tree["es"], ckpt_tree["masks"]
@@ -185,33 +189,51 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
         ckpt.save(step, {"state": state, "es": es, "masks": masks},
                   {**(meta or {}), "stopped": stopped_flag, "name": name}, force=force)
 
+    check_every = max(1, min(loop.log_every, loop.max_nonfinite))
+
+    def stop_nonfinite() -> None:
+        ckpt.close()
+        writer.close()
+        last = ckpt.latest_step()
+        raise NonFiniteError(
+            f"[{name}] {int(state.nonfinite)} consecutive steps (to step {step}) had a non-finite loss or gradient, "
+            f"so their updates were skipped and the run stopped; the newest checkpoint is "
+            f"{'step ' + str(last) if last is not None else 'none'} in {workdir / 'checkpoints'}, untouched. Lower "
+            f"optim.lr or check the data; raise train.max_nonfinite to tolerate more.")
+
     while step < loop.steps and not stopped:
         state, metrics = step_fn(state, data, teacher_vars, masks, mult)
         step += 1
+        if step % check_every == 0 and int(state.nonfinite) >= loop.max_nonfinite:
+            stop_nonfinite()
         if step % loop.log_every == 0 or step == loop.steps:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             metrics["lr"] = float(schedule(step - 1))
+            metrics["skipped_steps"] = float(state.skipped)
             now = time.time()
             ips = (step - last_step) * imgs_per_step / max(now - last_t, 1e-9)
             eta = (loop.steps - step) * (now - run_t0) / max(step - (start or 0), 1)
             metrics["images_per_s"] = ips
             writer.write(step, "train", metrics)
             terms = " ".join(f"{k} {metrics[k]:.4f}" for k in ("base", "jd", "reg") if k in metrics)
+            skipped = f" ({int(state.skipped)} non-finite steps skipped)" if int(state.skipped) else ""
             log(f"[{name}] step {step}/{loop.steps} loss {metrics['loss']:.4f} ({terms}) "
-                f"acc {metrics['train_acc']:.1f}% lr {metrics['lr']:.2e} {ips:,.0f} img/s ETA {_format_eta(eta)}")
+                f"acc {metrics['train_acc']:.1f}% lr {metrics['lr']:.2e} {ips:,.0f} img/s ETA {_format_eta(eta)}"
+                f"{skipped}")
             last_t, last_step = now, step
         if heldout is not None and loop.eval_every and step % loop.eval_every == 0:
             cur = {"params": state.params, "batch_stats": state.batch_stats, "masks": masks}
             preds = np.argmax(predict(cur, heldout[0])["logits"], -1)
             agree = float(np.mean(preds == heldout[1]) * 100.0)
             best = float(es["best_agreement"])
+            # scalars are placed on the whole mesh (global arrays), so every host can checkpoint them
             if agree > best:
                 es = {"best_params": jax.tree.map(jnp.copy, state.params),
                       "best_batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
-                      "best_agreement": jnp.asarray(agree, jnp.float32),
-                      "best_step": jnp.asarray(step, jnp.int32), "bad_evals": jnp.asarray(0, jnp.int32)}
+                      **replicate({"best_agreement": np.float32(agree), "best_step": np.int32(step),
+                                   "bad_evals": np.int32(0)}, mesh)}
             else:
-                es = {**es, "bad_evals": es["bad_evals"] + 1}
+                es = {**es, "bad_evals": replicate(np.int32(int(es["bad_evals"]) + 1), mesh)}
             writer.write(step, "eval", {"heldout_agreement": agree, "best_agreement": max(agree, best)})
             log(f"[{name}] step {step}: held-out OOD agreement with teacher {agree:.2f}% "
                 f"(best {max(agree, best):.2f}% at step {int(es['best_step'])})")
@@ -219,9 +241,17 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
                 stopped = True
                 log(f"[{name}] early stop at step {step}: no improvement in {loop.patience} evaluations")
         if stopped or step == loop.steps:
+            if int(state.nonfinite) > 0 and int(state.nonfinite) >= loop.max_nonfinite:
+                stop_nonfinite()
             save(force=True, stopped_flag=True)
             stopped = True
-        elif step % loop.ckpt_every == 0:
+        elif preemption.should_stop(step):
+            save(force=True)
+            ckpt.close()
+            writer.close()
+            raise preemption.Preempted(f"[{name}] preempted: checkpoint written at step {step} in "
+                                       f"{workdir / 'checkpoints'}; rerun the same command to resume")
+        elif step % loop.ckpt_every == 0 and int(state.nonfinite) == 0:  # never checkpoint inside a bad streak
             save()
     ckpt.close()
     writer.close()
@@ -232,4 +262,5 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
     out_vars = jax.device_get({"params": params, "batch_stats": batch_stats, "masks": masks})
     return FinetuneResult(variables=out_vars, steps_run=step, best_step=int(es["best_step"]) if use_best else step,
                           best_agreement=float(es["best_agreement"]) if use_best else None,
-                          stopped_early=step < loop.steps, wall_s=time.time() - t0)
+                          stopped_early=step < loop.steps, wall_s=time.time() - t0,
+                          skipped_steps=int(jax.device_get(state.skipped)))
