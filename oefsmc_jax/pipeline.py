@@ -55,6 +55,7 @@ from oefsmc_jax.oe.arms import (
 from oefsmc_jax.oe.calibration import Calibration
 from oefsmc_jax.oe.calibration import calibration_set as build_calibration
 from oefsmc_jax.oe.selection import select as select_ood
+from oefsmc_jax.training import compile_cache
 from oefsmc_jax.training.checkpoint import load_model, save_model
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData, make_predict
@@ -410,7 +411,7 @@ def _finetune_arm(config: Any, arm: str, adir: pathlib.Path, mesh: Any, data: Ru
 #: Config fields that do not change a run's results (how often to log or checkpoint, where caches live, how many
 #: devices share the work: results are the same on 1 or N devices); a workdir may be resumed with other values.
 RESUMABLE_FIELDS = ("train.log_every", "train.ckpt_every", "train.max_nonfinite", "eval.batch_size",
-                    "oe.cache_dir", "num_devices", "title")
+                    "oe.cache_dir", "num_devices", "title", "compile_cache")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -447,6 +448,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     from oefsmc_jax.config_validation import validate
 
     workdir = pathlib.Path(workdir).absolute()
+    cache = compile_cache.enable(config.get("compile_cache", ""))
     if config.num_devices < 0 or config.num_devices > jax.device_count():
         raise ConfigError(f"config.num_devices: {config.num_devices} is not allowed; 0 (all) to "
                           f"{jax.device_count()} devices are visible")
@@ -455,7 +457,8 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     check_same_config(workdir / "config.json", config.to_dict())
     write_json(workdir / "config.json", config.to_dict())
-    log(f"run: {len(mesh.devices.flat)} device(s) ({jax.default_backend()}), workdir {workdir}")
+    log(f"run: {len(mesh.devices.flat)} device(s) ({jax.default_backend()}), workdir {workdir}, compilation "
+        f"cache {cache or 'off'}")
     data = prepare_data(config, workdir)
     t_spec, t_vars = get_teacher(config, workdir, mesh, data)
     k = config.data.num_classes

@@ -20,6 +20,7 @@ from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.checkpoint import Checkpointer
+from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.optim import make_optimizer
 from oefsmc_jax.training.parallel import replicate
 from oefsmc_jax.training.preemption import NonFiniteError
@@ -201,9 +202,14 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
             f"{'step ' + str(last) if last is not None else 'none'} in {workdir / 'checkpoints'}, untouched. Lower "
             f"optim.lr or check the data; raise train.max_nonfinite to tolerate more.")
 
+    clock = CompileClock()
     while step < loop.steps and not stopped:
         state, metrics = step_fn(state, data, teacher_vars, masks, mult)
         step += 1
+        if clock is not None:  # the first call compiles (or loads) the step function
+            jax.block_until_ready(state.step)
+            log(f"[{name}] train step {clock.describe()}")
+            clock = None
         if step % check_every == 0 and int(state.nonfinite) >= loop.max_nonfinite:
             stop_nonfinite()
         if step % loop.log_every == 0 or step == loop.steps:

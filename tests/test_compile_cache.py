@@ -1,0 +1,42 @@
+"""Compiles paid once: a second process loads the step from the persistent cache instead of compiling it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = """
+import jax, jax.numpy as jnp
+from oefsmc_jax.training.compile_cache import CompileClock, enable
+print("dir", enable(None, min_compile_s=0.0))
+clock = CompileClock()
+f = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+f(jnp.ones((64, 64))).block_until_ready()
+r = clock.read()
+print("hits", int(r["hits"]), "misses", int(r["misses"]))
+print(clock.describe())
+"""
+
+
+def _run(env):
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def _counts(out):
+    words = next(ln for ln in out.splitlines() if ln.startswith("hits")).split()
+    return int(words[1]), int(words[3])
+
+
+def test_second_process_hits_the_persistent_cache(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OEFSMC_COMPILE_CACHE": str(tmp_path / "xla")}
+    first = _run(env)
+    hits, misses = _counts(first)
+    assert f"dir {tmp_path / 'xla'}" in first and hits == 0 and misses >= 1 and "compiled in" in first
+    assert len(list((tmp_path / "xla").iterdir())) >= misses
+    assert _counts(_run(env)) == (misses, 0)  # every executable of the first process is loaded, none compiled
+    off = _run({**env, "OEFSMC_COMPILE_CACHE": "off"})
+    assert "dir None" in off and "hits 0 misses 0" in off
