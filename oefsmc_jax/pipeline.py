@@ -134,6 +134,11 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
         test = ImageSet(test.x, test.y, f"{test.name}[val]")
     else:
         test = load_source(config.data.test)
+    y_test = np.asarray(test.y)
+    if len(y_test) and (y_test.min() < 0 or y_test.max() >= k):
+        bad = y_test[(y_test < 0) | (y_test >= k)]
+        raise ValueError(f"evaluation split {test.name}: {len(bad)} labels outside [0, {k}) (e.g. {int(bad[0])}); "
+                         f"check data.test / data.num_classes")
     log(f"data: few-sample set {len(train)} images, counts per class {counts.tolist()}; test {len(test)} images")
 
     ood = heldout = candidates = None
@@ -215,6 +220,14 @@ def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) ->
         if spec.num_classes != config.data.num_classes:
             raise ValueError(f"teacher.checkpoint: the teacher has {spec.num_classes} classes but "
                              f"data.num_classes is {config.data.num_classes}")
+        try:
+            asked = build_arch(config.arch, config.data.num_classes)
+        except (ValueError, KeyError):
+            asked = None
+        if asked is not None and (asked.family, asked.kept, asked.inner_widths) != (spec.family, spec.kept,
+                                                                                     spec.inner_widths):
+            log(f"teacher: note: the checkpoint is a {spec.family} with {sum(map(len, spec.kept))} blocks, not the "
+                f"config.arch {config.arch.get('name', '?')!r}; the checkpoint's architecture is what runs")
         return spec, variables
     tdir = workdir / "teacher"
     if (tdir / "model").exists():

@@ -196,7 +196,13 @@ def test_labels_out_of_range_are_refused_before_training(tmp_path):
     # negative labels are "unlabelled" (-1 is the convention): never drawn, not refused
     idx = few_sample_indices(jax.random.PRNGKey(0), np.array([0, -5, 1, -1, 0, 1]), np.array([1, 1]))
     assert sorted(idx.tolist()) in ([0, 2], [0, 5], [2, 4], [4, 5])
-    # test-split labels are checked when the teacher's test predictions are scored, before any arm trains
+    # test-split labels are checked as the data is prepared, naming the split's source
+    c = demo.get_config()
+    c.data.test = _npz_source(_id_npz(tmp_path / "test.npz", np.tile(np.arange(11), 5)), split="test")
+    with pytest.raises(ValueError, match=r"^evaluation split .*test\.npz.*: 5 labels outside \[0, 10\) \(e\.g\. 10\); "
+                                         r"check data.test / data.num_classes$"):
+        prepare_data(c, tmp_path)
+    # and the metrics refuse them too
     with pytest.raises(ValueError, match=r"^y has class indices outside \[0, 10\)$"):
         classification_metrics(np.zeros(3, int), np.array([0, 1, 10]), 10, np.ones(10, int))
 
@@ -225,12 +231,16 @@ def test_pool_smaller_than_the_ood_subset_is_refused(tmp_path):
 # teachers
 
 
-def test_teacher_of_another_architecture(tmp_path):
+def test_teacher_of_another_architecture(tmp_path, capfd):
     # a teacher file of another depth than config.arch: the file's own architecture is what runs (config.arch
-    # only shapes a teacher trained from scratch); the log line and result.json's "spec" name what ran
+    # only shapes a teacher trained from scratch), and a note says so; result.json's "spec" names what ran
     c = cifar10.get_config(f"arch=resnet56,teacher={AKA20}")
     spec, _ = get_teacher(c, tmp_path, None, None)
     assert spec.family == "cifar_resnet" and 6 * len(spec.kept[0]) + 2 == 20 and spec.shortcut == "A"
+    assert ("teacher: note: the checkpoint is a cifar_resnet with 9 blocks, not the config.arch 'resnet56'; the "
+            "checkpoint's architecture is what runs") in capfd.readouterr().err
+    get_teacher(cifar10.get_config(f"arch=resnet20,teacher={AKA20}"), tmp_path, None, None)
+    assert "note:" not in capfd.readouterr().err
     # another class count: refused
     c = cifar10.get_config(f"teacher={AKA20}")
     c.data.num_classes, c.data.class_names = 100, ()
