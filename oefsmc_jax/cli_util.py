@@ -9,7 +9,10 @@ from typing import Any
 def one_line(e: BaseException) -> str:
     """The useful last line of an error whose text may carry a traceback (as config_flags' errors do)."""
     text = str(e).replace("\\n", "\n").replace("\\'", "'")
-    lines = [ln.strip() for ln in text.strip().strip("'\"").splitlines() if ln.strip()]
+    text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a quoted repr of the message: unwrap once
+        text = text[1:-1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         return type(e).__name__
     for ln in reversed(lines):
@@ -36,3 +39,40 @@ def parse_config_flags(flags_obj: Any, argv: list[str]) -> list[str]:
     return rest
 
 
+EXIT_USAGE, EXIT_IO = 2, 74
+
+
+def run_reporting_errors(fn: Any, *, debug_value_errors: bool = False) -> None:
+    """Run ``fn()`` with SIGTERM turned into a checkpoint-and-stop, and every expected failure reported in one line
+    with its exit code: preempted 75, non-finite streak 3, bad config or data 2, a read-only or full workdir 74.
+
+    With ``debug_value_errors`` a ``ValueError`` is re-raised with its traceback when ``$OEFSMC_DEBUG`` is set.
+    """
+    import os
+
+    from oefsmc_jax.config_validation import ConfigError
+    from oefsmc_jax.data import DataOverlapError
+    from oefsmc_jax.training import preemption
+
+    try:
+        with preemption.handle_sigterm():
+            fn()
+    except preemption.Preempted as e:
+        print(f"{e} (exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr)
+        sys.exit(preemption.EXIT_PREEMPTED)
+    except preemption.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(preemption.EXIT_NONFINITE)
+    except (ConfigError, DataOverlapError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except OSError as e:  # a read-only or full workdir: every finished piece was written atomically and is kept
+        print(f"error: {e}; nothing finished was lost: rerun the same command once the workdir is writable",
+              file=sys.stderr)
+        sys.exit(EXIT_IO)
+    except ValueError as e:  # e.g. a class with fewer images than the subset asks for
+        if debug_value_errors and os.environ.get("OEFSMC_DEBUG"):
+            raise
+        hint = " (set OEFSMC_DEBUG=1 for the traceback)" if debug_value_errors else ""
+        print(f"error: {e}{hint}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

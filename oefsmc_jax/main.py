@@ -37,37 +37,14 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
-    from oefsmc_jax.config_validation import ConfigError
-    from oefsmc_jax.data import DataOverlapError
+    from oefsmc_jax.cli_util import run_reporting_errors
     from oefsmc_jax.pipeline import run
 
     if FLAGS.multihost:
         from oefsmc_jax.training.distributed import initialize
 
         initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from oefsmc_jax.training import preemption
-
-    try:
-        with preemption.handle_sigterm():
-            run(FLAGS.config, FLAGS.workdir)
-    except preemption.Preempted as e:
-        print(f"{e} (exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr)
-        sys.exit(preemption.EXIT_PREEMPTED)
-    except preemption.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(preemption.EXIT_NONFINITE)
-    except (ConfigError, DataOverlapError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # a read-only or full workdir: every finished piece was written atomically and is kept
-        print(f"error: {e}; nothing finished was lost: rerun the same command once the workdir is writable",
-              file=sys.stderr)
-        sys.exit(74)  # EX_IOERR
-    except ValueError as e:  # e.g. a class with fewer images than the subset asks for
-        if os.environ.get("OEFSMC_DEBUG"):
-            raise
-        print(f"error: {e} (set OEFSMC_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+    run_reporting_errors(lambda: run(FLAGS.config, FLAGS.workdir), debug_value_errors=True)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

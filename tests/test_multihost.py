@@ -3,7 +3,6 @@
 
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys
@@ -11,36 +10,21 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tiny_demo  # noqa: E402
 
 from oefsmc_jax.training.checkpoint import load_model
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import demo  # noqa: E402
-
-OVERRIDES = {
-    "data.image_size": 8, "data.id.image_size": 8, "data.test.image_size": 8, "data.ood.image_size": 8,
-    "data.ood.num_images": 600, "data.pad": 1, "arch.widths": (4, 8, 8), "teacher.steps": 10,
-    "teacher.batch_size": 64, "train.steps": 8, "train.batch_id": 16, "train.batch_ood": 16,
-    "train.log_every": 4, "train.ckpt_every": 4, "oe.heldout": 100, "oe.eval_every": 4, "oe.patience": 100,
-    "eval.latency": False,
-}
+REPO = tiny_demo.REPO
+OVERRIDES = {**tiny_demo.OVERRIDES, "teacher.steps": 10, "train.steps": 8, "train.log_every": 4,
+             "train.ckpt_every": 4, "oe.eval_every": 4}
 
 
 def _config():
-    c = demo.get_config("per_class=5")
-    for key, value in OVERRIDES.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return tiny_demo.config(OVERRIDES)
 
 
 def _flags():
-    return [f"--config.{k}=({','.join(map(str, v))},)" if isinstance(v, tuple) else f"--config.{k}={v}"
-            for k, v in OVERRIDES.items()]
+    return tiny_demo.flags(OVERRIDES)
 
 
 def _free_port() -> int:

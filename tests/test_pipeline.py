@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import tiny_demo  # noqa: E402
 
 from oefsmc_jax.evaluation import classification_metrics
 from oefsmc_jax.models import build_model
@@ -18,36 +18,10 @@ from oefsmc_jax.training.checkpoint import load_model
 from oefsmc_jax.training.parallel import make_mesh
 from oefsmc_jax.training.step import make_predict
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import demo  # noqa: E402
-
-OVERRIDES = {
-    "data.image_size": 8, "data.id.image_size": 8, "data.test.image_size": 8, "data.ood.image_size": 8,
-    "data.ood.num_images": 600, "data.pad": 1, "arch.widths": (4, 8, 8), "teacher.steps": 40,
-    "teacher.batch_size": 64, "train.steps": 400, "train.batch_id": 16, "train.batch_ood": 16,
-    "train.log_every": 100, "train.ckpt_every": 50, "oe.heldout": 100, "oe.eval_every": 50, "oe.patience": 100,
-    "eval.latency": False,
-}
-
-
-def tiny_config():
-    c = demo.get_config("per_class=5")
-    for key, value in OVERRIDES.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
-def _flags():
-    out = []
-    for key, value in OVERRIDES.items():
-        v = f"({','.join(map(str, value))},)" if isinstance(value, tuple) else str(value)
-        out.append(f"--config.{key}={v}")
-    return out
+REPO = tiny_demo.REPO
+OVERRIDES = tiny_demo.OVERRIDES
+tiny_config = tiny_demo.config
+_flags = tiny_demo.flags
 
 
 @pytest.fixture(scope="module")
@@ -117,20 +91,37 @@ def test_rerun_reuses_finished_arms(finished_run, capfd):
     assert "finished earlier; reusing" in capfd.readouterr().err
 
 
-def test_killed_run_resumes_to_identical_parameters(finished_run, tmp_path):
-    workdir_ref, _ = finished_run
-    workdir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "oefsmc_jax", "--config", f"{REPO / 'configs' / 'demo.py'}:per_class=5",
-           "--workdir", str(workdir), *_flags()]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    ckpt_dir = workdir / "base" / "checkpoints"
+def _demo_command(workdir):
+    """The tiny demo as a command line (the same run as ``finished_run``) and its environment."""
+    return ([sys.executable, "-m", "oefsmc_jax", "--config", f"{REPO / 'configs' / 'demo.py'}:per_class=5",
+             "--workdir", str(workdir), *_flags()], {**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _start_until_first_checkpoint(cmd, env, cwd, ckpt_dir):
+    """Start the run in a subprocess and return it once its first fine-tuning checkpoint exists."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    return proc
+
+
+def _assert_same_students(ref_dir, got_dir):
+    for arm in ("base", "oe"):
+        _, ref, _ = load_model(ref_dir / arm / "student")
+        _, got, _ = load_model(got_dir / arm / "student")
+        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_killed_run_resumes_to_identical_parameters(finished_run, tmp_path):
+    workdir_ref, _ = finished_run
+    workdir = tmp_path / "killed"
+    cmd, env = _demo_command(workdir)
+    proc = _start_until_first_checkpoint(cmd, env, tmp_path, workdir / "base" / "checkpoints")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (workdir / "base" / "result.json").exists(), "the run finished before it could be killed"
@@ -138,28 +129,15 @@ def test_killed_run_resumes_to_identical_parameters(finished_run, tmp_path):
     fatal = done.stderr.find("Fatal Python error")
     assert done.returncode == 0, done.stderr[max(0, fatal - 2000):fatal + 2500] if fatal >= 0 else done.stderr[-3000:]
     assert "[base] resumed from step" in done.stderr
-    for arm in ("base", "oe"):
-        _, ref, _ = load_model(workdir_ref / arm / "student")
-        _, got, _ = load_model(workdir / arm / "student")
-        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    _assert_same_students(workdir_ref, workdir)
 
 
 def test_sigterm_checkpoints_exits_75_and_resumes_to_identical_parameters(finished_run, tmp_path):
     """What a preempted TPU VM or a cluster does: SIGTERM, then the same command again."""
     workdir_ref, _ = finished_run
     workdir = tmp_path / "preempted"
-    cmd = [sys.executable, "-m", "oefsmc_jax", "--config", f"{REPO / 'configs' / 'demo.py'}:per_class=5",
-           "--workdir", str(workdir), *_flags()]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    ckpt_dir = workdir / "base" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    cmd, env = _demo_command(workdir)
+    proc = _start_until_first_checkpoint(cmd, env, tmp_path, workdir / "base" / "checkpoints")
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 75, out[-3000:]
@@ -168,11 +146,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_to_identical_parameters(finish
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[base] resumed from step" in done.stderr
-    for arm in ("base", "oe"):
-        _, ref, _ = load_model(workdir_ref / arm / "student")
-        _, got, _ = load_model(workdir / arm / "student")
-        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    _assert_same_students(workdir_ref, workdir)
 
 
 def test_workdir_of_a_different_subset_is_refused(finished_run):

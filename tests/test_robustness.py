@@ -270,9 +270,9 @@ def test_teacher_of_another_architecture(tmp_path, capfd):
 
 @pytest.mark.parametrize("args,expected", [
     (["--config", "configs/demo.py", "--config.train.steps=abc"],
-     "error: flag --config.train.steps=abc: invalid literal for int() with base 10: 'abc"),
+     "error: flag --config.train.steps=abc: invalid literal for int() with base 10: 'abc'"),
     (["--config", "configs/nope.py"], "error: Configuration is not available because of an earlier failure to "
-                                      "load: [Errno 2] No such file or directory: 'configs/nope.py"),
+                                      "load: [Errno 2] No such file or directory: 'configs/nope.py'"),
 ], ids=["wrong_type", "missing_file"])
 def test_cli_config_value_of_the_wrong_type_or_missing_file(args, expected, tmp_path):
     code, lines = _cli([*args, "--workdir", str(tmp_path / "w")], tmp_path)

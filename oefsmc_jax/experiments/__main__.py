@@ -23,8 +23,7 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     import pathlib
 
-    from oefsmc_jax.config_validation import ConfigError
-    from oefsmc_jax.data import DataOverlapError
+    from oefsmc_jax.cli_util import run_reporting_errors
     from oefsmc_jax.experiments import run_grid, summarize
 
     workdir = pathlib.Path(FLAGS.workdir)
@@ -32,26 +31,10 @@ def main(argv: list[str]) -> None:
     cfg = FLAGS.config
     if len(argv) > 1 and argv[1] != "summarize":
         raise app.UsageError(f"unknown command {argv[1]!r}; allowed: summarize")
-    from oefsmc_jax.training import preemption
-
-    try:
-        if len(argv) == 1:
-            if cfg is None:
-                raise app.UsageError("--config is required to run a grid")
-            with preemption.handle_sigterm():
-                run_grid(cfg, workdir, FLAGS.only, FLAGS.cell)
-    except preemption.Preempted as e:
-        print(f"{e}; the grid resumes from there (exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr)
-        sys.exit(preemption.EXIT_PREEMPTED)
-    except preemption.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(preemption.EXIT_NONFINITE)
-    except (ConfigError, DataOverlapError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # a read-only or full grid directory: finished records and cells are kept
-        print(f"error: {e}; nothing finished was lost: rerun the same command once it is writable", file=sys.stderr)
-        sys.exit(74)
+    if len(argv) == 1:
+        if cfg is None:
+            raise app.UsageError("--config is required to run a grid")
+        run_reporting_errors(lambda: run_grid(cfg, workdir, FLAGS.only, FLAGS.cell))
     names = list(cfg.base.data.class_names) if cfg is not None else None
     title = cfg.title if cfg is not None else "Results"
     print(f"summary: {summarize(workdir / 'results.jsonl', out, names, title)}", file=sys.stderr)
