@@ -61,6 +61,7 @@ from oefsmc_jax.models import (  # noqa: E402
     shrink,
 )
 from oefsmc_jax.oe import complementary  # noqa: E402
+from oefsmc_jax.training import xla_cpu  # noqa: E402
 from oefsmc_jax.training.parallel import make_mesh, replicate  # noqa: E402
 from oefsmc_jax.training.step import StepConfig, StepData, init_state  # noqa: E402
 from oefsmc_jax.training.train import make_trainer  # noqa: E402
@@ -306,20 +307,26 @@ def torch_sync(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------------------ JAX step
 def make_jax_step(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_vars: dict, host: dict[str, np.ndarray],
-                  wl: Workload, ndev: int | None, seed: int) -> tuple[Callable[[], Any], Any]:
-    """The project's train step, built by ``train.make_trainer`` as ``train.finetune`` does.
+                  wl: Workload, ndev: int | None, seed: int,
+                  fusion: str = "exact") -> tuple[Callable[[], Any], Any, dict]:
+    """The project's train step, built by ``train.make_trainer`` as ``train.finetune`` does, compiled under the
+    XLA:CPU fusion mode ``fusion`` (``oefsmc_jax.training.xla_cpu``; ignored off the CPU).
 
-    Returns ``(run_one_step, mesh)``.
-
-    ``run_one_step()`` dispatches one step asynchronously and returns its metrics (block on them to sync).
+    Returns ``(run_one_step, mesh, box)``: ``run_one_step()`` dispatches one step asynchronously and returns its
+    metrics (block on them to sync); ``box['state']`` is the current train state.
     """
     mesh = make_mesh(ndev)
+    previous = xla_cpu.get_mode()
+    xla_cpu.set_mode(fusion)
     recipe = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau).recipe()  # the prune ratio is not used
     cfg = StepConfig(batch_id=wl.batch_id, batch_ood=wl.batch_ood, pad=wl.pad, flip=True, mean=wl.mean,
                      std=wl.std, lambda_jd=wl.lambda_jd, eta=wl.eta, tau=wl.tau, bn_mode="joint")
     optim_cfg = {"name": "sgd", "lr": wl.lr, "momentum": wl.momentum, "weight_decay": wl.weight_decay,
                  "schedule": "constant"}
-    trainer = make_trainer(mesh, s_spec, t_spec, recipe, cfg, optim_cfg, 1000)
+    try:
+        trainer = make_trainer(mesh, s_spec, t_spec, recipe, cfg, optim_cfg, 1000)
+    finally:
+        xla_cpu.set_mode(previous)
     tx, step_fn = trainer.tx, trainer.step
     data = StepData(x_id=replicate(host["x_id"], mesh), y_id=replicate(host["y_id"], mesh),
                     x_ood=replicate(host["x_ood"], mesh), id_probs=None, gamma=replicate(host["gamma"], mesh),
@@ -331,7 +338,7 @@ def make_jax_step(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_vars: dict
         box["state"], metrics = step_fn(box["state"], data, teacher_vars, masks, mult)
         return metrics
 
-    return run_one_step, mesh
+    return run_one_step, mesh, box
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -380,6 +387,47 @@ def check_equivalence(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_vars: 
     return out
 
 
+def check_fusion_gradients(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_vars: dict,
+                           host: dict[str, np.ndarray], wl: Workload,
+                           fusions: list[str]) -> dict[str, tuple[float, float]]:
+    """The step's loss gradient (student in train mode, the OE-FSMC KD loss, one fixed unaugmented batch) in
+    float32 under each XLA:CPU fusion mode against the same gradient in float64; returns, per mode, the relative
+    L2 error over all parameters and the worst parameter tensor's max-abs error over its max-abs value."""
+    rng = np.random.default_rng(2)
+    b_id, b_ood = wl.batch_id, wl.batch_ood
+    x_u8 = np.concatenate([host["x_id"][:b_id], host["x_ood"][:b_ood]])
+    y_id = host["y_id"][:b_id].astype(np.int32)
+    y_ood = rng.integers(0, NUM_CLASSES, b_ood).astype(np.int32)
+    x = (x_u8.astype(np.float32) / 255.0 - np.asarray(wl.mean, np.float32)) / np.asarray(wl.std, np.float32)
+    recipe = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau).recipe()
+    student, teacher = build_model(s_spec), build_model(t_spec)
+
+    def loss(params, others, t_vars_, x_, reg_w):
+        t = teacher.apply(t_vars_, x_, train=False)
+        out, _ = student.apply({"params": params, **others}, x_, train=True, mutable=["batch_stats"])
+        s_id, t_id = {"logits": out["logits"][:b_id]}, {"logits": t["logits"][:b_id]}
+        return (recipe.base_loss(s_id, t_id, jnp.asarray(y_id))
+                + wl.lambda_jd * losses.joint_distillation("logits", out, t, wl.tau)
+                + wl.eta * losses.class_dependent_regularizer(out["logits"][b_id:], jnp.asarray(y_ood), reg_w))
+
+    others = {k: v for k, v in s_vars.items() if k != "params"}
+    args32 = (s_vars["params"], others, t_vars, x, host["reg_weights"])
+    with jax.enable_x64(True):
+        args64 = jax.tree.map(lambda a: np.asarray(a, np.float64) if np.asarray(a).dtype == np.float32 else a,
+                              args32)
+        ref = [np.asarray(g) for g in jax.tree.leaves(jax.jit(jax.grad(loss))(*args64))]
+    assert ref[0].dtype == np.float64
+    out = {}
+    for fusion in fusions:
+        opts = xla_cpu.compiler_options("cpu", fusion)
+        got = [np.asarray(g, np.float64) for g in jax.tree.leaves(jax.jit(jax.grad(loss),
+                                                                          compiler_options=opts)(*args32))]
+        glob = float(np.sqrt(sum(np.sum((a - r) ** 2) for a, r in zip(got, ref)) / sum(np.sum(r ** 2) for r in ref)))
+        worst = max(float(np.max(np.abs(a - r)) / max(1e-30, float(np.max(np.abs(r))))) for a, r in zip(got, ref))
+        out[fusion] = (glob, worst)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ timing
 def time_steps(run: Callable[[], Any], sync: Callable[[Any], None], steps: int) -> tuple[float, Any]:
     """Seconds for ``steps`` calls of ``run`` followed by ``sync`` of the last result."""
@@ -424,7 +472,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=None, help="JAX devices in the mesh (default: all)")
     p.add_argument("--torch-device", default=None,
                    help="e.g. cpu, cuda (default: cuda if available, else cpu)")
-    p.add_argument("--torch-compile", action="store_true", help="torch.compile the forward + loss")
+    p.add_argument("--torch-compile", action="store_true", help="also time torch.compile of the forward + loss "
+                   "(same as --torch eager,compile)")
+    p.add_argument("--torch", default="eager", help="comma-separated PyTorch variants: eager, compile")
+    p.add_argument("--cpu-fusion", default="exact,off",
+                   help="comma-separated JAX variants on a CPU, each an XLA:CPU fusion mode of "
+                   "oefsmc_jax.training.xla_cpu (exact = the package default, off = XLA's own emitters, fast); "
+                   "the first is the one the ratio is quoted for. Off the CPU only the first is used")
     p.add_argument("--teacher-npz", default=None,
                    help="akamaster teacher .npz (oefsmc_jax.convert.load_akamaster_npz) instead of random")
     p.add_argument("--seed", type=int, default=0)
@@ -432,6 +486,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         p.error("--steps and --rounds must be >= 1, --warmup >= 0")
+    args.torch = [t.strip() for t in args.torch.split(",") if t.strip()]
+    if args.torch_compile and "compile" not in args.torch:
+        args.torch.append("compile")
+    if not args.torch or any(t not in ("eager", "compile") for t in args.torch):
+        p.error(f"--torch: {args.torch} must be a comma-separated list of eager, compile")
+    try:
+        args.cpu_fusion = [xla_cpu.check_mode(m, "--cpu-fusion") for m in args.cpu_fusion.split(",") if m.strip()]
+    except ValueError as e:
+        p.error(str(e))
+    if not args.cpu_fusion:
+        p.error("--cpu-fusion: give at least one mode")
     return args
 
 
@@ -476,53 +541,73 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for mod in (torch_teacher, torch_student):
         mod.to(device=tdev, memory_format=torch.channels_last)
 
-    jax_run, mesh = make_jax_step(t_spec, t_vars, s_spec, s_vars, host, wl, args.devices, args.seed)
-    t0 = time.perf_counter()
-    jax.block_until_ready(jax_run())
-    print(f"JAX: first step (trace + compile + run) {time.perf_counter() - t0:.1f}s on {mesh.devices.size} "
-          f"device(s)")
-    torch_run = make_torch_step(torch_student, torch_teacher, host, wl, tdev, args.torch_compile)
-    t0 = time.perf_counter()
-    torch_sync(tdev)
-    torch_run()
-    torch_sync(tdev)
-    print(f"PyTorch: first step {time.perf_counter() - t0:.1f}s")
+    fusions = args.cpu_fusion if jax.default_backend() == "cpu" else args.cpu_fusion[:1]
+    # name -> (device description, run one step, sync, loss of the synced result)
+    backends: dict[str, tuple[str, Callable[[], Any], Callable[[Any], Any], Callable[[Any], float]]] = {}
+    mesh = None
+    for fusion in fusions:
+        run, mesh, _ = make_jax_step(t_spec, t_vars, s_spec, s_vars, host, wl, args.devices, args.seed, fusion)
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        opts = xla_cpu.compiler_options(xla_cpu.mesh_platform(mesh), fusion) if fusion != "off" else None
+        label = f"JAX {fusion}" if jax.default_backend() == "cpu" else "JAX"
+        print(f"{label}: first step (trace + compile + run) {time.perf_counter() - t0:.1f}s on "
+              f"{mesh.devices.size} device(s); compiler_options {opts}")
+        jdev = f"{jax.default_backend()} x{mesh.devices.size} ({mesh.devices.flat[0].device_kind})"
+        backends[label] = (jdev, run, jax.block_until_ready, lambda out: float(out["loss"]))
+    if jax.default_backend() == "cpu" and not args.skip_check:
+        for fusion, (glob, worst) in check_fusion_gradients(t_spec, t_vars, s_spec, s_vars, host, wl,
+                                                            fusions).items():
+            print(f"check: student gradient under {fusion} against float64: relative L2 error {glob:.1e}, worst "
+                  f"parameter tensor {worst:.1e}")
+    for mode in args.torch:
+        student = copy.deepcopy(torch_student) if len(args.torch) > 1 else torch_student
+        run = make_torch_step(student, torch_teacher, host, wl, tdev, mode == "compile")
+        t0 = time.perf_counter()
+        torch_sync(tdev)
+        run()
+        torch_sync(tdev)
+        label = "PyTorch" + (" compile" if mode == "compile" else "")
+        print(f"{label}: first step {time.perf_counter() - t0:.1f}s")
+        backends[label] = (f"{tdev.type} ({mode})", run, lambda out: (torch_sync(tdev), out.item()),
+                           lambda out: float(out))
 
-    jax_sync = lambda out: jax.block_until_ready(out)
-    torch_sync_out = lambda out: (torch_sync(tdev), out.item())
-    time_steps(jax_run, jax_sync, args.warmup)
-    time_steps(torch_run, torch_sync_out, args.warmup)
+    for _, run, sync, _ in backends.values():
+        time_steps(run, sync, args.warmup)
 
-    secs: dict[str, list[float]] = {"jax": [], "torch": []}
+    secs: dict[str, list[float]] = {k: [] for k in backends}
     last: dict[str, float] = {}
     for r in range(args.rounds):
-        s, out = time_steps(jax_run, jax_sync, args.steps)
-        secs["jax"].append(s)
-        last["jax"] = float(out["loss"])
-        s, out = time_steps(torch_run, torch_sync_out, args.steps)
-        secs["torch"].append(s)
-        last["torch"] = float(out)
-        print(f"round {r + 1}/{args.rounds}: JAX {secs['jax'][-1]:.2f}s, PyTorch {secs['torch'][-1]:.2f}s "
-              f"for {args.steps} steps each")
+        for name, (_, run, sync, loss_of) in backends.items():
+            s, out = time_steps(run, sync, args.steps)
+            secs[name].append(s)
+            last[name] = loss_of(out)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in secs.items())
+              + f" for {args.steps} steps each")
     if not all(np.isfinite(v) for v in last.values()):
         raise RuntimeError(f"non-finite loss: {last}")
 
     res = {k: summarize(v, args.steps, wl.images_per_step) for k, v in secs.items()}
-    jdev = f"{jax.default_backend()} x{mesh.devices.size} ({mesh.devices.flat[0].device_kind})"
-    tdesc = f"{tdev.type}" + (" (compiled)" if args.torch_compile else " (eager)")
     print()
     print(f"One OE-FSMC KD step, ResNet-{depth} teacher -> shrunk student, {wl.images_per_step} "
           f"images/step, {args.rounds} rounds x {args.steps} timed steps (median/min/max over rounds)")
-    header = (f"{'backend':<10} {'device':<28} {'img/s median':>12} {'min':>8} {'max':>8} {'step ms':>9} "
+    header = (f"{'backend':<18} {'device':<28} {'img/s median':>12} {'min':>8} {'max':>8} {'step ms':>9} "
               f"{'last loss':>10}")
     print(header)
     print("-" * len(header))
-    for name, dev in (("jax", jdev), ("torch", tdesc)):
+    for name, (dev, *_rest) in backends.items():
         r_ = res[name]
-        label = "JAX" if name == "jax" else "PyTorch"
-        print(f"{label:<10} {dev:<28} {r_['median']:>12.1f} {r_['min']:>8.1f} {r_['max']:>8.1f} "
+        print(f"{name:<18} {dev:<28} {r_['median']:>12.1f} {r_['min']:>8.1f} {r_['max']:>8.1f} "
               f"{r_['step_ms']:>9.1f} {last[name]:>10.4f}")
-    print(f"ratio JAX / PyTorch (median images/s): {res['jax']['median'] / res['torch']['median']:.2f}")
+    jax_names = [k for k in backends if k.startswith("JAX")]
+    torch_names = [k for k in backends if k.startswith("PyTorch")]
+    for jn in jax_names:
+        print("ratio " + ", ".join(f"{jn} / {tn}: {res[jn]['median'] / res[tn]['median']:.2f}"
+                                   for tn in torch_names) + " (median images/s)")
+    for jn in jax_names[1:]:
+        print(f"ratio {jax_names[0]} / {jn}: {res[jax_names[0]]['median'] / res[jn]['median']:.2f}")
+    ld = os.environ.get("LD_PRELOAD", "")
+    print(f"allocator: {'LD_PRELOAD=' + os.path.basename(ld) if ld else 'system malloc'}")
     print(f"load average (1/5/15 min) at end: {_loadavg()} (other processes on the host skew both backends)")
     return res
 

@@ -68,6 +68,10 @@ def validate(config: Any, num_devices: int = 1) -> None:
     """Raise :class:`ConfigError` with one line naming the first bad field and what is allowed."""
     from oefsmc_jax.methods import METHODS
 
+    if config.get("cpu_fusion", ""):
+        from oefsmc_jax.training.xla_cpu import check_mode
+
+        check_mode(config.cpu_fusion)
     if config.method.name not in METHODS:
         _fail("method.name", f"unknown method {config.method.name!r}; allowed: {', '.join(sorted(METHODS))}")
     _check_arch(config.arch.name)

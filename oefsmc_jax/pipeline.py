@@ -55,11 +55,12 @@ from oefsmc_jax.oe.arms import (
 from oefsmc_jax.oe.calibration import Calibration
 from oefsmc_jax.oe.calibration import calibration_set as build_calibration
 from oefsmc_jax.oe.selection import select as select_ood
-from oefsmc_jax.training import compile_cache
+from oefsmc_jax.training import compile_cache, xla_cpu
 from oefsmc_jax.training.checkpoint import load_model, save_model
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData, make_predict
 from oefsmc_jax.training.train import LoopConfig, finetune
+from oefsmc_jax.training.xla_cpu import mesh_platform
 
 __all__ = ["ARMS", "RunData", "arm_names", "arm_selection", "calibration_set", "prepare_data", "run", "run_arm",
            "uses_ood"]
@@ -462,6 +463,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
 
     workdir = pathlib.Path(workdir).absolute()
     cache = compile_cache.enable(config.get("compile_cache", ""))
+    xla_cpu.set_mode(config.get("cpu_fusion", ""))
     if config.num_devices < 0 or config.num_devices > jax.device_count():
         raise ConfigError(f"config.num_devices: {config.num_devices} is not allowed; 0 (all) to "
                           f"{jax.device_count()} devices are visible")
@@ -471,7 +473,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     check_same_config(workdir / "config.json", config.to_dict())
     write_json(workdir / "config.json", config.to_dict())
     log(f"run: {len(mesh.devices.flat)} device(s) ({jax.default_backend()}), workdir {workdir}, compilation "
-        f"cache {cache or 'off'}")
+        f"cache {cache or 'off'}, {xla_cpu.describe(mesh_platform(mesh))}")
     data = prepare_data(config, workdir)
     t_spec, t_vars = get_teacher(config, workdir, mesh, data)
     k = config.data.num_classes

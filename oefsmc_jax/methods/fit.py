@@ -33,6 +33,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from oefsmc_jax.training import xla_cpu
 from oefsmc_jax.training.parallel import AXIS, make_mesh, num_devices, replicate
 
 LossFn = Callable[..., Any]
@@ -83,7 +84,8 @@ def _runner(loss_fn: LossFn, tx: optax.GradientTransformation, steps: int, batch
 
     rep = P()
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(rep, rep, rep, rep), out_specs=(rep, rep),
-                                 check_vma=False))
+                                 check_vma=False),
+                   compiler_options=xla_cpu.compiler_options(xla_cpu.mesh_platform(mesh)))
 
 
 def fit(loss_fn: LossFn, params: Any, data: Mapping[str, np.ndarray], *, tx: optax.GradientTransformation,

@@ -35,7 +35,9 @@ from jax.sharding import PartitionSpec as P
 from oefsmc_jax import losses
 from oefsmc_jax.data.augment import augment_batch, normalize
 from oefsmc_jax.methods.base import Recipe
+from oefsmc_jax.training import xla_cpu
 from oefsmc_jax.training.parallel import AXIS, num_devices, replicated, shard_batch
+from oefsmc_jax.training.xla_cpu import mesh_platform
 
 BN_MODES = ("joint", "separate")
 
@@ -237,7 +239,7 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
     rep = P()
     step = jax.shard_map(per_device, mesh=mesh, in_specs=(rep, rep, rep, rep, rep), out_specs=(rep, rep),
                          check_vma=False)
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,), compiler_options=xla_cpu.compiler_options(mesh_platform(mesh)))
 
 
 def make_predict(mesh: Mesh, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
@@ -253,7 +255,7 @@ def make_predict(mesh: Mesh, model: nn.Module, mean: tuple[float, ...], std: tup
     rep = replicated(mesh)
 
     # logits come back replicated (an all-gather inside the program), so every process can read them all
-    @functools.partial(jax.jit, out_shardings=rep)
+    @functools.partial(jax.jit, out_shardings=rep, compiler_options=xla_cpu.compiler_options(mesh_platform(mesh)))
     def forward(variables, x):
         return model.apply(variables, normalize(x, mean_a, std_a), train=False)["logits"]
 
