@@ -61,6 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.title = "OE-FSMC on real CIFAR-10 (JPEG q75), Tiny-ImageNet 32x32 as OOD"
     c.rho = 10.0
+    # cells that differ only in their seed run together (up to this many), and their runs of equal shapes train in
+    # one vmapped program (oefsmc_jax/training/group.py); 1 = one cell and one run at a time
+    c.group_size = 8
+    c.group_impl = "auto"  # vmap on GPU/TPU; on CPU unrolled (one copy per run, at most 4 per program)
     c.base = base
     c.teacher_for_arch = {arch: cifar10.akamaster_teacher(arch) for arch in ("resnet20", "resnet56")}
     if a["runlocal"]:

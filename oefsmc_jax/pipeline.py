@@ -15,6 +15,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,7 +68,10 @@ __all__ = ["ARMS", "RunData", "arm_names", "arm_selection", "calibration_set", "
 
 
 def log(msg: str) -> None:
-    """Progress output (stderr, flushed)."""
+    """Progress output (stderr, flushed); inside a grouped grid's cell thread, prefixed with the cell."""
+    name = threading.current_thread().name
+    if name.startswith("cell:"):
+        msg = f"[{name[5:]}] {msg}"
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -76,7 +80,7 @@ def write_json(path: pathlib.Path, obj: Any) -> None:
     if jax.process_index() != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
     os.replace(tmp, path)
 
@@ -294,7 +298,7 @@ def teacher_pool_probs(config: Any, workdir: pathlib.Path, mesh: Any, teacher: t
     probs = np.concatenate(out).astype(np.float32)
     if jax.process_index() == 0:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
+        tmp = cache.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}.npy")
         np.save(tmp, probs)
         os.replace(tmp, cache)
     return probs

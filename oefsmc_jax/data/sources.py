@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
@@ -335,7 +336,7 @@ def tfds_labels(cfg: Any, cache_path: str | os.PathLike | None = None) -> np.nda
     if cache_path:
         cache_path = os.fspath(cache_path)
         os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        tmp = f"{cache_path}.tmp{os.getpid()}"
+        tmp = f"{cache_path}.tmp{os.getpid()}-{threading.get_ident()}"
         with open(tmp, "wb") as fh:
             np.savez(fh, y=y, tag=np.array(tag))
         os.replace(tmp, cache_path)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -135,6 +136,10 @@ def side_by_side(arms: Mapping[str, Mapping[str, Any]], teacher: Mapping[str, An
     )  # fmt: skip
 
 
+#: pyplot keeps global state: the cells of a grouped grid (threads) draw one figure at a time
+PLOT_LOCK = threading.RLock()
+
+
 def plot_per_class(
     path: str | os.PathLike,
     class_names: Sequence[str],
@@ -168,6 +173,13 @@ def plot_per_class(
     def vals(seq: Sequence[float | None]) -> np.ndarray:
         return np.array([np.nan if seq[c] is None else float(seq[c]) for c in order], dtype=np.float64)
 
+    with PLOT_LOCK:
+        return _draw_per_class(plt, path, class_names, train_counts, arms, teacher, title, order, x, vals, k)
+
+
+def _draw_per_class(plt: Any, path: Any, class_names: Sequence[str], train_counts: Sequence[int],
+                    arms: Mapping[str, Sequence[float | None]], teacher: Sequence[float | None] | None,
+                    title: str | None, order: Any, x: np.ndarray, vals: Callable, k: int) -> pathlib.Path:
     fig, ax = plt.subplots(figsize=(9.0, 4.5), dpi=100)
     try:
         n_arms = max(len(arms), 1)

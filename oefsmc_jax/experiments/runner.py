@@ -11,6 +11,7 @@ never run again, and a killed cell resumes from its own checkpoints (its finishe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -26,6 +27,8 @@ from oefsmc_jax import __version__
 from oefsmc_jax.provenance import code_version, portable, versions
 
 AXES = ("method", "arch", "per_class", "mode", "seed")
+#: cells run together when the grid config has no ``group_size``: their runs of equal shapes share one program
+DEFAULT_GROUP_SIZE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +113,19 @@ def device_description(mesh: Any) -> str:
     return f"{mesh.devices.size} x {d.platform} ({d.device_kind})"
 
 
+def batch_cells(todo: list[tuple[Cell, Any]], group_size: int) -> list[list[tuple[Cell, Any]]]:
+    """Split the cells to run into batches run together: cells that differ only in their seed (same group, method,
+    architecture, budget, profile, arms and overrides), at most ``group_size`` per batch, in order of first
+    appearance. With ``group_size`` 1 every cell is its own batch, in the grid's order."""
+    if group_size <= 1:
+        return [[t] for t in todo]
+    by_key: dict[tuple, list[tuple[Cell, Any]]] = {}
+    for cell, c in todo:
+        key = (cell.group, cell.method, cell.arch, cell.per_class, cell.mode, cell.arms, cell.overrides)
+        by_key.setdefault(key, []).append((cell, c))
+    return [cells[i:i + group_size] for cells in by_key.values() for i in range(0, len(cells), group_size)]
+
+
 def read_results(path: pathlib.Path) -> list[dict]:
     """The records of a results file (missing file: none); a torn last line (killed mid-write) is ignored."""
     if not path.exists():
@@ -168,10 +184,27 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     todo = [(cell, c) for cell, c in zip(cells, configs) if not all((cell.id, a) in done for a in cell.arms)]
     print(f"grid: {len(cells)} cells, {len(cells) - len(todo)} finished earlier, {len(todo)} to run; "
           f"results in {results}", file=sys.stderr, flush=True)
+    group_size = int(config.get("group_size", DEFAULT_GROUP_SIZE))
+    if group_size < 1:
+        from oefsmc_jax.errors import ConfigError
+
+        raise ConfigError(f"config.group_size: {group_size} is not allowed; 1 (one run at a time) or more (runs "
+                          "of equal shapes trained together)")
+    group_impl = str(config.get("group_impl", "auto"))
+    from oefsmc_jax.training.step import GROUP_IMPLS
+
+    if group_impl not in GROUP_IMPLS:
+        from oefsmc_jax.errors import ConfigError
+
+        raise ConfigError(f"config.group_impl: {group_impl!r} is not allowed; choose one of {', '.join(GROUP_IMPLS)}")
+    batches = batch_cells(todo, group_size)
+    if group_size > 1:
+        print(f"grid: {len(batches)} batch(es) of up to {group_size} cells; runs of equal shapes are trained "
+              "together", file=sys.stderr, flush=True)
     t0 = time.time()
-    for i, (cell, c) in enumerate(todo):
-        t_cell = time.time()
-        out = run(c, workdir / "cells" / cell.id)
+    finished = 0
+
+    def record(cell: Cell, c: ml_collections.ConfigDict, out: dict) -> list[dict]:
         records = []
         for arm, r in out["arms"].items():
             if (cell.id, arm) in done:
@@ -183,10 +216,33 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
                             "method_hparams": r.get("method"),
                             "params": r["params"], "flops": r["flops"], "wall_s": r["wall_s"],
                             "version": __version__, **code, "versions": versions(), "device": device,
-                            "config": portable(c.to_dict(), roots)})
-        _append(results, records)
+                            "group_size": group_size, "config": portable(c.to_dict(), roots)})
+        return records
+
+    for batch in batches:
+        t_batch = time.time()
+        if len(batch) == 1 and group_size == 1:
+            (cell, c), = batch
+            outs: list[Any] = [run(c, workdir / "cells" / cell.id)]
+        else:
+            from oefsmc_jax.training.group import GroupScheduler
+
+            sched = GroupScheduler(group_size, impl=group_impl)
+            outs = sched.run([functools.partial(run, c, workdir / "cells" / cell.id) for cell, c in batch],
+                             names=[cell.id for cell, _ in batch])
+        failed = None
+        for (cell, c), out in zip(batch, outs):
+            if isinstance(out, BaseException):
+                print(f"grid: cell {cell.id} failed: {type(out).__name__}: {out}", file=sys.stderr, flush=True)
+                failed = failed or out
+                continue
+            _append(results, record(cell, c, out))  # finished cells are recorded before any failure is raised
+            finished += 1
+        if failed is not None:
+            raise failed
         elapsed = time.time() - t0
-        eta = elapsed / (i + 1) * (len(todo) - i - 1)
-        print(f"grid: cell {i + 1}/{len(todo)} {cell.id} done in {time.time() - t_cell:.0f} s; "
+        eta = elapsed / finished * (len(todo) - finished)
+        ids = ", ".join(cell.id for cell, _ in batch)
+        print(f"grid: {finished}/{len(todo)} cells done ({ids} in {time.time() - t_batch:.0f} s); "
               f"elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", file=sys.stderr, flush=True)
     return read_results(results)

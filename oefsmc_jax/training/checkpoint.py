@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import shutil
 import sys
+import threading
 from typing import Any
 
 import jax
@@ -14,6 +16,19 @@ import orbax.checkpoint as ocp
 
 from oefsmc_jax.models import ArchSpec
 
+#: Orbax's save machinery is not safe to drive from several threads at once (the cells of a grouped grid run in
+#: threads): every Orbax call of this module holds this lock, and saves from a cell thread finish before it is freed
+_ORBAX = threading.RLock()
+
+
+def _serial(fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _ORBAX:
+            return fn(*args, **kwargs)
+
+    return wrapped
+
 
 class Checkpointer:
     """A ``CheckpointManager`` holding a state pytree plus a JSON ``meta`` item per step.
@@ -21,6 +36,7 @@ class Checkpointer:
     Saves are asynchronous where Orbax allows; ``close()`` (or ``wait()``) makes sure the last one is on disk.
     """
 
+    @_serial
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
@@ -30,11 +46,15 @@ class Checkpointer:
         """The newest finished checkpoint's step, or None."""
         return self.manager.latest_step()
 
+    @_serial
     def save(self, step: int, state: Any, meta: dict, force: bool = False) -> None:
         """Save ``state`` (pytree) and ``meta`` (JSON-serialisable dict) at ``step``."""
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=force)
+        if threading.current_thread() is not threading.main_thread():
+            self.manager.wait_until_finished()
 
+    @_serial
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
         """Restore the state at ``step`` into the structure, shapes and shardings of ``target``."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -42,6 +62,7 @@ class Checkpointer:
                                                                  meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
+    @_serial
     def restore_latest(self, target: Any, log: Any = None) -> tuple[int | None, tuple[Any, dict] | None]:
         """Restore the newest readable checkpoint into ``target``: ``(step, (state, meta))``, or ``(None, None)``.
 
@@ -68,16 +89,19 @@ class Checkpointer:
                 self.manager.reload()
         return None, None
 
+    @_serial
     def wait(self) -> None:
         """Block until pending saves are finished."""
         self.manager.wait_until_finished()
 
+    @_serial
     def close(self) -> None:
         """Finish pending saves and release the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
 
+@_serial
 def save_model(directory: str | os.PathLike, spec: ArchSpec, variables: dict, extra: dict | None = None) -> None:
     """Write a model (variables + its ``ArchSpec`` as JSON beside the arrays) as an Orbax checkpoint.
 
@@ -93,18 +117,19 @@ def save_model(directory: str | os.PathLike, spec: ArchSpec, variables: dict, ex
         ckpt.save(0, variables, meta, force=True)
         ckpt.close()
         return
-    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
     ckpt = Checkpointer(tmp, max_to_keep=1)
     ckpt.save(0, variables, meta, force=True)
     ckpt.close()
-    old = directory.with_name(f"{directory.name}.old{os.getpid()}")
+    old = directory.with_name(f"{directory.name}.old{os.getpid()}-{threading.get_ident()}")
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
 
 
+@_serial
 def load_model(directory: str | os.PathLike) -> tuple[ArchSpec, dict, dict]:
     """Read a model written by :func:`save_model`; returns ``(spec, variables, meta)`` with host arrays."""
     directory = pathlib.Path(directory).absolute()

@@ -7,6 +7,7 @@ import functools
 import json
 import pathlib
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.checkpoint import Checkpointer
 from oefsmc_jax.training.compile_cache import CompileClock
+from oefsmc_jax.training.group import RunJob, current_scheduler
 from oefsmc_jax.training.optim import make_optimizer
 from oefsmc_jax.training.parallel import replicate
 from oefsmc_jax.training.preemption import NonFiniteError
@@ -157,7 +159,26 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
     parameters as an uninterrupted run. The checkpoint holds the student's variables (parameters, BatchNorm
     statistics, masks), the optimizer state, the step, the RNG key, the early-stopping state, and ``meta`` (the
     pipeline stores the architecture spec and the subset indices there).
+
+    Inside a cell of a :class:`oefsmc_jax.training.group.GroupScheduler` the run is handed to the scheduler, which
+    trains it together with other runs of the same shapes (same result, to float rounding).
     """
+    job = RunJob(name=name, workdir=pathlib.Path(workdir), mesh=mesh, spec=spec, variables=variables, recipe=recipe,
+                 teacher_spec=teacher_spec, teacher_variables=teacher_variables, data=data, step_cfg=step_cfg,
+                 optim_cfg=dict(optim_cfg), loop=loop, seed=seed, heldout=heldout, meta=meta)
+    scheduler = current_scheduler()
+    if scheduler is not None:
+        cell = threading.current_thread().name.removeprefix("cell:")
+        job.name = f"{cell}/{name}"
+        return scheduler.submit(job)
+    return finetune_one(job, log)
+
+
+def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> FinetuneResult:
+    """Train one run alone (what :func:`finetune` does outside a group scheduler)."""
+    name, workdir, mesh, spec, variables, recipe = job.name, job.workdir, job.mesh, job.spec, job.variables, job.recipe
+    teacher_spec, teacher_variables, data, step_cfg = job.teacher_spec, job.teacher_variables, job.data, job.step_cfg
+    optim_cfg, loop, seed, heldout, meta = job.optim_cfg, job.loop, job.seed, job.heldout, job.meta
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     workdir = pathlib.Path(workdir)
     t0 = time.time()

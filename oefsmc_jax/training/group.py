@@ -1,0 +1,402 @@
+"""Many fine-tuning runs in one compiled program (a leading run axis), and the scheduler that forms the groups.
+
+:func:`finetune_group` trains ``R`` runs whose static settings and array shapes agree (the same student spec,
+recipe, step config, optimizer, loop and teacher architecture; e.g. the seeds of one grid cell, or two OE arms) with
+the grouped step of :func:`oefsmc_jax.training.step.make_train_step` (``jax.vmap`` of the one-run step inside the
+same ``shard_map``). Each run keeps everything a single run has: its own parameters, optimizer and BatchNorm state,
+data, keys, early stopping, non-finite counter, checkpoints (in its own workdir, in the same format as a single run,
+so a run can be resumed alone or in another group), metrics files and result. A stopped run (early stopping, or
+too many non-finite steps) is masked out of the update while the others continue.
+
+:class:`GroupScheduler` lets unchanged pipeline code use it: it runs several cells in threads; when a cell's
+pipeline reaches ``training.train.finetune`` it hands the run to the scheduler and waits. Once every live cell is
+waiting, the scheduler (in the calling thread) trains the largest set of waiting runs that can share a program (at
+most ``max_group``), hands back their results, and repeats. Compression, evaluation and records stay in the cells'
+threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from oefsmc_jax.methods.base import Recipe
+from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
+from oefsmc_jax.training import preemption
+from oefsmc_jax.training.checkpoint import Checkpointer
+from oefsmc_jax.training.compile_cache import CompileClock
+from oefsmc_jax.training.optim import make_optimizer
+from oefsmc_jax.training.parallel import replicate, replicated
+from oefsmc_jax.training.preemption import NonFiniteError
+from oefsmc_jax.training.step import (
+    CPU_UNROLL_MAX,
+    StepConfig,
+    StepData,
+    init_state,
+    make_predict,
+    make_train_step,
+    resolve_group_impl,
+)
+from oefsmc_jax.training.xla_cpu import mesh_platform
+
+
+@dataclasses.dataclass
+class RunJob:
+    """One fine-tuning run, as :func:`oefsmc_jax.training.train.finetune` receives it."""
+
+    name: str
+    workdir: pathlib.Path
+    mesh: Mesh
+    spec: ArchSpec
+    variables: dict
+    recipe: Recipe
+    teacher_spec: ArchSpec | None
+    teacher_variables: dict | None
+    data: StepData
+    step_cfg: StepConfig
+    optim_cfg: dict
+    loop: Any  # train.LoopConfig
+    seed: int
+    heldout: tuple[np.ndarray, np.ndarray] | None = None
+    meta: dict | None = None
+
+    def key(self) -> tuple:
+        """Runs with equal keys can be trained by one grouped program."""
+        from oefsmc_jax.training.train import _freeze
+
+        shapes = lambda t: (jax.tree.structure(t), tuple(np.shape(x) + (str(np.asarray(x).dtype)
+                                                                            if not isinstance(x, jax.Array)
+                                                                            else str(x.dtype),)
+                                                         for x in jax.tree.leaves(t)))
+        return (self.mesh, self.spec, self.teacher_spec, self.recipe, self.step_cfg, _freeze(dict(self.optim_cfg)),
+                self.loop, shapes(self.data), shapes(self.variables), shapes(self.teacher_variables))
+
+
+@functools.lru_cache(maxsize=32)
+def _group_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, recipe: Recipe,
+                   step_cfg: StepConfig, optim_items: tuple, steps: int, shared_teacher: bool, impl: str) -> tuple:
+    optim_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in optim_items}
+    student = build_model(spec, bn_axis_name="data")
+    teacher = build_model(teacher_spec) if teacher_spec is not None else None
+    abstract = jax.eval_shape(lambda: build_model(spec).init(jax.random.PRNGKey(0),
+                                                             jnp.zeros((1, 32, 32, spec.in_channels)), train=False))
+    tx, schedule = make_optimizer(optim_cfg, steps, recipe.trainable(abstract["params"]))
+    step = make_train_step(mesh, student, teacher, recipe, tx, step_cfg, grouped=True, shared_teacher=shared_teacher,
+                           group_impl=impl)
+    rep = replicated(mesh)
+    take = jax.jit(lambda tree, r: jax.tree.map(lambda a: a[r], tree), out_shardings=rep)
+    return tx, schedule, step, take, make_predict(mesh, build_model(spec), step_cfg.mean, step_cfg.std)
+
+
+def _same_tree(trees: Sequence[Any]) -> bool:
+    first = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(trees[0]))]
+    for t in trees[1:]:
+        other = jax.tree.leaves(jax.device_get(t))
+        if len(other) != len(first) or not all(np.array_equal(a, b) for a, b in zip(first, other)):
+            return False
+    return True
+
+
+def _stack(trees: Sequence[Any], mesh: Mesh) -> Any:
+    host = [jax.device_get(t) for t in trees]
+    return replicate(jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *host), mesh)
+
+
+def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = None,
+                   impl: str = "auto") -> list[Any]:
+    """Train ``jobs`` (equal :meth:`RunJob.key`) as one program; returns, per job, its ``FinetuneResult`` or the
+    exception that stopped it (a :class:`NonFiniteError` of its own). Raises ``preemption.Preempted`` after
+    checkpointing every unfinished run when a SIGTERM asks the process to stop. ``impl``: how the program runs
+    its runs (``oefsmc_jax.training.step.GROUP_IMPLS``; ``auto`` = batched on an accelerator, one after another
+    inside the program on a CPU)."""
+    from oefsmc_jax.training.train import FinetuneResult, MetricWriter, _format_eta, _freeze
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    if not jobs:
+        return []
+    keys = {j.key() for j in jobs}
+    if len(keys) != 1:
+        raise ValueError("finetune_group: the runs differ in settings or shapes; group only runs of equal key()")
+    j0, n_runs = jobs[0], len(jobs)
+    mesh, loop, step_cfg = j0.mesh, j0.loop, j0.step_cfg
+    t0 = time.time()
+    shared = j0.teacher_variables is None or _same_tree([j.teacher_variables for j in jobs])
+    tx, schedule, step_fn, take, predict = _group_trainer(mesh, j0.spec, j0.teacher_spec, j0.recipe, step_cfg,
+                                                          _freeze(dict(j0.optim_cfg)), int(loop.steps), shared,
+                                                          resolve_group_impl(impl, mesh_platform(mesh)))
+    names = [j.name for j in jobs]
+    label = f"group of {n_runs}"
+    log(f"[{label}] training together ({resolve_group_impl(impl, mesh_platform(mesh))}): {', '.join(names)}"
+        + ("" if shared else " (teachers differ: one each)"))
+
+    # per run: restore its own checkpoint (same format as a single run's) or start fresh
+    ckpts, trees, stopped, steps, metas = [], [], [], [], []
+    for j in jobs:
+        state = init_state(j.variables, tx, j.seed)
+        es = {"best_params": j.variables["params"], "best_batch_stats": j.variables.get("batch_stats", {}),
+              "best_agreement": jnp.asarray(-1.0, jnp.float32), "best_step": jnp.asarray(0, jnp.int32),
+              "bad_evals": jnp.asarray(0, jnp.int32)}
+        tree = replicate({"state": state, "es": es, "masks": j.variables.get("masks", {})}, mesh)
+        ck = Checkpointer(pathlib.Path(j.workdir) / "checkpoints", max_to_keep=loop.keep_checkpoints)
+        start, restored = ck.restore_latest(tree, log=lambda s, n=j.name: log(f"[{n}] {s}"))
+        done = False
+        if start is not None:
+            tree, saved_meta = restored
+            done = bool(saved_meta.get("stopped", False))
+            log(f"[{j.name}] resumed from step {start}" + (" (run had already finished)" if done else ""))
+        ckpts.append(ck)
+        trees.append(jax.device_get(tree))
+        stopped.append(done)
+        steps.append(int(trees[-1]["state"].step))
+        metas.append(j.meta or {})
+    state = _stack([t["state"] for t in trees], mesh)
+    masks = _stack([t["masks"] for t in trees], mesh)
+    es_list = [replicate(t["es"], mesh) for t in trees]
+    del trees
+    data = _stack([j.data for j in jobs], mesh)
+    mult = _stack([mask_multipliers(j.spec, j.variables) for j in jobs], mesh)
+    teacher_vars = (replicate(jax.device_get(j0.teacher_variables), mesh) if shared
+                    else _stack([j.teacher_variables for j in jobs], mesh))
+    writers = [MetricWriter(j.workdir) for j in jobs]
+    results: list[Any] = [None] * n_runs
+    imgs_per_step = step_cfg.batch_id + step_cfg.batch_ood
+    start_steps = list(steps)
+    check_every = max(1, min(loop.log_every, loop.max_nonfinite))
+
+    def active() -> list[bool]:
+        return [not stopped[r] and results[r] is None and steps[r] < loop.steps for r in range(n_runs)]
+
+    def run_tree(r: int) -> dict:
+        return {"state": take(state, r), "es": es_list[r], "masks": take(masks, r)}
+
+    def save(r: int, force: bool = False, stopped_flag: bool = False) -> None:
+        ckpts[r].save(steps[r], run_tree(r), {**metas[r], "stopped": stopped_flag, "name": names[r]}, force=force)
+
+    clock = CompileClock()
+    it, last_t, last_it, run_t0 = 0, time.time(), 0, time.time()
+    while any(act := active()):
+        mask = replicate(np.asarray(act), mesh)
+        state, metrics = step_fn(state, data, teacher_vars, masks, mult, mask)
+        it += 1
+        for r in range(n_runs):
+            steps[r] += int(act[r])
+        if clock is not None:
+            jax.block_until_ready(state.step)
+            log(f"[{label}] train step {clock.describe()}")
+            clock = None
+        if it % check_every == 0 or not any(active()):
+            nonfinite = np.asarray(jax.device_get(state.nonfinite))
+            for r in range(n_runs):
+                if act[r] and nonfinite[r] >= loop.max_nonfinite:
+                    last = ckpts[r].latest_step()
+                    results[r] = NonFiniteError(
+                        f"[{names[r]}] {int(nonfinite[r])} consecutive steps (to step {steps[r]}) had a non-finite "
+                        f"loss or gradient, so their updates were skipped and the run stopped; the newest checkpoint "
+                        f"is {'step ' + str(last) if last is not None else 'none'} in "
+                        f"{pathlib.Path(jobs[r].workdir) / 'checkpoints'}, untouched. Lower optim.lr or check the "
+                        "data; raise train.max_nonfinite to tolerate more.")
+                    log(f"[{names[r]}] stopped: {int(nonfinite[r])} non-finite steps in a row (the rest of the group "
+                        "goes on)")
+        log_now = it % loop.log_every == 0 or not any(active())
+        if log_now:
+            host = jax.device_get(metrics)
+            skipped = np.asarray(jax.device_get(state.skipped))
+            now = time.time()
+            ips = (it - last_it) * imgs_per_step * sum(act) / max(now - last_t, 1e-9)
+            remaining = max((loop.steps - steps[r] for r in range(n_runs) if active()[r]), default=0)
+            eta = remaining * (now - run_t0) / max(it, 1)
+            losses = []
+            for r in range(n_runs):
+                if not act[r]:
+                    continue
+                m = {k: float(v[r]) for k, v in host.items()}
+                m["lr"] = float(schedule(steps[r] - 1))
+                m["skipped_steps"] = float(skipped[r])
+                m["images_per_s"] = ips / max(sum(act), 1)
+                writers[r].write(steps[r], "train", m)
+                losses.append(m["loss"])
+            log(f"[{label}] step {max(steps)}/{loop.steps}: {sum(act)} runs training, loss "
+                f"{min(losses):.4f}..{max(losses):.4f}, {ips:,.0f} img/s in all, ETA {_format_eta(eta)}")
+            last_t, last_it = now, it
+        for r in range(n_runs):
+            if not act[r] or results[r] is not None:
+                continue
+            j = jobs[r]
+            if j.heldout is not None and loop.eval_every and steps[r] % loop.eval_every == 0:
+                cur = {"params": take(state.params, r), "batch_stats": take(state.batch_stats, r),
+                       "masks": take(masks, r)}
+                preds = np.argmax(predict(cur, j.heldout[0])["logits"], -1)
+                agree = float(np.mean(preds == j.heldout[1]) * 100.0)
+                es = es_list[r]
+                best = float(es["best_agreement"])
+                if agree > best:
+                    es_list[r] = {"best_params": cur["params"], "best_batch_stats": cur["batch_stats"],
+                                  **replicate({"best_agreement": np.float32(agree), "best_step": np.int32(steps[r]),
+                                               "bad_evals": np.int32(0)}, mesh)}
+                else:
+                    es_list[r] = {**es, "bad_evals": replicate(np.int32(int(es["bad_evals"]) + 1), mesh)}
+                writers[r].write(steps[r], "eval", {"heldout_agreement": agree, "best_agreement": max(agree, best)})
+                log(f"[{names[r]}] step {steps[r]}: held-out OOD agreement with teacher {agree:.2f}% "
+                    f"(best {max(agree, best):.2f}% at step {int(es_list[r]['best_step'])})")
+                if int(es_list[r]["bad_evals"]) >= loop.patience:
+                    stopped[r] = True
+                    log(f"[{names[r]}] early stop at step {steps[r]}: no improvement in {loop.patience} evaluations")
+            if stopped[r] or steps[r] == loop.steps:
+                save(r, force=True, stopped_flag=True)
+                stopped[r] = True
+            elif steps[r] % loop.ckpt_every == 0 and int(jax.device_get(state.nonfinite[r])) == 0:
+                save(r)
+        if any(active()) and preemption.should_stop(it):
+            for r in range(n_runs):
+                if active()[r]:
+                    save(r, force=True)
+            for c in ckpts:
+                c.close()
+            for w in writers:
+                w.close()
+            raise preemption.Preempted(f"[{label}] preempted: checkpoints written for {', '.join(names)}; rerun the "
+                                       "same command to resume")
+    for c in ckpts:
+        c.close()
+    for w in writers:
+        w.close()
+    skipped = np.asarray(jax.device_get(state.skipped))
+    wall = time.time() - t0
+    for r, j in enumerate(jobs):
+        if results[r] is not None:
+            continue
+        es = es_list[r]
+        use_best = j.heldout is not None and loop.eval_every and float(es["best_agreement"]) >= 0
+        params = es["best_params"] if use_best else take(state.params, r)
+        batch_stats = es["best_batch_stats"] if use_best else take(state.batch_stats, r)
+        out_vars = jax.device_get({"params": params, "batch_stats": batch_stats, "masks": take(masks, r)})
+        results[r] = FinetuneResult(
+            variables=out_vars, steps_run=steps[r], best_step=int(es["best_step"]) if use_best else steps[r],
+            best_agreement=float(es["best_agreement"]) if use_best else None, stopped_early=steps[r] < loop.steps,
+            wall_s=wall, skipped_steps=int(skipped[r]))
+    log(f"[{label}] done in {wall:.0f} s ({sum(s - s0 for s, s0 in zip(steps, start_steps))} run-steps)")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- scheduler
+_local = threading.local()
+
+
+def current_scheduler() -> GroupScheduler | None:
+    """The scheduler of this thread's cell (set inside :meth:`GroupScheduler.run`), else None."""
+    return getattr(_local, "scheduler", None)
+
+
+class _Pending:
+    def __init__(self, job: RunJob, order: int):
+        self.job, self.order = job, order
+        self.key = job.key()
+        self.result: Any = None
+        self.ready = False
+
+
+class GroupScheduler:
+    """Runs cell functions in threads and trains their fine-tuning runs in groups of at most ``max_group``."""
+
+    def __init__(self, max_group: int, log: Callable[[str], None] | None = None, impl: str = "auto"):
+        if max_group < 1:
+            raise ValueError(f"group size must be >= 1, got {max_group}")
+        resolve_group_impl(impl, "cpu")  # refuse an unknown implementation now, not in the first group
+        self.max_group, self.impl = max_group, impl
+        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._cond = threading.Condition()
+        self._waiting: list[_Pending] = []
+        self._live = 0
+        self._order = 0
+        self.groups_run: list[list[str]] = []  # names of each group trained, in order (for tests and logs)
+
+    def submit(self, job: RunJob) -> Any:
+        """Called from a cell's thread (by ``finetune``): wait until the run has been trained; its result."""
+        with self._cond:
+            p = _Pending(job, self._order)
+            self._order += 1
+            self._waiting.append(p)
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: p.ready)
+        if isinstance(p.result, BaseException):
+            raise p.result
+        return p.result
+
+    def _pick(self) -> list[_Pending]:
+        by_key: dict[tuple, list[_Pending]] = {}
+        for p in sorted(self._waiting, key=lambda q: q.order):
+            by_key.setdefault(p.key, []).append(p)
+        best = max(by_key.values(), key=lambda ps: (len(ps), -ps[0].order))
+        limit = self.max_group
+        if self.impl == "auto" and mesh_platform(best[0].job.mesh) == "cpu":
+            limit = min(limit, CPU_UNROLL_MAX)  # unrolled copies: compile time grows with the group
+        return best[:limit]
+
+    def run(self, fns: Sequence[Callable[[], Any]], names: Sequence[str] | None = None) -> list[Any]:
+        """Call every ``fns[i]()`` in its own thread, training their runs in groups in this thread; returns each
+        function's return value or the exception it raised (a ``Preempted`` of a group is raised here after every
+        thread has ended)."""
+        names = list(names or [f"cell{i}" for i in range(len(fns))])
+        out: list[Any] = [None] * len(fns)
+
+        def body(i: int) -> None:
+            _local.scheduler = self
+            try:
+                out[i] = fns[i]()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                out[i] = e
+            finally:
+                with self._cond:
+                    self._live -= 1
+                    self._cond.notify_all()
+
+        threads = [threading.Thread(target=body, args=(i,), name=f"cell:{names[i]}", daemon=True)
+                   for i in range(len(fns))]
+        with self._cond:
+            self._live = len(threads)
+        for t in threads:
+            t.start()
+        preempted: BaseException | None = None
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._live == len(self._waiting))
+                if self._live == 0:
+                    break
+                batch = self._pick()
+                for p in batch:
+                    self._waiting.remove(p)
+            self.groups_run.append([p.job.name for p in batch])
+            try:
+                if preempted is not None:  # the process is stopping: no new group starts
+                    raise preempted
+                if len(batch) == 1 and self.max_group == 1:
+                    from oefsmc_jax.training.train import finetune_one
+
+                    results = [finetune_one(batch[0].job, self.log)]
+                else:
+                    results = finetune_group([p.job for p in batch], self.log, self.impl)
+            except preemption.Preempted as e:
+                preempted = e
+                results = [e] * len(batch)
+            except Exception as e:  # noqa: BLE001 - every run of the group gets it
+                results = [e] * len(batch)
+            with self._cond:
+                for p, r in zip(batch, results):
+                    p.result, p.ready = r, True
+                self._cond.notify_all()
+        for t in threads:
+            t.join()
+        if preempted is not None:
+            raise preempted
+        return out
