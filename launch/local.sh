@@ -9,4 +9,6 @@ if [[ $# -gt 0 && "$1" =~ ^[0-9]+$ ]]; then
   export JAX_PLATFORMS=cpu
   shift
 fi
+# tcmalloc when installed (faster CPU steps; OEFSMC_TCMALLOC=0 turns it off): see launch/tcmalloc.sh
+source launch/tcmalloc.sh
 exec python -m oefsmc_jax --config "$config" --workdir "$workdir" "$@"

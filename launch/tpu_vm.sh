@@ -94,7 +94,7 @@ fi
 # 4. the run on every worker (logs stream back); the same command twice resumes from the last checkpoint
 env_prefix=""
 [[ -n "$tfds_dir" ]] && env_prefix="TFDS_DATA_DIR=$(printf '%q' "$tfds_dir") "
-cmd="cd oefsmc_jax && ${env_prefix}python -m oefsmc_jax --multihost --config $(printf '%q' "$config") --workdir \
+cmd="cd oefsmc_jax && source launch/tcmalloc.sh && ${env_prefix}python -m oefsmc_jax --multihost --config $(printf '%q' "$config") --workdir \
 $(printf '%q' "$remote_workdir")"
 for o in "${overrides[@]}"; do cmd+=" $(printf '%q' "$o")"; done
 status=0

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.evaluation import paired_difference
 from oefsmc_jax.experiments import cell_config, expand, read_results, run_grid, summarize
 from oefsmc_jax.experiments.summarize import paired_table
@@ -287,3 +288,15 @@ def test_grouped_grid_equals_one_cell_at_a_time(tiny_grid, tmp_path):
         _, b, _ = load_model(root / "w" / "cells" / r["cell"] / r["arm"] / "student")
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("group_size", 0, r"^config.group_size: 0 is not allowed; 1 \(one run at a time\) or more"),
+    ("group_impl", "pmap", r"^config.group_impl: 'pmap' is not allowed; choose one of auto, vmap, map, unroll$")])
+def test_bad_group_settings_are_named(tiny_grid, tmp_path, field, value, message):
+    _, grid, _ = tiny_grid
+    bad = ml_collections.ConfigDict(grid.to_dict())
+    bad[field] = value
+    with pytest.raises(ConfigError, match=message):
+        run_grid(bad, tmp_path / "w")
+    assert not (tmp_path / "w").exists()  # refused before anything is written

@@ -24,7 +24,8 @@ def test_dry_run_prints_every_step_in_order():
         ("gcloud compute tpus tpu-vm scp", "t1:oefsmc_jax.tar.gz", "--worker=all"),
         ("gcloud compute tpus tpu-vm ssh t1", "--worker=all", "pip install -q ./oefsmc_jax", "jax[tpu]>=0.8.0,<0.12"),
         ("--worker=all", "gcsfuse --implicit-dirs bkt /gcs/bkt"),
-        ("--worker=all", "python -m oefsmc_jax --multihost --config configs/cifar10.py:data=tfds",
+        ("--worker=all", "source launch/tcmalloc.sh",
+         "python -m oefsmc_jax --multihost --config configs/cifar10.py:data=tfds",
          "--workdir /gcs/bkt/runs/a", "TFDS_DATA_DIR=gs://bkt/tfds", "--config.train.steps=2000"),
         ("mkdir -p runs/tpu/t1",),
         ("gcloud storage rsync --recursive", "gs://bkt/runs/a runs/tpu/t1"),
@@ -54,3 +55,20 @@ def test_missing_or_unknown_arguments_fail_in_one_line():
     assert out.returncode == 2 and "unknown argument '--bogus'" in out.stderr
     out = _launch("--help")
     assert out.returncode == 0 and "--accelerator-type" in out.stdout and "--dry-run" in out.stdout
+
+
+def _preload(env_value, preload=""):
+    script = f"source {ROOT / 'launch' / 'tcmalloc.sh'}; echo \"LD_PRELOAD=$LD_PRELOAD\""
+    env = {"PATH": "/usr/bin:/bin", "OEFSMC_TCMALLOC": env_value, "LD_PRELOAD": preload}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_tcmalloc_is_preloaded_unless_turned_off(tmp_path):
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")  # only the path is used: sourcing the script loads nothing
+    assert _preload(str(lib)).stdout.strip() == f"LD_PRELOAD={lib}"
+    assert _preload(str(lib), "/x/other.so").stdout.strip() == f"LD_PRELOAD={lib}:/x/other.so"
+    assert _preload(str(lib), f"{lib}").stdout.strip() == f"LD_PRELOAD={lib}"  # never twice
+    assert _preload("0", "/x/other.so").stdout.strip() == "LD_PRELOAD=/x/other.so"
+    bad = _preload(str(tmp_path / "missing.so"))
+    assert bad.returncode == 2 and "OEFSMC_TCMALLOC=" in bad.stderr and "is not a file" in bad.stderr

@@ -152,9 +152,18 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     """Run every unfinished cell of ``config`` (optionally only the group ``only`` or the cell ``cell_id``);
     returns all records."""
     from oefsmc_jax.config_validation import validate
+    from oefsmc_jax.errors import ConfigError
     from oefsmc_jax.pipeline import run
     from oefsmc_jax.training.parallel import make_mesh
+    from oefsmc_jax.training.step import GROUP_IMPLS
 
+    group_size = int(config.get("group_size", DEFAULT_GROUP_SIZE))
+    if group_size < 1:
+        raise ConfigError(f"config.group_size: {group_size} is not allowed; 1 (one run at a time) or more (runs "
+                          "of equal shapes trained together)")
+    group_impl = str(config.get("group_impl", "auto"))
+    if group_impl not in GROUP_IMPLS:
+        raise ConfigError(f"config.group_impl: {group_impl!r} is not allowed; choose one of {', '.join(GROUP_IMPLS)}")
     workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     results = workdir / "results.jsonl"
@@ -184,19 +193,6 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     todo = [(cell, c) for cell, c in zip(cells, configs) if not all((cell.id, a) in done for a in cell.arms)]
     print(f"grid: {len(cells)} cells, {len(cells) - len(todo)} finished earlier, {len(todo)} to run; "
           f"results in {results}", file=sys.stderr, flush=True)
-    group_size = int(config.get("group_size", DEFAULT_GROUP_SIZE))
-    if group_size < 1:
-        from oefsmc_jax.errors import ConfigError
-
-        raise ConfigError(f"config.group_size: {group_size} is not allowed; 1 (one run at a time) or more (runs "
-                          "of equal shapes trained together)")
-    group_impl = str(config.get("group_impl", "auto"))
-    from oefsmc_jax.training.step import GROUP_IMPLS
-
-    if group_impl not in GROUP_IMPLS:
-        from oefsmc_jax.errors import ConfigError
-
-        raise ConfigError(f"config.group_impl: {group_impl!r} is not allowed; choose one of {', '.join(GROUP_IMPLS)}")
     batches = batch_cells(todo, group_size)
     if group_size > 1:
         print(f"grid: {len(batches)} batch(es) of up to {group_size} cells; runs of equal shapes are trained "
