@@ -116,6 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 25
     c.train.ckpt_every = 100
     c.train.max_nonfinite = 10  # consecutive non-finite (skipped) steps before the run stops, last good ckpt kept
+    c.train.host_batches = "auto"  # on: gather each step's images on the host (training/feed.py); off: the ID set
+    # and OOD pool live on every device; auto: on when they exceed train.device_pool_mb
+    c.train.device_pool_mb = 2048
 
     c.optim = ml_collections.ConfigDict({"name": "sgd", "lr": 0.02, "momentum": 0.9, "nesterov": False,
                                          "weight_decay": 1e-4, "schedule": "cosine", "warmup_steps": 0,

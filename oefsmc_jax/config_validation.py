@@ -152,6 +152,10 @@ def validate(config: Any, num_devices: int = 1) -> None:
         _fail("train.log_every", "train.log_every and train.ckpt_every must be >= 1")
     if t.get("max_nonfinite", 10) < 1:
         _fail("train.max_nonfinite", f"must be >= 1 (consecutive non-finite steps tolerated), got {t.max_nonfinite}")
+    if str(t.get("host_batches", "auto")) not in ("auto", "on", "off"):
+        _fail("train.host_batches", f"{t.host_batches!r} is not allowed; choose auto, on or off")
+    if t.get("device_pool_mb", 2048) < 0:
+        _fail("train.device_pool_mb", f"must be >= 0 (MiB), got {t.device_pool_mb}")
     for field, o in (("optim", config.optim), ("teacher.optim", config.teacher.optim)):
         if o.name not in OPTIMIZERS:
             _fail(f"{field}.name", f"unknown optimizer {o.name!r}; allowed: {', '.join(OPTIMIZERS)}")

@@ -58,6 +58,7 @@ from oefsmc_jax.oe.calibration import calibration_set as build_calibration
 from oefsmc_jax.oe.selection import select as select_ood
 from oefsmc_jax.training import compile_cache, xla_cpu
 from oefsmc_jax.training.checkpoint import load_model, save_model
+from oefsmc_jax.training.feed import pool_bytes
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData, make_predict
 from oefsmc_jax.training.train import LoopConfig, finetune
@@ -401,18 +402,21 @@ def _finetune_arm(config: Any, arm: str, adir: pathlib.Path, mesh: Any, data: Ru
     k = config.data.num_classes
     t_spec, t_vars = teacher
     id_probs = spec_arm.id_probs(data.train.y, k)
-    step_data = StepData(
-        x_id=replicate(data.train.x, mesh), y_id=replicate(data.train.y.astype(np.int32), mesh),
-        x_ood=replicate(ood_set.x, mesh) if ood_set is not None else None,
-        id_probs=replicate(id_probs, mesh) if id_probs is not None else None,
-        gamma=replicate(gamma.astype(np.float32), mesh),
-        reg_weights=replicate(np.asarray(complementary.class_weights(jnp.asarray(gamma)), np.float32), mesh),
-        y_ood=replicate(ood_labels.astype(np.int32), mesh) if ood_labels is not None else None)
+    reg_w = np.asarray(complementary.class_weights(jnp.asarray(gamma)), np.float32)
+    host_data = StepData(
+        x_id=data.train.x, y_id=data.train.y.astype(np.int32), x_ood=ood_set.x if ood_set is not None else None,
+        id_probs=id_probs, gamma=gamma.astype(np.float32), reg_weights=reg_w,
+        y_ood=ood_labels.astype(np.int32) if ood_labels is not None else None)
+    mode = str(config.train.get("host_batches", "auto"))
+    host_batches = mode == "on" or (mode == "auto" and
+                                    pool_bytes(host_data) > config.train.get("device_pool_mb", 2048) * 2**20)
+    # host batches: the arrays stay on the host (training/feed.py gathers each step's images); else on every device
+    step_data = host_data if host_batches else jax.tree.map(lambda a: replicate(a, mesh), host_data)
     tr = config.train
     step_cfg = StepConfig(batch_id=tr.batch_id, batch_ood=tr.batch_ood if ood_set is not None else 0,
                           pad=config.data.pad, flip=config.data.flip, mean=tuple(config.data.mean),
                           std=tuple(config.data.std), lambda_jd=config.oe.lambda_jd, eta=eta, tau=config.method.tau,
-                          bn_mode=config.oe.bn_mode)
+                          bn_mode=config.oe.bn_mode, host_batches=host_batches)
     # early stopping on held-out OOD agreement: OE arms (the default), or every arm (oe.early_stopping_arms=all)
     early = (config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
              and heldout_pred is not None)

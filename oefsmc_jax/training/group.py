@@ -125,6 +125,8 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not jobs:
         return []
+    if any(j.step_cfg.host_batches for j in jobs):
+        raise ValueError("finetune_group: runs fed with host batches (StepConfig.host_batches) train one by one")
     keys = {j.key() for j in jobs}
     if len(keys) != 1:
         raise ValueError("finetune_group: the runs differ in settings or shapes; group only runs of equal key()")
@@ -380,10 +382,10 @@ class GroupScheduler:
             try:
                 if preempted is not None:  # the process is stopping: no new group starts
                     raise preempted
-                if len(batch) == 1 and self.max_group == 1:
+                if (len(batch) == 1 and self.max_group == 1) or batch[0].job.step_cfg.host_batches:
                     from oefsmc_jax.training.train import finetune_one
 
-                    results = [finetune_one(batch[0].job, self.log)]
+                    results = [finetune_one(p.job, self.log) for p in batch]  # host-fed runs train one by one
                 else:
                     results = finetune_group([p.job for p in batch], self.log, self.impl)
             except preemption.Preempted as e:

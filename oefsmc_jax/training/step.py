@@ -82,6 +82,41 @@ class StepConfig:
     eta: float = 0.1
     tau: float = 4.0
     bn_mode: str = "joint"  # 'joint': BN sees ID and OOD together; 'separate': BN statistics from ID only
+    # False: the whole ID set and OOD pool live on every device and the step draws its batch from them.
+    # True: the host draws the same indices (host_draw), gathers the step's images and passes only those
+    # (StepData then holds this step's global batch; training.feed.HostFeeder): for pools too large to replicate.
+    host_batches: bool = False
+
+
+def host_draw(cfg: StepConfig, rng: np.ndarray, step: int, n: int, m: int,
+              id_probs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The global ID and OOD indices the step draws at ``step`` from a set of ``n`` ID and a pool of ``m`` OOD images
+    (``m = 0``: none), computed on the host with the same keys and calls as inside the step, so a run fed by
+    :class:`oefsmc_jax.training.feed.HostFeeder` sees exactly the images of a run with the data on the device."""
+    return _host_draw(np.asarray(rng, np.uint32), np.int32(step), n, m, cfg.batch_id, cfg.batch_ood,
+                      None if id_probs is None else np.asarray(id_probs, np.float32))
+
+
+def _host_draw(rng, step, n, m, batch_id, batch_ood, id_probs):
+    cpu = jax.devices("cpu")[0]
+    fn = _host_draw_fn(n, m, batch_id, batch_ood, id_probs is not None)
+    args = jax.device_put((rng, step) + ((id_probs,) if id_probs is not None else ()), cpu)
+    idx, idx_ood = fn(*args)
+    return np.asarray(idx), (np.asarray(idx_ood) if m else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _host_draw_fn(n: int, m: int, batch_id: int, batch_ood: int, weighted: bool) -> Callable:
+    def draw(rng, step, *probs):
+        key = jax.random.fold_in(rng, step)
+        k_idx, k_idx_ood, _, _, _ = jax.random.split(key, 5)
+        p = probs[0] if weighted else None
+        idx = jax.random.choice(k_idx, n, (batch_id,), replace=batch_id > n or weighted, p=p)
+        idx_ood = (jax.random.choice(k_idx_ood, m, (batch_ood,), replace=batch_ood > m) if m
+                   else jnp.zeros((0,), jnp.int32))
+        return idx, idx_ood
+
+    return jax.jit(draw)
 
 
 def init_state(variables: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -164,15 +199,21 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
             return lax.dynamic_slice_in_dim(a, dev * b, b)
 
         n = data.x_id.shape[0]
-        idx = jax.random.choice(k_idx, n, (cfg.batch_id,), replace=cfg.batch_id > n or data.id_probs is not None,
-                                p=data.id_probs)
-        idx = local(idx, cfg.batch_id)
+        if cfg.host_batches:  # data holds this step's batch, gathered by the host from the same draws
+            idx = local(jnp.arange(cfg.batch_id), cfg.batch_id)
+        else:
+            idx = jax.random.choice(k_idx, n, (cfg.batch_id,), replace=cfg.batch_id > n or data.id_probs is not None,
+                                    p=data.id_probs)
+            idx = local(idx, cfg.batch_id)
         out = {"x_id": data.x_id[idx], "y_id": data.y_id[idx],
                "k_id": local(jax.random.split(k_aug, cfg.batch_id), cfg.batch_id)}
         if use_ood:
             m = data.x_ood.shape[0]
-            idx_ood = local(jax.random.choice(k_idx_ood, m, (cfg.batch_ood,), replace=cfg.batch_ood > m),
-                            cfg.batch_ood)
+            if cfg.host_batches:
+                idx_ood = local(jnp.arange(cfg.batch_ood), cfg.batch_ood)
+            else:
+                idx_ood = local(jax.random.choice(k_idx_ood, m, (cfg.batch_ood,), replace=cfg.batch_ood > m),
+                                cfg.batch_ood)
             out["x_ood"] = data.x_ood[idx_ood]
             out["k_ood"] = local(jax.random.split(k_aug_ood, cfg.batch_ood), cfg.batch_ood)
             if data.y_ood is not None:  # labels fixed per image (e.g. the class the teacher chose it for)

@@ -22,6 +22,7 @@ from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.checkpoint import Checkpointer
 from oefsmc_jax.training.compile_cache import CompileClock
+from oefsmc_jax.training.feed import HostFeeder, pool_bytes
 from oefsmc_jax.training.group import RunJob, current_scheduler
 from oefsmc_jax.training.optim import make_optimizer
 from oefsmc_jax.training.parallel import replicate
@@ -214,6 +215,8 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
     check_every = max(1, min(loop.log_every, loop.max_nonfinite))
 
     def stop_nonfinite() -> None:
+        if feeder is not None:
+            feeder.close()
         ckpt.close()
         writer.close()
         last = ckpt.latest_step()
@@ -223,9 +226,14 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
             f"{'step ' + str(last) if last is not None else 'none'} in {workdir / 'checkpoints'}, untouched. Lower "
             f"optim.lr or check the data; raise train.max_nonfinite to tolerate more.")
 
+    feeder = None
+    if step_cfg.host_batches and step < loop.steps and not stopped:
+        feeder = HostFeeder(step_cfg, data, np.asarray(jax.device_get(state.rng)), step, mesh)
+        log(f"[{name}] host batches: each step's {step_cfg.batch_id} + {step_cfg.batch_ood} images are gathered on "
+            f"the host ({pool_bytes(data) / 2**20:,.0f} MiB of ID and OOD images stay off the devices)")
     clock = CompileClock()
     while step < loop.steps and not stopped:
-        state, metrics = step_fn(state, data, teacher_vars, masks, mult)
+        state, metrics = step_fn(state, feeder.get(step) if feeder is not None else data, teacher_vars, masks, mult)
         step += 1
         if clock is not None:  # the first call compiles (or loads) the step function
             jax.block_until_ready(state.step)
@@ -274,12 +282,16 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
             stopped = True
         elif preemption.should_stop(step):
             save(force=True)
+            if feeder is not None:
+                feeder.close()
             ckpt.close()
             writer.close()
             raise preemption.Preempted(f"[{name}] preempted: checkpoint written at step {step} in "
                                        f"{workdir / 'checkpoints'}; rerun the same command to resume")
         elif step % loop.ckpt_every == 0 and int(state.nonfinite) == 0:  # never checkpoint inside a bad streak
             save()
+    if feeder is not None:
+        feeder.close()
     ckpt.close()
     writer.close()
 
