@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     pool_dir = pathlib.Path(a.pool_dir or tempfile.mkdtemp(prefix="ood_scaling_"))
     pool_dir.mkdir(parents=True, exist_ok=True)
     print(f"host CPUs {os.cpu_count()}, load average {os.getloadavg()}; {a.steps} steps of {a.batch} + {a.batch} "
-          f"images, ResNet-{a.depth} teacher and half-width student; pools in a temporary folder")
+          f"images (1/8 at 224x224), ResNet-{a.depth} teacher and half-width student; pool files "
+          f"{'in --pool-dir (kept)' if a.pool_dir else 'in a temporary folder (deleted at the end)'}")
     rows = []
     for res in a.res:
         for n in a.sizes:

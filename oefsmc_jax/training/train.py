@@ -276,7 +276,7 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
                 stopped = True
                 log(f"[{name}] early stop at step {step}: no improvement in {loop.patience} evaluations")
         if stopped or step == loop.steps:
-            if int(state.nonfinite) > 0 and int(state.nonfinite) >= loop.max_nonfinite:
+            if int(state.nonfinite) >= loop.max_nonfinite:
                 stop_nonfinite()
             save(force=True, stopped_flag=True)
             stopped = True
