@@ -32,11 +32,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from oefsmc_jax.methods.base import Recipe
-from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
+from oefsmc_jax.models import ArchSpec, mask_multipliers
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.checkpoint import Checkpointer
 from oefsmc_jax.training.compile_cache import CompileClock
-from oefsmc_jax.training.optim import make_optimizer
 from oefsmc_jax.training.parallel import replicate, replicated
 from oefsmc_jax.training.preemption import NonFiniteError
 from oefsmc_jax.training.step import (
@@ -44,8 +43,6 @@ from oefsmc_jax.training.step import (
     StepConfig,
     StepData,
     init_state,
-    make_predict,
-    make_train_step,
     resolve_group_impl,
 )
 from oefsmc_jax.training.xla_cpu import mesh_platform
@@ -83,20 +80,10 @@ class RunJob:
                 self.loop, shapes(self.data), shapes(self.variables), shapes(self.teacher_variables))
 
 
-@functools.lru_cache(maxsize=32)
-def _group_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, recipe: Recipe,
-                   step_cfg: StepConfig, optim_items: tuple, steps: int, shared_teacher: bool, impl: str) -> tuple:
-    optim_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in optim_items}
-    student = build_model(spec, bn_axis_name="data")
-    teacher = build_model(teacher_spec) if teacher_spec is not None else None
-    abstract = jax.eval_shape(lambda: build_model(spec).init(jax.random.PRNGKey(0),
-                                                             jnp.zeros((1, 32, 32, spec.in_channels)), train=False))
-    tx, schedule = make_optimizer(optim_cfg, steps, recipe.trainable(abstract["params"]))
-    step = make_train_step(mesh, student, teacher, recipe, tx, step_cfg, grouped=True, shared_teacher=shared_teacher,
-                           group_impl=impl)
-    rep = replicated(mesh)
-    take = jax.jit(lambda tree, r: jax.tree.map(lambda a: a[r], tree), out_shardings=rep)
-    return tx, schedule, step, take, make_predict(mesh, build_model(spec), step_cfg.mean, step_cfg.std)
+@functools.lru_cache(maxsize=8)
+def _take(mesh: Mesh) -> Callable:
+    """Run ``r`` of a stacked tree, replicated on the mesh (jitted once per mesh)."""
+    return jax.jit(lambda tree, r: jax.tree.map(lambda a: a[r], tree), out_shardings=replicated(mesh))
 
 
 def _same_tree(trees: Sequence[Any]) -> bool:
@@ -120,7 +107,7 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     checkpointing every unfinished run when a SIGTERM asks the process to stop. ``impl``: how the program runs
     its runs (``oefsmc_jax.training.step.GROUP_IMPLS``; ``auto`` = batched on an accelerator, one after another
     inside the program on a CPU)."""
-    from oefsmc_jax.training.train import FinetuneResult, MetricWriter, _format_eta, _freeze
+    from oefsmc_jax.training.train import FinetuneResult, MetricWriter, _format_eta, _freeze, _make_trainer
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not jobs:
@@ -134,9 +121,9 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     mesh, loop, step_cfg = j0.mesh, j0.loop, j0.step_cfg
     t0 = time.time()
     shared = j0.teacher_variables is None or _same_tree([j.teacher_variables for j in jobs])
-    tx, schedule, step_fn, take, predict = _group_trainer(mesh, j0.spec, j0.teacher_spec, j0.recipe, step_cfg,
-                                                          _freeze(dict(j0.optim_cfg)), int(loop.steps), shared,
-                                                          resolve_group_impl(impl, mesh_platform(mesh)))
+    trainer = _make_trainer(mesh, j0.spec, j0.teacher_spec, j0.recipe, step_cfg, _freeze(dict(j0.optim_cfg)),
+                            int(loop.steps), True, shared, resolve_group_impl(impl, mesh_platform(mesh)))
+    tx, schedule, step_fn, predict, take = trainer.tx, trainer.schedule, trainer.step, trainer.predict, _take(mesh)
     names = [j.name for j in jobs]
     label = f"group of {n_runs}"
     log(f"[{label}] training together ({resolve_group_impl(impl, mesh_platform(mesh))}): {', '.join(names)}"

@@ -84,7 +84,8 @@ def make_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, reci
 
 @functools.lru_cache(maxsize=64)
 def _make_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, recipe: Recipe, step_cfg: StepConfig,
-                  optim_items: tuple, steps: int) -> Trainer:
+                  optim_items: tuple, steps: int, grouped: bool = False, shared_teacher: bool = True,
+                  group_impl: str = "auto") -> Trainer:
     optim_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in optim_items}
     student = build_model(spec, bn_axis_name="data")
     teacher = build_model(teacher_spec) if teacher_spec is not None else None
@@ -92,8 +93,9 @@ def _make_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, rec
     abstract = jax.eval_shape(lambda: build_model(spec).init(jax.random.PRNGKey(0),
                                                              jnp.zeros((1, 32, 32, spec.in_channels)), train=False))
     tx, schedule = make_optimizer(optim_cfg, steps, recipe.trainable(abstract["params"]))
-    return Trainer(tx, schedule, make_train_step(mesh, student, teacher, recipe, tx, step_cfg),
-                   make_predict(mesh, build_model(spec), step_cfg.mean, step_cfg.std))
+    step = make_train_step(mesh, student, teacher, recipe, tx, step_cfg, grouped=grouped,
+                           shared_teacher=shared_teacher, group_impl=group_impl)
+    return Trainer(tx, schedule, step, make_predict(mesh, build_model(spec), step_cfg.mean, step_cfg.std))
 
 
 def _format_eta(seconds: float) -> str:
