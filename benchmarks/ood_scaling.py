@@ -10,7 +10,7 @@ few-sample ID set and a ResNet student and teacher, and trains ``--steps`` OE-FS
 * ``device``: the whole pool replicated on every device, the step drawing from it (the package's default for pools
   under ``train.device_pool_mb``).
 
-It prints, per run: the peak resident host memory of the process (``ru_maxrss``), the bytes of live JAX arrays at
+It prints, per run: the peak resident host memory of the process (``VmHWM``), the bytes of live JAX arrays at
 the end (on a GPU also the device's ``peak_bytes_in_use``), and the median step time. Needs no PyTorch.
 
     python benchmarks/ood_scaling.py                                  # 32x32: 10k, 100k, 1M; 224x224: 10k, 100k, 1M
@@ -48,6 +48,18 @@ def make_pool(path: pathlib.Path, n: int, res: int, seed: int = 0) -> None:
     pool.flush()
     del pool
     os.replace(tmp, path)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process image: ``VmHWM`` (reset by ``exec``, unlike ``ru_maxrss``, which a
+    child started from a big parent inherits), else ``ru_maxrss``."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -106,8 +118,7 @@ def worker(args: argparse.Namespace) -> dict:
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     step_ms = 1000 * statistics.median(times[2:] or times)  # the first steps include the compile
-    return {"mode": args.mode, "res": res, "size": n, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "live_array_mib": live / 2**20,
+    return {"mode": args.mode, "res": res, "size": n, "peak_rss_mib": peak_rss_mib(), "live_array_mib": live / 2**20,
             "device_peak_mib": (stats or {}).get("peak_bytes_in_use", 0) / 2**20 if stats else None,
             "step_ms": step_ms, "pool_gib": pool.nbytes / 2**30}
 

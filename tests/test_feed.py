@@ -121,3 +121,17 @@ def test_pipeline_streams_when_the_pool_exceeds_the_device_budget(tmp_path, capf
     bad = tiny_demo.config({**small, "train.host_batches": "yes"})
     with pytest.raises(ConfigError, match=r"^config.train.host_batches: 'yes' is not allowed; choose auto, on or off"):
         validate(bad)
+
+
+def test_draw_indices_rules():
+    from oefsmc_jax.training.step import LARGE_SET, draw_indices
+
+    key = jax.random.PRNGKey(1)
+    small = np.asarray(draw_indices(key, 100, 32))
+    assert len(set(small.tolist())) == 32 and small.max() < 100  # without replacement below LARGE_SET
+    big = np.asarray(draw_indices(key, 4 * LARGE_SET, 32))  # O(batch): uniform with replacement
+    np.testing.assert_array_equal(big, np.asarray(jax.random.randint(key, (32,), 0, 4 * LARGE_SET)))
+    p = np.zeros(10, np.float32)
+    p[3] = 1.0
+    assert set(np.asarray(draw_indices(key, 10, 16, jnp.asarray(p))).tolist()) == {3}  # by probs, with replacement
+    assert np.asarray(draw_indices(key, 5, 8)).max() < 5  # more than the set holds: with replacement
