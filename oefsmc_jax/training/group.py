@@ -27,22 +27,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, mask_multipliers
 from oefsmc_jax.training import preemption
-from oefsmc_jax.training.checkpoint import Checkpointer
 from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.parallel import replicate, replicated
-from oefsmc_jax.training.preemption import NonFiniteError
 from oefsmc_jax.training.step import (
     CPU_UNROLL_MAX,
     StepConfig,
     StepData,
-    init_state,
     resolve_group_impl,
 )
 from oefsmc_jax.training.xla_cpu import mesh_platform
@@ -107,7 +103,16 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     checkpointing every unfinished run when a SIGTERM asks the process to stop. ``impl``: how the program runs
     its runs (``oefsmc_jax.training.step.GROUP_IMPLS``; ``auto`` = batched on an accelerator, one after another
     inside the program on a CPU)."""
-    from oefsmc_jax.training.train import FinetuneResult, MetricWriter, _format_eta, _freeze, _make_trainer
+    from oefsmc_jax.training.train import (
+        MetricWriter,
+        _early_stopping,
+        _format_eta,
+        _freeze,
+        _make_trainer,
+        _nonfinite_error,
+        _restore_run,
+        _result,
+    )
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not jobs:
@@ -132,18 +137,7 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     # per run: restore its own checkpoint (same format as a single run's) or start fresh
     ckpts, trees, stopped, steps, metas = [], [], [], [], []
     for j in jobs:
-        state = init_state(j.variables, tx, j.seed)
-        es = {"best_params": j.variables["params"], "best_batch_stats": j.variables.get("batch_stats", {}),
-              "best_agreement": jnp.asarray(-1.0, jnp.float32), "best_step": jnp.asarray(0, jnp.int32),
-              "bad_evals": jnp.asarray(0, jnp.int32)}
-        tree = replicate({"state": state, "es": es, "masks": j.variables.get("masks", {})}, mesh)
-        ck = Checkpointer(pathlib.Path(j.workdir) / "checkpoints", max_to_keep=loop.keep_checkpoints)
-        start, restored = ck.restore_latest(tree, log=lambda s, n=j.name: log(f"[{n}] {s}"))
-        done = False
-        if start is not None:
-            tree, saved_meta = restored
-            done = bool(saved_meta.get("stopped", False))
-            log(f"[{j.name}] resumed from step {start}" + (" (run had already finished)" if done else ""))
+        tree, ck, _, done = _restore_run(j, tx, mesh, log)
         ckpts.append(ck)
         trees.append(jax.device_get(tree))
         stopped.append(done)
@@ -174,9 +168,11 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
 
     clock = CompileClock()
     it, last_t, last_it, run_t0 = 0, time.time(), 0, time.time()
+    placed: tuple[tuple[bool, ...], Any] = ((), None)
     while any(act := active()):
-        mask = replicate(np.asarray(act), mesh)
-        state, metrics = step_fn(state, data, teacher_vars, masks, mult, mask)
+        if placed[0] != tuple(act):  # the active mask goes to the devices only when a run starts or stops
+            placed = (tuple(act), replicate(np.asarray(act), mesh))
+        state, metrics = step_fn(state, data, teacher_vars, masks, mult, placed[1])
         it += 1
         for r in range(n_runs):
             steps[r] += int(act[r])
@@ -188,13 +184,7 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
             nonfinite = np.asarray(jax.device_get(state.nonfinite))
             for r in range(n_runs):
                 if act[r] and nonfinite[r] >= loop.max_nonfinite:
-                    last = ckpts[r].latest_step()
-                    results[r] = NonFiniteError(
-                        f"[{names[r]}] {int(nonfinite[r])} consecutive steps (to step {steps[r]}) had a non-finite "
-                        f"loss or gradient, so their updates were skipped and the run stopped; the newest checkpoint "
-                        f"is {'step ' + str(last) if last is not None else 'none'} in "
-                        f"{pathlib.Path(jobs[r].workdir) / 'checkpoints'}, untouched. Lower optim.lr or check the "
-                        "data; raise train.max_nonfinite to tolerate more.")
+                    results[r] = _nonfinite_error(names[r], int(nonfinite[r]), steps[r], ckpts[r], jobs[r].workdir)
                     log(f"[{names[r]}] stopped: {int(nonfinite[r])} non-finite steps in a row (the rest of the group "
                         "goes on)")
         log_now = it % loop.log_every == 0 or not any(active())
@@ -227,14 +217,8 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
                        "masks": take(masks, r)}
                 preds = np.argmax(predict(cur, j.heldout[0])["logits"], -1)
                 agree = float(np.mean(preds == j.heldout[1]) * 100.0)
-                es = es_list[r]
-                best = float(es["best_agreement"])
-                if agree > best:
-                    es_list[r] = {"best_params": cur["params"], "best_batch_stats": cur["batch_stats"],
-                                  **replicate({"best_agreement": np.float32(agree), "best_step": np.int32(steps[r]),
-                                               "bad_evals": np.int32(0)}, mesh)}
-                else:
-                    es_list[r] = {**es, "bad_evals": replicate(np.int32(int(es["bad_evals"]) + 1), mesh)}
+                best = float(es_list[r]["best_agreement"])
+                es_list[r] = _early_stopping(es_list[r], agree, cur["params"], cur["batch_stats"], steps[r], mesh)
                 writers[r].write(steps[r], "eval", {"heldout_agreement": agree, "best_agreement": max(agree, best)})
                 log(f"[{names[r]}] step {steps[r]}: held-out OOD agreement with teacher {agree:.2f}% "
                     f"(best {max(agree, best):.2f}% at step {int(es_list[r]['best_step'])})")
@@ -265,15 +249,8 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     for r, j in enumerate(jobs):
         if results[r] is not None:
             continue
-        es = es_list[r]
-        use_best = j.heldout is not None and loop.eval_every and float(es["best_agreement"]) >= 0
-        params = es["best_params"] if use_best else take(state.params, r)
-        batch_stats = es["best_batch_stats"] if use_best else take(state.batch_stats, r)
-        out_vars = jax.device_get({"params": params, "batch_stats": batch_stats, "masks": take(masks, r)})
-        results[r] = FinetuneResult(
-            variables=out_vars, steps_run=steps[r], best_step=int(es["best_step"]) if use_best else steps[r],
-            best_agreement=float(es["best_agreement"]) if use_best else None, stopped_early=steps[r] < loop.steps,
-            wall_s=wall, skipped_steps=int(skipped[r]))
+        results[r] = _result(j, es_list[r], take(state.params, r), take(state.batch_stats, r), take(masks, r),
+                             steps[r], wall, int(skipped[r]))
     log(f"[{label}] done in {wall:.0f} s ({sum(s - s0 for s, s0 in zip(steps, start_steps))} run-steps)")
     return results
 

@@ -149,6 +149,57 @@ class MetricWriter:
             self._tb.close()
 
 
+def _restore_run(job: RunJob, tx: Any, mesh: Mesh, log: Callable[[str], None]) -> tuple[dict, Checkpointer, Any, bool]:
+    """A run's checkpointed tree ``{'state', 'es', 'masks'}`` on the mesh (its newest checkpoint, else fresh), its
+    Checkpointer, the restored step (None when fresh) and whether the run had already finished."""
+    v = job.variables
+    es = {"best_params": v["params"], "best_batch_stats": v.get("batch_stats", {}),
+          "best_agreement": jnp.asarray(-1.0, jnp.float32), "best_step": jnp.asarray(0, jnp.int32),
+          "bad_evals": jnp.asarray(0, jnp.int32)}
+    tree = replicate({"state": init_state(v, tx, job.seed), "es": es, "masks": v.get("masks", {})}, mesh)
+    ckpt = Checkpointer(pathlib.Path(job.workdir) / "checkpoints", max_to_keep=job.loop.keep_checkpoints)
+    start, restored = ckpt.restore_latest(tree, log=lambda s: log(f"[{job.name}] {s}"))
+    finished = False
+    if start is not None:
+        tree, saved_meta = restored
+        finished = bool(saved_meta.get("stopped", False))
+        log(f"[{job.name}] resumed from step {start}" + (" (run had already finished)" if finished else ""))
+    return tree, ckpt, start, finished
+
+
+def _nonfinite_error(name: str, count: int, step: int, ckpt: Checkpointer, workdir: Any) -> NonFiniteError:
+    """The one-line error of a run stopped by ``count`` consecutive non-finite steps."""
+    last = ckpt.latest_step()
+    newest = f"step {last}" if last is not None else "none"
+    return NonFiniteError(
+        f"[{name}] {count} consecutive steps (to step {step}) had a non-finite loss or gradient, so their updates "
+        f"were skipped and the run stopped; the newest checkpoint is {newest}"
+        f" in {pathlib.Path(workdir) / 'checkpoints'}, untouched. Lower optim.lr or check the data; raise "
+        "train.max_nonfinite to tolerate more.")
+
+
+def _early_stopping(es: dict, agree: float, params: Any, batch_stats: Any, step: int, mesh: Mesh) -> dict:
+    """The early-stopping state after a held-out agreement of ``agree`` at ``step``: the new best (copies of the
+    weights) or one more evaluation without improvement. Scalars are placed on the whole mesh (global arrays), so
+    every host can checkpoint them."""
+    if agree > float(es["best_agreement"]):
+        return {"best_params": jax.tree.map(jnp.copy, params), "best_batch_stats": jax.tree.map(jnp.copy, batch_stats),
+                **replicate({"best_agreement": np.float32(agree), "best_step": np.int32(step),
+                             "bad_evals": np.int32(0)}, mesh)}
+    return {**es, "bad_evals": replicate(np.int32(int(es["bad_evals"]) + 1), mesh)}
+
+
+def _result(job: RunJob, es: dict, params: Any, batch_stats: Any, masks: Any, step: int, wall: float,
+            skipped: int) -> FinetuneResult:
+    """A run's outcome: its best held-out weights when it early-stopped on them, else its last weights."""
+    use_best = job.heldout is not None and job.loop.eval_every and float(es["best_agreement"]) >= 0
+    out_vars = jax.device_get({"params": es["best_params"] if use_best else params,
+                               "batch_stats": es["best_batch_stats"] if use_best else batch_stats, "masks": masks})
+    return FinetuneResult(variables=out_vars, steps_run=step, best_step=int(es["best_step"]) if use_best else step,
+                          best_agreement=float(es["best_agreement"]) if use_best else None,
+                          stopped_early=step < job.loop.steps, wall_s=wall, skipped_steps=int(skipped))
+
+
 def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSpec, variables: dict,
              recipe: Recipe, teacher_spec: ArchSpec | None, teacher_variables: dict | None, data: StepData,
              step_cfg: StepConfig, optim_cfg: dict, loop: LoopConfig, seed: int,
@@ -181,27 +232,14 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
     """Train one run alone (what :func:`finetune` does outside a group scheduler)."""
     name, workdir, mesh, spec, variables, recipe = job.name, job.workdir, job.mesh, job.spec, job.variables, job.recipe
     teacher_spec, teacher_variables, data, step_cfg = job.teacher_spec, job.teacher_variables, job.data, job.step_cfg
-    optim_cfg, loop, seed, heldout, meta = job.optim_cfg, job.loop, job.seed, job.heldout, job.meta
+    optim_cfg, loop, heldout, meta = job.optim_cfg, job.loop, job.heldout, job.meta
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     workdir = pathlib.Path(workdir)
     t0 = time.time()
     trainer = make_trainer(mesh, spec, teacher_spec, recipe, step_cfg, optim_cfg, loop.steps)
     tx, schedule, step_fn, predict = trainer.tx, trainer.schedule, trainer.step, trainer.predict
-    masks = variables.get("masks", {})
     mult = mask_multipliers(spec, variables)
-
-    state = init_state(variables, tx, seed)
-    es = {"best_params": variables["params"], "best_batch_stats": variables.get("batch_stats", {}),
-          "best_agreement": jnp.asarray(-1.0, jnp.float32), "best_step": jnp.asarray(0, jnp.int32),
-          "bad_evals": jnp.asarray(0, jnp.int32)}
-    ckpt_tree = replicate({"state": state, "es": es, "masks": masks}, mesh)
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=loop.keep_checkpoints)
-    stopped = False
-    start, restored = ckpt.restore_latest(ckpt_tree, log=lambda s: log(f"[{name}] {s}"))
-    if start is not None:
-        ckpt_tree, saved_meta = restored
-        stopped = bool(saved_meta.get("stopped", False))
-        log(f"[{name}] resumed from step {start}" + (" (run had already finished)" if stopped else ""))
+    ckpt_tree, ckpt, start, stopped = _restore_run(job, tx, mesh, log)
     state, es, masks = ckpt_tree["state"], ckpt_tree["es"], ckpt_tree["masks"]
     teacher_vars, mult = replicate((teacher_variables, mult), mesh)
     writer = MetricWriter(workdir)
@@ -221,12 +259,7 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
             feeder.close()
         ckpt.close()
         writer.close()
-        last = ckpt.latest_step()
-        raise NonFiniteError(
-            f"[{name}] {int(state.nonfinite)} consecutive steps (to step {step}) had a non-finite loss or gradient, "
-            f"so their updates were skipped and the run stopped; the newest checkpoint is "
-            f"{'step ' + str(last) if last is not None else 'none'} in {workdir / 'checkpoints'}, untouched. Lower "
-            f"optim.lr or check the data; raise train.max_nonfinite to tolerate more.")
+        raise _nonfinite_error(name, int(state.nonfinite), step, ckpt, workdir)
 
     feeder = None
     if step_cfg.host_batches and step < loop.steps and not stopped:
@@ -263,14 +296,7 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
             preds = np.argmax(predict(cur, heldout[0])["logits"], -1)
             agree = float(np.mean(preds == heldout[1]) * 100.0)
             best = float(es["best_agreement"])
-            # scalars are placed on the whole mesh (global arrays), so every host can checkpoint them
-            if agree > best:
-                es = {"best_params": jax.tree.map(jnp.copy, state.params),
-                      "best_batch_stats": jax.tree.map(jnp.copy, state.batch_stats),
-                      **replicate({"best_agreement": np.float32(agree), "best_step": np.int32(step),
-                                   "bad_evals": np.int32(0)}, mesh)}
-            else:
-                es = {**es, "bad_evals": replicate(np.int32(int(es["bad_evals"]) + 1), mesh)}
+            es = _early_stopping(es, agree, state.params, state.batch_stats, step, mesh)
             writer.write(step, "eval", {"heldout_agreement": agree, "best_agreement": max(agree, best)})
             log(f"[{name}] step {step}: held-out OOD agreement with teacher {agree:.2f}% "
                 f"(best {max(agree, best):.2f}% at step {int(es['best_step'])})")
@@ -297,11 +323,5 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
     ckpt.close()
     writer.close()
 
-    use_best = heldout is not None and loop.eval_every and float(es["best_agreement"]) >= 0
-    params = es["best_params"] if use_best else state.params
-    batch_stats = es["best_batch_stats"] if use_best else state.batch_stats
-    out_vars = jax.device_get({"params": params, "batch_stats": batch_stats, "masks": masks})
-    return FinetuneResult(variables=out_vars, steps_run=step, best_step=int(es["best_step"]) if use_best else step,
-                          best_agreement=float(es["best_agreement"]) if use_best else None,
-                          stopped_early=step < loop.steps, wall_s=time.time() - t0,
-                          skipped_steps=int(jax.device_get(state.skipped)))
+    return _result(job, es, state.params, state.batch_stats, masks, step, time.time() - t0,
+                   int(jax.device_get(state.skipped)))
