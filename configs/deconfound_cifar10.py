@@ -15,8 +15,10 @@ class, scored on a validation split of the training images (``eval.split=val``),
 hyper-parameters are chosen there, never on the test split. The summary's factorial table reads the contrasts.
 
 Argument keys: pool (tiny | tiny_disjoint | dtd: run the grid once per pool, each in its own workdir), steps,
-batch, seeds, runlocal. Run: ``python -m oefsmc_jax.experiments --config configs/deconfound_cifar10.py:pool=tiny
---workdir DIR``.
+batch, seeds, runlocal, arms (``+``-separated subset of the arms above for the factorial groups, e.g. the key
+settings ``base+oe+oe_random_matched+oe_complement`` on the class-disjoint pools; default all), budgets
+(``+``-separated per-class budgets of the factorial groups; default ``10+50``). Run:
+``python -m oefsmc_jax.experiments --config configs/deconfound_cifar10.py:pool=tiny --workdir DIR``.
 """
 
 import pathlib
@@ -36,7 +38,19 @@ C_SWEEP = (1.0, 2.5, 5.0)
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The grid; see the module docstring."""
-    a = parse_arg(arg, {"pool": "tiny", "steps": 200, "batch": 32, "seeds": 5, "runlocal": False})
+    a = parse_arg(arg, {"pool": "tiny", "steps": 200, "batch": 32, "seeds": 5, "runlocal": False,
+                        "arms": ARMS.replace(",", "+"), "budgets": "10+50"})
+    arms = [x for x in a["arms"].split("+") if x]
+    if not arms or set(arms) - set(ARMS.split(",")):
+        raise ValueError(f"config argument arms={a['arms']!r}: allowed: {ARMS.replace(',', '+')} ('+'-separated)")
+    try:
+        budgets = [int(n) for n in a["budgets"].split("+") if n]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        raise ValueError(f"config argument budgets={a['budgets']!r}: positive per-class counts, '+'-separated, "
+                         "e.g. 10+50")
+    arms = ",".join(arms)
     c = paper_cifar10.get_config(f"steps={a['steps']},batch={a['batch']},seeds=1,runlocal={int(a['runlocal'])}")
     b = c.base
     b.oe.lambda_jd = 0.3  # the default chosen by the validation sweep of paper_cifar10
@@ -50,9 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if a["runlocal"]:
         c.groups = [{"name": "tiny", **kd, "per_class": [2], "seed": [0], "arms": ARMS}]
         return c
-    c.groups = [{"name": "factorial", **kd, "per_class": [n], "seed": seeds, "arms": ARMS} for n in (10, 50)]
-    c.groups += [{"name": "no_early_stopping", **kd, "per_class": [n], "seed": seeds, "arms": ARMS,
-                  "overrides": {"oe.early_stopping": False}} for n in (10, 50)]
+    c.groups = [{"name": "factorial", **kd, "per_class": [n], "seed": seeds, "arms": arms} for n in budgets]
+    c.groups += [{"name": "no_early_stopping", **kd, "per_class": [n], "seed": seeds, "arms": arms,
+                  "overrides": {"oe.early_stopping": False}} for n in budgets]
     c.groups += [{"name": f"sweep_c{f:g}", **kd, "per_class": [10], "seed": [0, 1, 2],
                   "arms": "base,oe_complement,oe_complement_r",
                   "overrides": {"eval.split": "val", "oe.selection_factor": f}} for f in C_SWEEP]

@@ -97,6 +97,19 @@ def test_deconfound_grid_validates(pool):
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
 
 
+def test_deconfound_grid_key_settings_and_bad_arguments():
+    grid = deconfound_cifar10.get_config("pool=dtd,arms=base+oe+oe_complement,budgets=10")
+    cells = expand(grid.groups)
+    assert [c.group for c in cells] == ["factorial"] * 5 + ["no_early_stopping"] * 5 + ["sweep_c1"] * 3 + [
+        "sweep_c2.5"] * 3 + ["sweep_c5"] * 3
+    assert {c.arms for c in cells[:10]} == {("base", "oe", "oe_complement")}
+    assert {c.per_class for c in cells} == {10}
+    with pytest.raises(ValueError, match=r"arms='base\+foo': allowed: base\+oe\+"):
+        deconfound_cifar10.get_config("arms=base+foo")
+    with pytest.raises(ValueError, match="budgets='ten'"):
+        deconfound_cifar10.get_config("budgets=ten")
+
+
 def test_large_grid_runs_seed_by_seed_and_validates():
     from oefsmc_jax.config_validation import validate
 
