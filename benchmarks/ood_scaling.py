@@ -10,6 +10,11 @@ few-sample ID set and a ResNet student and teacher, and trains ``--steps`` OE-FS
 * ``device``: the whole pool replicated on every device, the step drawing from it (the package's default for pools
   under ``train.device_pool_mb``).
 
+* ``pipeline``: the command line's path before training (``pipeline.prepare_data`` with the pool as an
+  uncompressed ``.npz``, the real CIFAR-10 few-sample set of ``../shared/data``, then the teacher's pass over the
+  candidates and the teacher-complement selection, ``--rule``): the pool stays on disk, memory-mapped, and is read
+  in chunks (32x32 only: the npz is written in full, no sparse file).
+
 It prints, per run: the peak resident host memory of the process (``VmHWM``), the bytes of live JAX arrays at
 the end (on a GPU also the device's ``peak_bytes_in_use``), and the median step time. Needs no PyTorch.
 
@@ -60,6 +65,60 @@ def peak_rss_mib() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_npz_pool(npy: pathlib.Path, path: pathlib.Path) -> None:
+    """``path``: an uncompressed npz holding the ``.npy`` pool as ``x`` (streamed: never in memory whole)."""
+    import zipfile
+
+    import numpy as np
+
+    if path.exists():
+        return
+    src = np.load(npy, mmap_mode="r")
+    tmp = path.with_suffix(".tmp.npz")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z, \
+            z.open("x.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(src[:0]) | {
+            "shape": src.shape})
+        for i in range(0, len(src), 65536):
+            f.write(np.ascontiguousarray(src[i:i + 65536]).tobytes())
+    os.replace(tmp, path)
+
+
+def worker_pipeline(args: argparse.Namespace) -> dict:
+    """The command line's data path on a pool of ``args.size`` images, in this process."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+    import cifar10
+
+    from oefsmc_jax.models import build_model, cifar_resnet_spec
+    from oefsmc_jax.oe.selection import select
+    from oefsmc_jax.pipeline import prepare_data, teacher_pool_probs
+    from oefsmc_jax.training.parallel import make_mesh
+
+    c = cifar10.get_config("method=kd,per_class=10,rho=10")
+    c.arms = "oe" if args.rule == "random" else "oe_complement"  # random: no teacher pass, the chosen images only
+    c.data.ood = ml_collections.ConfigDict({"kind": "npz", "path": args.pool, "image_size": 32})
+    spec = cifar_resnet_spec(args.depth, 10)
+    t_vars = jax.device_get(build_model(spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        data = prepare_data(c, pathlib.Path(tmp))
+        t1 = time.perf_counter()
+        ood = data.ood
+        if args.rule != "random":
+            probs = teacher_pool_probs(c, pathlib.Path(tmp), make_mesh(None), (spec, t_vars), data.candidates,
+                                       hashes=data.candidate_hashes)
+            ood = data.candidates.take(select(args.rule, probs, data.counts, c.oe.selection_factor).indices)
+        t2 = time.perf_counter()
+    return {"mode": "pipeline", "res": 32, "size": args.size, "peak_rss_mib": peak_rss_mib(),
+            "live_array_mib": sum(a.nbytes for a in jax.live_arrays()) / 2**20, "device_peak_mib": None,
+            "prepare_s": t1 - t0, "teacher_s": t2 - t1, "selected": len(ood),
+            "pool_gib": args.size * 32 * 32 * 3 / 2**30}
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -128,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--res", type=int, nargs="+", default=[32, 224])
-    p.add_argument("--modes", default="host,device", help="host, device (device is skipped above --device-max)")
+    p.add_argument("--modes", default="host,device",
+                   help="host, device (skipped above --device-max), pipeline (32x32 only)")
     p.add_argument("--device-max", type=float, default=4.0, help="largest pool (GiB) tried in device mode")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=32, help="ID and OOD images per step (each; 1/8 of it at 224x224)")
@@ -138,10 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pool", default=None, help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="host", help=argparse.SUPPRESS)
+    p.add_argument("--rule", default="teacher_complement", choices=["teacher_complement", "random"],
+                   help="pipeline mode: the selection rule (random: the paper's, no teacher pass)")
     a = p.parse_args(argv)
     if a.worker:
         a.res = a.res[0]
-        print("RESULT " + json.dumps(worker(a)), flush=True)
+        print("RESULT " + json.dumps(worker_pipeline(a) if a.mode == "pipeline" else worker(a)), flush=True)
         return
     modes = [m for m in a.modes.split(",") if m]
     pool_dir = pathlib.Path(a.pool_dir or tempfile.mkdtemp(prefix="ood_scaling_"))
@@ -156,11 +218,18 @@ def main(argv: list[str] | None = None) -> None:
             make_pool(path, n, res)
             for mode in modes:
                 gib = n * res * res * 3 / 2**30
+                if mode == "pipeline":
+                    if res > 32:
+                        print(f"{res}x{res} {n:,} pipeline: skipped (the npz would be written in full)")
+                        continue
+                    make_npz_pool(path, path.with_suffix(".npz"))
                 if mode == "device" and gib > a.device_max:
                     print(f"{res}x{res} {n:,} {mode}: skipped ({gib:.1f} GiB pool > --device-max {a.device_max})")
                     continue
-                cmd = [sys.executable, __file__, "--worker", "--pool", str(path), "--size", str(n), "--res", str(res),
-                       "--mode", mode, "--steps", str(a.steps), "--batch", str(a.batch), "--depth", str(a.depth)]
+                pool_file = path.with_suffix(".npz") if mode == "pipeline" else path
+                cmd = [sys.executable, __file__, "--worker", "--pool", str(pool_file), "--size", str(n), "--res",
+                       str(res), "--mode", mode, "--steps", str(a.steps), "--batch", str(a.batch), "--depth",
+                       str(a.depth), "--rule", a.rule]
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
                 if out.returncode or not line:
@@ -168,12 +237,17 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 r = json.loads(line[0][7:])
                 rows.append(r)
+                if mode == "pipeline":
+                    print(f"{res}x{res} pool {n:>9,} ({r['pool_gib']:.2f} GiB) pipeline: peak host RSS "
+                          f"{r['peak_rss_mib']:,.0f} MiB, prepare_data {r['prepare_s']:.1f} s, teacher pass + "
+                          f"selection {r['teacher_s']:.1f} s ({r['selected']} images chosen)", flush=True)
+                    continue
                 print(f"{res}x{res} pool {n:>9,} ({r['pool_gib']:.2f} GiB) {mode:<6}: peak host RSS "
                       f"{r['peak_rss_mib']:,.0f} MiB, live arrays {r['live_array_mib']:,.1f} MiB, step "
                       f"{r['step_ms']:.0f} ms" + (f", device peak {r['device_peak_mib']:,.0f} MiB"
                                                    if r["device_peak_mib"] else ""), flush=True)
     if not a.pool_dir:
-        for f in pool_dir.glob("*.npy"):
+        for f in [*pool_dir.glob("*.npy"), *pool_dir.glob("*.npz")]:
             f.unlink()
         pool_dir.rmdir()
     print(f"load average at end {os.getloadavg()}")

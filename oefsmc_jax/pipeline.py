@@ -27,14 +27,16 @@ import numpy as np
 from oefsmc_jax import __version__
 from oefsmc_jax.data import (
     ImageSet,
+    Source,
     check_disjoint,
     class_counts,
     class_order_permutation,
     default_ood_size,
     few_sample_indices,
-    image_hashes,
     load_source,
     ood_split,
+    open_source,
+    source_hashes,
     tfds_labels,
 )
 from oefsmc_jax.errors import ConfigError
@@ -107,7 +109,8 @@ class RunData:
     test: ImageSet
     full_train: ImageSet | None  # the whole ID training split (only for sources that are cheap to load)
     subset: dict | None = None  # counts and chosen indices (also in subset.json and in every checkpoint)
-    candidates: ImageSet | None = None  # the OOD pool minus the held-out slice: what teacher-guided selection sees
+    candidates: Source | None = None  # the OOD pool minus the held-out slice: what teacher-guided selection sees
+    candidate_hashes: np.ndarray | None = None  # their content hashes (uint64), from the overlap check
 
 
 def _labels_and_loader(cfg: Any, cache: pathlib.Path) -> tuple[np.ndarray, Callable[[np.ndarray], ImageSet],
@@ -147,10 +150,10 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
                          f"check data.test / data.num_classes")
     log(f"data: few-sample set {len(train)} images, counts per class {counts.tolist()}; test {len(test)} images")
 
-    ood = heldout = candidates = None
+    ood = heldout = candidates = cand_hashes = None
     ood_idx = held_idx = np.zeros(0, np.int64)
     if uses_ood(config) or (config.oe.early_stopping and config.oe.get("early_stopping_arms", "ood") == "all"):
-        pool = load_source(config.data.ood)
+        pool = open_source(config.data.ood)  # nothing is read yet: only the chosen images, or chunks
         m = config.oe.size if config.oe.size >= 0 else default_ood_size(counts, config.oe.size_cap or None)
         held_n = config.oe.heldout if config.oe.early_stopping else 0
         if m + held_n > len(pool):
@@ -158,12 +161,14 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
                              f"({pool.name}); lower oe.size / oe.heldout or use a larger pool")
         ood_idx, held_idx = ood_split(jax.random.PRNGKey(s.seed + 1), len(pool), m, held_n)
         ood, heldout = pool.take(ood_idx), pool.take(held_idx)
-        used = pool.take(np.concatenate([ood_idx, held_idx]))
+        used = ImageSet(np.concatenate([ood.x, heldout.x]), np.concatenate([ood.y, heldout.y]), pool.name)
         if needs_teacher_probs(config):
-            candidates = pool.take(np.setdiff1d(np.arange(len(pool)), held_idx))
-            check_disjoint(candidates, train, "the OOD pool overlaps the in-distribution few-sample set")
+            candidates = pool.subset(np.setdiff1d(np.arange(len(pool)), held_idx))
+            cand_hashes = source_hashes(candidates)  # one streamed pass over the pool
+            check_disjoint(candidates, train, "the OOD pool overlaps the in-distribution few-sample set",
+                           cand_hashes)
             check_disjoint(candidates, test, "the OOD pool overlaps the evaluation split (it must never be used "
-                                             "to train)")
+                                             "to train)", cand_hashes)
         check_disjoint(used, train, "the OOD images overlap the in-distribution few-sample set")
         check_disjoint(used, test, "the OOD images overlap the evaluation split (it must never be used to train)")
         log(f"data: OOD subset {len(ood)} images, held-out OOD slice {len(heldout)} from {pool.name}")
@@ -178,7 +183,7 @@ def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
             raise ConfigError(f"workdir {workdir} holds a run on a different few-sample or OOD subset (the data, "
                               "subset or seed settings changed); use a new --workdir, or delete this one")
     write_json(previous, subset)
-    return RunData(train, counts, ood, heldout, test, full_train, subset, candidates)
+    return RunData(train, counts, ood, heldout, test, full_train, subset, candidates, cand_hashes)
 
 
 def build_arch(arch: Any, num_classes: int) -> ArchSpec:
@@ -275,33 +280,41 @@ def calibration_set(config: Any, data: RunData, oe_on: bool, gamma: np.ndarray, 
                              gamma=gamma, seed=config.seed + 2)
 
 def teacher_pool_probs(config: Any, workdir: pathlib.Path, mesh: Any, teacher: tuple[ArchSpec, dict],
-                       pool: ImageSet, chunk: int = 2048) -> np.ndarray:
-    """The teacher's class probabilities on the OOD candidates: one batched, jitted pass with progress, cached in
-    ``oe.cache_dir`` (default ``workdir/cache``) under a key of the pool's images, the teacher's weights and the
-    preprocessing, so a grid computes it once."""
+                       pool: ImageSet | Source, chunk: int = 2048, hashes: np.ndarray | None = None) -> np.ndarray:
+    """The teacher's class probabilities (float32 ``[N, K]``) on the OOD candidates: one batched, jitted pass
+    with progress, reading the pool ``chunk`` images at a time and writing straight into the cache file
+    ``oe.cache_dir`` (default ``workdir/cache``), keyed by the pool's images (``hashes``: their
+    :func:`source_hashes`, computed when not given), the teacher's weights and the preprocessing, so a grid computes
+    it once. Returned memory-mapped from that file, so host memory stays flat however large the pool."""
     t_spec, t_vars = teacher
     h = hashlib.sha1()
-    h.update(image_hashes(pool.x).tobytes())
+    h.update((source_hashes(pool) if hashes is None else hashes).tobytes())
     for leaf in jax.tree.leaves(t_vars):
         h.update(np.ascontiguousarray(leaf).tobytes())
     h.update(json.dumps([t_spec.to_dict(), list(config.data.mean), list(config.data.std)]).encode())
     cache = pathlib.Path(config.oe.cache_dir or workdir / "cache") / f"pool_probs_{h.hexdigest()[:16]}.npy"
     if cache.exists():
         log(f"teacher: reusing pool probabilities {cache}")
-        return np.load(cache)
+        return np.load(cache, mmap_mode="r")
     predict = predict_fn(mesh, t_spec, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
-    out, t0 = [], time.time()
-    for start in range(0, len(pool), chunk):
-        logits = predict(t_vars, pool.x[start:start + chunk])["logits"]
-        out.append(np.asarray(jax.nn.softmax(jnp.asarray(logits), -1)))
-        done = min(start + chunk, len(pool))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{jax.process_index()}-{os.getpid()}-{threading.get_ident()}.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(pool), t_spec.num_classes))
+    t0, done = time.time(), 0
+    parts = pool.chunks(chunk) if isinstance(pool, Source) else (
+        ImageSet(pool.x[i:i + chunk], pool.y[i:i + chunk], pool.name) for i in range(0, len(pool), chunk))
+    for part in parts:
+        logits = predict(t_vars, part.x)["logits"]
+        out[done:done + len(part)] = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))
+        done += len(part)
         log(f"teacher: pool pass {done}/{len(pool)} images ({done / max(time.time() - t0, 1e-9):,.0f} img/s)")
-    probs = np.concatenate(out).astype(np.float32)
+    out.flush()
+    del out
     if jax.process_index() == 0:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}.npy")
-        np.save(tmp, probs)
         os.replace(tmp, cache)
+        return np.load(cache, mmap_mode="r")
+    probs = np.load(tmp)  # other processes computed the same values; only process 0 keeps a cache file
+    os.unlink(tmp)
     return probs
 
 
@@ -495,7 +508,8 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     check_arms(arms_of(config), method)
     pool_probs = None
     if data.candidates is not None:
-        pool_probs = teacher_pool_probs(config, workdir, mesh, (t_spec, t_vars), data.candidates)
+        pool_probs = teacher_pool_probs(config, workdir, mesh, (t_spec, t_vars), data.candidates,
+                                        hashes=data.candidate_hashes)
     results = {}
     for arm in arm_names(config):
         results[arm] = run_arm(config, arm, workdir, mesh, data, method, (t_spec, t_vars), t_test_pred,

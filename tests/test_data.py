@@ -24,6 +24,7 @@ from oefsmc_jax.data import (  # noqa: E402
     load_source,
     normalize,
     ood_split,
+    open_source,
     pad_crop,
     prepare_image,
     shot_groups,
@@ -345,6 +346,49 @@ def test_load_npz_temp_file(tmp_path):
     g = load_source({"kind": "npz", "path": str(gpath), "x_key": "images", "image_size": 16})
     assert g.x.shape == (6, 16, 16, 3) and np.all(g.y == -1)
     np.testing.assert_array_equal(g.x[..., 2], x[..., 0])
+
+
+def test_open_source_maps_an_uncompressed_npz_and_reads_only_what_is_asked(tmp_path):
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(40) % 5
+    path, zpath = tmp_path / "pool.npz", tmp_path / "pool_z.npz"
+    np.savez(path, x=x, y=y)
+    np.savez_compressed(zpath, x=x, y=y)
+    for p, mapped in [(path, True), (zpath, False)]:
+        for extra in [{}, {"exclude_classes": [1, 3]}, {"image_size": 4}]:
+            cfg = {"kind": "npz", "path": str(p), "image_size": 8, **extra}
+            src, ref = open_source(cfg), load_source(cfg)
+            assert src.mapped is mapped and len(src) == len(ref) and src.image_shape == ref.x.shape[1:]
+            np.testing.assert_array_equal(src.labels, ref.y)
+            idx = np.array([len(ref) - 1, 0, 3, 3])
+            np.testing.assert_array_equal(src.take(idx).x, ref.x[idx])
+            np.testing.assert_array_equal(src.take(idx).y, ref.y[idx])
+            np.testing.assert_array_equal(np.concatenate([c.x for c in src.chunks(7)]), ref.x)
+            sub = src.subset(np.arange(2, len(ref), 3))
+            np.testing.assert_array_equal(sub.take([1, 0]).x, ref.x[[5, 2]])
+            np.testing.assert_array_equal(np.concatenate([c.y for c in sub.chunks(5)]), ref.y[2::3])
+    assert [len(c) for c in open_source({"kind": "npz", "path": str(path), "image_size": 8}).chunks(16)] == [
+        16, 16, 8]
+    # mapped means read from disk at take time: change image 5's bytes on disk after opening
+    src = open_source({"kind": "npz", "path": str(path), "image_size": 8})
+    raw = bytearray(path.read_bytes())
+    at = raw.find(x[5].tobytes())
+    raw[at:at + 192] = b"\x07" * 192
+    path.write_bytes(bytes(raw))
+    np.testing.assert_array_equal(src.take([4, 6]).x, x[[4, 6]])
+    assert np.all(src.take([5]).x == 7)
+    # a far sparse read (span > 2 x count) gathers through the memory map, in the order asked
+    np.testing.assert_array_equal(src.take([39, 0]).x, x[[39, 0]])
+
+
+def test_open_source_tfds_reads_records_on_demand(tfds_mod):
+    cfg = {"kind": "tfds", "name": "cifar10", "split": "train", "image_size": 32, "channels": 3}
+    with tfds_mod.testing.mock_data(num_examples=12, policy=tfds_mod.testing.MockPolicy.USE_CODE):
+        src, ref = open_source(cfg), load_source(cfg)
+        assert len(src) == 12 and src.name == ref.name and src.image_shape == (32, 32, 3) and not src.mapped
+        np.testing.assert_array_equal(src.take([9, 2]).x, ref.x[[9, 2]])
+        np.testing.assert_array_equal(src.subset([3, 4, 5]).take([2]).y, ref.y[[5]])
 
 
 def test_load_npz_shared_cifar10_test(shared_data):

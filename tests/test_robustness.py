@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from oefsmc_jax.config_validation import ConfigError, validate
-from oefsmc_jax.data import load_source
+from oefsmc_jax.data import load_source, open_source
 from oefsmc_jax.pipeline import get_teacher, prepare_data, write_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -108,7 +108,8 @@ def test_corrupt_or_truncated_npz_is_named_in_one_line(tmp_path, kind, detail):
 
     path = tmp_path / f"{kind}.npz"
     _corrupt(kind, path)
-    loaders = [lambda: load_source(_npz_source(path, 8)), lambda: load_pretrained(path)]
+    loaders = [lambda: load_source(_npz_source(path, 8)), lambda: open_source(_npz_source(path, 8)),
+               lambda: load_pretrained(path)]
     if kind != "bad_crc":  # teacher_family reads the names only, not the damaged bytes
         loaders.append(lambda: teacher_family(path))
     for load in loaders:

@@ -1,10 +1,12 @@
 """Teacher-guided OOD selection (method.md §4b): pure selection rules, the cached teacher pass, the arms."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
 
-from oefsmc_jax.data import ImageSet, ood_split
+from oefsmc_jax.data import ImageSet, image_hashes, ood_split
 from oefsmc_jax.models import cifar_resnet_spec
 from oefsmc_jax.oe.arms import arm_selection
 from oefsmc_jax.oe.selection import (
@@ -85,7 +87,8 @@ def test_random_rule_is_the_seeded_uniform_draw_and_teacher_arms_get_the_rest_of
     m = 10 * int(data.counts.max()) - int(data.counts.sum())
     ood_idx, held_idx = ood_split(jax.random.PRNGKey(c.subset.seed + 1), len(pool), m, 50)
     np.testing.assert_array_equal(data.ood.x, pool.x[ood_idx])
-    np.testing.assert_array_equal(data.candidates.x, np.delete(pool.x, held_idx, axis=0))
+    np.testing.assert_array_equal(data.candidates.take().x, np.delete(pool.x, held_idx, axis=0))
+    np.testing.assert_array_equal(data.candidate_hashes, image_hashes(np.delete(pool.x, held_idx, axis=0)))
 
 
 def test_teacher_pool_pass_is_cached_and_keyed_by_the_teacher(tmp_path, capfd):
@@ -105,3 +108,51 @@ def test_teacher_pool_pass_is_cached_and_keyed_by_the_teacher(tmp_path, capfd):
     p2 = teacher_pool_probs(c, tmp_path, mesh, (spec, init_variables(spec, 16, 1)), pool)
     assert not np.allclose(p2, p1)
     assert len(list((tmp_path / "cache").glob("pool_probs_*.npy"))) == 2
+
+
+def test_teacher_pool_pass_streams_a_mapped_pool_in_chunks_and_equals_the_in_memory_pass(tmp_path):
+    from oefsmc_jax.data import open_source
+
+    c = _demo_config("oe_complement")
+    c.data.image_size = 16
+    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    x = np.random.default_rng(1).integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "pool.npz", x=x)
+    src = open_source({"kind": "npz", "path": str(tmp_path / "pool.npz"), "image_size": 16})
+    assert src.mapped
+    sizes = []
+    counted = dataclasses.replace(src, read=lambda idx: (sizes.append(len(idx)), src.read(idx))[1])
+    mesh = make_mesh(1)
+    t = (spec, init_variables(spec, 16, 0))
+    streamed = teacher_pool_probs(c, tmp_path / "a", mesh, t, counted.subset(np.arange(7, 300)), chunk=128)
+    assert sizes == [293, 128, 128, 37]  # the content hashes (4,096 a read), then the teacher pass, by chunks
+    assert isinstance(streamed, np.memmap)  # served from the cache file, not a host copy
+    whole = teacher_pool_probs(c, tmp_path / "b", mesh, t, ImageSet(x[7:], np.full(293, -1, np.int32), "p"))
+    np.testing.assert_array_equal(np.asarray(streamed), np.asarray(whole))
+    sel = select_teacher_complement(streamed, np.array([5, 1, 1, 1, 1, 1, 1, 1, 1, 1]), 2.0)
+    ref = select_teacher_complement(np.array(whole, np.float64), np.array([5, 1, 1, 1, 1, 1, 1, 1, 1, 1]), 2.0)
+    np.testing.assert_array_equal(sel.indices, ref.indices)
+    conf = select_teacher_confidence(streamed, np.array([5, 1, 1, 1, 1, 1, 1, 1, 1, 1]), 2.0)
+    order = np.argsort(-np.asarray(whole).max(1), kind="stable")[:72]
+    np.testing.assert_array_equal(conf.indices, order)
+    np.testing.assert_array_equal(conf.classes, np.asarray(whole)[order].argmax(1))
+
+
+def test_pipeline_keeps_an_npz_pool_on_disk_and_reads_only_the_chosen_images(tmp_path):
+    import ml_collections
+
+    from oefsmc_jax.data import load_source
+
+    c = _demo_config("base,oe,oe_complement")
+    pool = load_source(c.data.ood)
+    np.savez(tmp_path / "pool.npz", x=pool.x)
+    c.data.ood = ml_collections.ConfigDict({"kind": "npz", "path": str(tmp_path / "pool.npz"),
+                                            "image_size": c.data.image_size})
+    data = prepare_data(c, tmp_path / "w")
+    assert data.candidates.mapped and len(data.candidates) == len(pool) - 50
+    m = 10 * int(data.counts.max()) - int(data.counts.sum())
+    ood_idx, held_idx = ood_split(jax.random.PRNGKey(c.subset.seed + 1), len(pool), m, 50)
+    np.testing.assert_array_equal(data.ood.x, pool.x[ood_idx])
+    np.testing.assert_array_equal(data.heldout.x, pool.x[held_idx])
+    keep = np.delete(np.arange(len(pool)), held_idx)
+    np.testing.assert_array_equal(data.candidates.take([0, len(keep) - 1]).x, pool.x[keep[[0, -1]]])

@@ -31,13 +31,13 @@ class FakeSource:
         rng = np.random.default_rng(zlib.crc32(key.encode()))
         self.x = rng.integers(0, 256, (n, side, side + 4, 3), dtype=np.uint8)  # non-square: exercises the crop
         self.y = np.arange(n) % num_classes
-        self.reads = reads
+        self.reads, self.key = reads, key
 
     def __len__(self):
         return len(self.x)
 
     def __getitem__(self, i):
-        self.reads.append(i)
+        self.reads.append((self.key, i))
         return {"image": self.x[i], "label": self.y[i]}
 
 
@@ -82,10 +82,13 @@ def test_imagenet_config_reads_only_the_few_samples_lazily(tmp_path):
     reads = []
     with mock(3000, 1000, 40, reads):
         out = run(c, tmp_path / "run")
-    # labels are scanned once (3000 reads) and only the 1000 chosen training images are decoded afterwards
+    # labels are scanned once (3000 reads) and only the 1000 chosen training images are decoded afterwards; of the
+    # OOD pool (400 records) only the 16 images of the held-out slice (a balanced set gets m = 0 OOD images)
     assert out["arms"]["oe"]["steps"] == 4
-    train_reads = len(reads) - 3000 - 3000 - 400  # minus label scan, the whole test split and the OOD pool
+    train_reads = len(reads) - 3000 - 3000 - 16  # minus label scan, the whole test split and the held-out slice
     assert train_reads == 1000
+    pool_reads = [i for key, i in reads if key.startswith(c.data.ood.name)]
+    assert len(pool_reads) == len(set(pool_reads)) == 16 and max(pool_reads) < 400
     assert (tmp_path / "run" / "cache" / "id_labels.npz").exists()
     student = out["arms"]["oe"]["spec"]
     assert student["inner_widths"] != spec.to_dict()["inner_widths"]

@@ -4,10 +4,13 @@ from oefsmc_jax.data.augment import augment_batch, example_keys, flip, normalize
 from oefsmc_jax.data.sources import (
     DataOverlapError,
     ImageSet,
+    Source,
     check_disjoint,
     image_hashes,
     load_source,
+    open_source,
     prepare_image,
+    source_hashes,
     tfds_labels,
 )
 from oefsmc_jax.data.subsets import (
@@ -26,6 +29,7 @@ __all__ = [
     "SHOT_GROUP_NAMES",
     "DataOverlapError",
     "ImageSet",
+    "Source",
     "augment_batch",
     "check_disjoint",
     "class_counts",
@@ -38,8 +42,10 @@ __all__ = [
     "load_source",
     "normalize",
     "ood_split",
+    "open_source",
     "pad_crop",
     "prepare_image",
     "shot_groups",
+    "source_hashes",
     "tfds_labels",
 ]

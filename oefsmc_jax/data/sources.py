@@ -30,10 +30,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,10 +43,13 @@ from PIL import Image
 __all__ = [
     "DataOverlapError",
     "ImageSet",
+    "Source",
     "check_disjoint",
     "image_hashes",
     "load_source",
+    "open_source",
     "prepare_image",
+    "source_hashes",
     "tfds_labels",
 ]
 
@@ -88,6 +92,45 @@ class ImageSet:
         idx = np.asarray(idx)
         idx = np.nonzero(idx)[0] if idx.dtype == bool else idx.astype(np.int64)
         return ImageSet(self.x[idx], self.y[idx], self.name)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+    """An image source opened without reading its images: its name, length, image shape and labels, and
+    ``read(indices) -> ImageSet`` that reads (and decodes, resizes) only those records.
+
+    What :func:`open_source` returns; the pipeline keeps OOD pools this way, so a pool larger than host memory
+    (an uncompressed npz, memory-mapped, or a TFDS split) is only ever read in chunks or at the chosen indices.
+    """
+
+    name: str
+    size: int
+    image_shape: tuple[int, int, int]
+    read: Callable[[np.ndarray], ImageSet]
+    labels: np.ndarray | None = None  # int32 [size] when known without reading images
+    mapped: bool = False  # images memory-mapped from disk, not held in memory
+
+    def __len__(self) -> int:
+        return self.size
+
+    def take(self, idx: Sequence[int] | np.ndarray | None = None) -> ImageSet:
+        """The records at ``idx`` (integer indices in that order, or a boolean mask; ``None`` = all)."""
+        if idx is None:
+            return self.read(np.arange(self.size))
+        idx = np.asarray(idx)
+        idx = np.nonzero(idx)[0] if idx.dtype == bool else idx
+        return self.read(_check_indices(idx, self.size, self.name))
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> Source:
+        """The records at ``idx`` as a source of their own (nothing is read)."""
+        idx = _check_indices(idx, self.size, self.name)
+        return Source(self.name, len(idx), self.image_shape, lambda i: self.read(idx[i]),
+                      None if self.labels is None else self.labels[idx], self.mapped)
+
+    def chunks(self, size: int = 2048) -> Iterator[ImageSet]:
+        """All records in order, ``size`` at a time."""
+        for start in range(0, self.size, size):
+            yield self.read(np.arange(start, min(start + size, self.size)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,50 +269,121 @@ def read_npz(path: str | os.PathLike, keys: Sequence[str] | None = None) -> tupl
     return names, out
 
 
-def _load_npz(cfg: Any, indices: np.ndarray | None) -> ImageSet:
+def _npz_member(path: str, key: str, verify: bool = True) -> np.ndarray | None:
+    """A read-only memory map of array ``key`` of the npz at ``path`` when it is stored uncompressed in C order
+    (what ``np.savez`` writes), else ``None`` (compressed members are read whole). With ``verify`` the member's
+    CRC-32 is checked first, streamed in 16 MiB reads, so a corrupt file fails as it does when read whole."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(f"{key}.npy")
+    except (KeyError, *_NPZ_READ_ERRORS):
+        return None  # no such array, or not a readable zip: read_npz names the problem
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            head = f.read(30)
+            if len(head) < 30 or head[:4] != b"PK\x03\x04":
+                raise zipfile.BadZipFile(f"bad local file header for {key}.npy")
+            name_len, extra_len = struct.unpack("<HH", head[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            if verify:
+                f.seek(start)
+                crc, left = 0, info.file_size
+                while left:
+                    buf = f.read(min(left, 1 << 24))
+                    if not buf:
+                        raise EOFError(f"{key}.npy ends {left} bytes early")
+                    crc, left = zlib.crc32(buf, crc), left - len(buf)
+                if crc != info.CRC:
+                    raise zipfile.BadZipFile(f"Bad CRC-32 for file '{key}.npy'")
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return None
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+    except _NPZ_READ_ERRORS as e:
+        raise _unreadable(path, e, key) from e
+    if fortran or dtype.hasobject or not shape or 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _gather(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``x[idx]`` for an array or a memory map: a run of rows whose span is at most twice its length is read
+    with one plain file read (no mapped pages stay resident), other rows are gathered in sorted order."""
+    if not isinstance(x, np.memmap) or idx.size == 0:
+        return np.asarray(x[idx])
+    lo, hi = int(idx.min()), int(idx.max()) + 1
+    if hi - lo <= 2 * idx.size:
+        row = int(np.prod(x.shape[1:])) * x.dtype.itemsize
+        block = np.fromfile(x.filename, dtype=x.dtype, count=(hi - lo) * row // x.dtype.itemsize,
+                            offset=x.offset + lo * row).reshape((hi - lo,) + x.shape[1:])
+        return block[idx - lo]
+    order = np.argsort(idx, kind="stable")
+    out = np.empty((idx.size,) + x.shape[1:], x.dtype)
+    out[order] = x[idx[order]]
+    return out
+
+
+def _open_npz(cfg: Any, mapped: bool) -> Source:
     path = os.fspath(_require(cfg, "path", "npz"))
     x_key, y_key = _get(cfg, "x_key", "x"), _get(cfg, "y_key", "y")
     size, channels = int(_require(cfg, "image_size", "npz")), int(_get(cfg, "channels", 3))
     name = f"npz:{path}"
     exclude = [int(c) for c in (_get(cfg, "exclude_classes", ()) or ())]
     class_key = _get(cfg, "class_key", "y")
-    names, arrays = read_npz(path, [x_key, y_key, class_key if exclude else ""])
+    x = _npz_member(path, x_key) if mapped else None
+    names, arrays = read_npz(path, [x_key if x is None else "", y_key, class_key if exclude else ""])
     files = sorted(names)
-    if x_key not in arrays:
+    if x is None and x_key not in arrays:
         raise ValueError(f"{path}: no array {x_key!r} (has {files})")
-    x = arrays[x_key]
+    x = arrays[x_key] if x is None else x
     y = arrays[y_key] if y_key and y_key in arrays else np.full(x.shape[0] if x.ndim else 0, -1, np.int32)
     if x.ndim not in (3, 4):
         raise ValueError(f"{path}: {x_key!r} must be images [N,H,W,C] or [N,H,W], got shape {x.shape}")
     if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or
                            (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0))):
         raise ValueError(f"{path}: {y_key!r} must be integer class labels [N], got {y.dtype} {y.shape}")
+    rows = np.arange(len(x))
     if exclude:
         if class_key not in arrays:
             raise ValueError(f"{path}: exclude_classes needs class labels under {class_key!r} (has {files})")
         keep = ~np.isin(arrays[class_key], exclude)
         if len(keep) != len(x):
             raise ValueError(f"{path}: {len(x)} images but {len(keep)} {class_key!r} labels")
-        x, y = x[keep], y[keep]
+        rows, y = rows[keep], y[keep]
         name = f"{name}[without {len(exclude)} classes]"
-    if len(y) != len(x):
+    if len(y) != len(rows):
         raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
-    if indices is not None:
-        idx = _check_indices(indices, len(x), name)
-        x, y = x[idx], y[idx]
     if x.dtype != np.uint8:
         raise ValueError(f"{path}: {x_key!r} must be uint8 images, got {x.dtype}")
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.shape[1:] != (size, size, channels):
-        if x.shape[3] not in (1, 2, 3, 4):
-            raise ValueError(f"{path}: {x_key!r} has {x.shape[3]} channels per image (shape {x.shape}); expected "
-                             f"1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA)")
-        try:
-            x = _stack(x, size, channels)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
-    return ImageSet(x, y.astype(np.int32), name)
+    convert = (x.shape + (1,) * (x.ndim == 3))[1:] != (size, size, channels)
+    if convert and x.ndim == 4 and x.shape[3] not in (1, 2, 3, 4):
+        raise ValueError(f"{path}: {x_key!r} has {x.shape[3]} channels per image (shape {x.shape}); expected "
+                         f"1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA)")
+    y = y.astype(np.int32)
+
+    def read(idx: np.ndarray) -> ImageSet:
+        xi = _gather(x, rows[idx])
+        if xi.ndim == 3:
+            xi = xi[..., None]
+        if convert:
+            try:
+                xi = _stack(xi, size, channels)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from e
+        return ImageSet(xi, y[idx], name)
+
+    return Source(name, len(rows), (size, size, channels), read, y, mapped=isinstance(x, np.memmap))
+
+
+def _load_npz(cfg: Any, indices: np.ndarray | None) -> ImageSet:
+    return _open_npz(cfg, mapped=False).take(indices)
 
 
 def _open_tfds(cfg: Any, skip_image: bool = False):
@@ -404,6 +518,24 @@ _LOADERS = {
 }
 
 
+def open_source(cfg: Any) -> Source:
+    """Open the image source described by ``cfg`` without reading its images where it can: an npz whose image
+    array is stored uncompressed (``np.savez``) is memory-mapped after a streamed CRC check, a TFDS split reads
+    records on demand; ``digits``, ``sklearn_photos`` and compressed npz files are read whole."""
+    kind = _get(cfg, "kind")
+    if kind not in _LOADERS:
+        raise ValueError(f"source kind must be one of {', '.join(SOURCE_KINDS)}; got {kind!r}")
+    if kind == "npz":
+        return _open_npz(cfg, mapped=True)
+    if kind == "tfds":
+        size, channels = int(_require(cfg, "image_size", "tfds")), int(_get(cfg, "channels", 3))
+        n = _tfds_size(cfg, _open_tfds(cfg))
+        return Source(f"tfds:{_get(cfg, 'name')}/{_get(cfg, 'split')}", n, (size, size, channels),
+                      lambda idx: _load_tfds(cfg, idx))
+    full = load_source(cfg)
+    return Source(full.name, len(full), full.x.shape[1:], full.take, full.y)
+
+
 def load_source(cfg: Any, indices: Sequence[int] | np.ndarray | None = None) -> ImageSet:
     """Load the image source described by ``cfg`` (see the module docstring for the fields).
 
@@ -432,17 +564,28 @@ def image_hashes(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def check_disjoint(a: ImageSet, b: ImageSet, what: str) -> None:
+def source_hashes(src: ImageSet | Source, chunk: int = 4096) -> np.ndarray:
+    """:func:`image_hashes` of every image of ``src``; a :class:`Source` is read ``chunk`` images at a time."""
+    if isinstance(src, ImageSet):
+        return image_hashes(src.x)
+    parts = [image_hashes(part.x) for part in src.chunks(chunk)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+
+
+def check_disjoint(a: ImageSet | Source, b: ImageSet, what: str, a_hashes: np.ndarray | None = None) -> None:
     """Raise :class:`DataOverlapError` when an image of ``a`` also appears (byte-identical) in ``b``.
 
     The message is one line, ``"{what}: N identical images (...); use a disjoint source"``, where N counts the
-    images of ``a`` found in ``b``. Sets of different image shapes cannot share images and always pass.
+    images of ``a`` found in ``b``. Sets of different image shapes cannot share images and always pass. ``a`` may
+    be a :class:`Source` (read in chunks), and ``a_hashes`` its :func:`source_hashes` when already computed.
     """
     if len(a) == 0 or len(b) == 0:
         return
-    if a.x.shape[1:] != b.x.shape[1:]:
+    a_shape = a.x.shape[1:] if isinstance(a, ImageSet) else tuple(a.image_shape)
+    if a_shape != b.x.shape[1:]:
         return  # different resolutions cannot hold identical images
-    shared = int(np.isin(image_hashes(a.x), image_hashes(b.x)).sum())
+    a_hashes = source_hashes(a) if a_hashes is None else a_hashes
+    shared = int(np.isin(a_hashes, image_hashes(b.x)).sum())
     if shared:
         raise DataOverlapError(
             f"{what}: {shared} identical image{'s' if shared != 1 else ''} "

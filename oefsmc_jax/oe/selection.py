@@ -52,9 +52,9 @@ def select_teacher_complement(probs: np.ndarray, counts: np.ndarray, factor: flo
     """For each class, the pool images with the highest teacher probability of that class (no image twice).
 
     Classes with the largest request choose first (ties: lower class index), each taking its top images among those
-    not yet taken; when the pool runs out, a class gets what is left.
+    not yet taken; when the pool runs out, a class gets what is left. ``probs`` may be memory-mapped: it is read
+    one class column at a time.
     """
-    probs = np.asarray(probs, np.float64)
     req = complement_requests(counts, factor)
     taken = np.zeros(len(probs), bool)
     idx, cls = [], []
@@ -62,7 +62,7 @@ def select_teacher_complement(probs: np.ndarray, counts: np.ndarray, factor: flo
     for k in sorted(range(len(req)), key=lambda c: (-req[c], c)):
         if req[k] == 0:
             continue
-        order = np.argsort(-probs[:, k], kind="stable")
+        order = np.argsort(-np.asarray(probs[:, k], np.float64), kind="stable")
         free = order[~taken[order]][: req[k]]
         taken[free] = True
         idx.append(free)
@@ -74,11 +74,14 @@ def select_teacher_complement(probs: np.ndarray, counts: np.ndarray, factor: flo
 
 
 def select_teacher_confidence(probs: np.ndarray, counts: np.ndarray, factor: float) -> Selection:
-    """The pool images with the highest maximum teacher probability, as many as the complement would take."""
-    probs = np.asarray(probs, np.float64)
+    """The pool images with the highest maximum teacher probability, as many as the complement would take.
+    ``probs`` may be memory-mapped: it is read in blocks of rows."""
     total = int(complement_requests(counts, factor).sum())
-    order = np.argsort(-probs.max(axis=1), kind="stable")[:total]
-    return Selection(order.astype(np.int64), probs[order].argmax(axis=1).astype(np.int64), np.array([total]),
+    top = np.concatenate([np.asarray(probs[i:i + 65536], np.float64).max(axis=1)
+                          for i in range(0, len(probs), 65536)] or [np.zeros(0)])
+    order = np.argsort(-top, kind="stable")[:total]
+    picked = np.asarray(probs[np.sort(order)], np.float64)[np.argsort(np.argsort(order))]
+    return Selection(order.astype(np.int64), picked.argmax(axis=1).astype(np.int64), np.array([total]),
                      np.array([len(order)]))
 
 
