@@ -6,8 +6,9 @@
 # Steps (each printed before it runs; --dry-run prints them and runs nothing):
 #   1. create the TPU VM unless it exists (--accelerator-type, --version, --project, --spot)
 #   2. copy this checkout (git archive of HEAD) to every worker and install it with the matching jax[tpu]
-#   3. a gs:// WORKDIR is mounted on every worker with gcsfuse at /gcs/BUCKET, so every host reads and writes the
-#      same checkpoints, records and caches; any other WORKDIR is a path on the workers (fine on a single host)
+#   3. a gs:// WORKDIR is used as is: the package reads and writes it through etils.epath (gcsfs, installed in step
+#      2) and Orbax, so every host reads and writes the same checkpoints, records and caches; with --gcsfuse it is
+#      mounted on every worker at /gcs/BUCKET instead; any other WORKDIR is a path on the workers (one host only)
 #   4. run `python -m oefsmc_jax --multihost ...` on all workers, streaming their logs (tfds data from --tfds-data-dir)
 #   5. copy results.json, report.md, the plots and the logs of the run back to --results (default runs/tpu/NAME)
 #   6. with --delete, delete the VM at the end (it bills until deleted)
@@ -16,14 +17,14 @@
 #   --name [TPU_NAME]  --zone [TPU_ZONE]  --project [TPU_PROJECT, default: gcloud's]
 #   --accelerator-type [TPU_TYPE, v5litepod-8]  --version [TPU_RUNTIME, v2-alpha-tpuv5-lite]
 #   --tfds-data-dir [TFDS_DATA_DIR, e.g. gs://BUCKET/tensorflow_datasets]  --results DIR  --spot  --delete
-#   --dry-run  --help
+#   --gcsfuse  --dry-run  --help
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 name="${TPU_NAME:-}"; zone="${TPU_ZONE:-}"; project="${TPU_PROJECT:-}"
 accel="${TPU_TYPE:-v5litepod-8}"; version="${TPU_RUNTIME:-v2-alpha-tpuv5-lite}"
-tfds_dir="${TFDS_DATA_DIR:-}"; config=""; workdir=""; results=""; spot=0; delete=0; dry=0
+tfds_dir="${TFDS_DATA_DIR:-}"; config=""; workdir=""; results=""; spot=0; delete=0; dry=0; fuse=0
 overrides=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -39,6 +40,7 @@ while [[ $# -gt 0 ]]; do
     --spot) spot=1; shift ;;
     --delete) delete=1; shift ;;
     --dry-run) dry=1; shift ;;
+    --gcsfuse) fuse=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; overrides=("$@"); break ;;
     *) echo "error: unknown argument '$1' (see --help)" >&2; exit 2 ;;
@@ -60,10 +62,11 @@ run() {  # print a command (shell-quoted where needed), then run it unless --dry
   if [[ $dry -eq 0 ]]; then "$@"; fi
 }
 
-# the workdir every worker sees: gs://BUCKET/PATH -> /gcs/BUCKET/PATH (gcsfuse), anything else as given
+# the workdir every worker sees: gs://BUCKET/PATH as is (or /gcs/BUCKET/PATH with --gcsfuse), anything else as given
 remote_workdir="$workdir"; bucket=""
 if [[ "$workdir" == gs://* ]]; then
-  rest="${workdir#gs://}"; bucket="${rest%%/*}"; remote_workdir="/gcs/$rest"
+  rest="${workdir#gs://}"; bucket="${rest%%/*}"
+  [[ $fuse -eq 1 ]] && remote_workdir="/gcs/$rest"
 fi
 
 # 1. the VM
@@ -78,11 +81,11 @@ tarball="$(mktemp -d)/oefsmc_jax.tar.gz"
 run git archive --format=tar.gz --prefix=oefsmc_jax/ -o "$tarball" HEAD
 run gcloud compute tpus tpu-vm scp "$tarball" "$name:oefsmc_jax.tar.gz" "${gflags[@]}" --worker=all
 jax_req="$(grep -E '^jax[>=<]' requirements.txt | head -1)"
-install="rm -rf oefsmc_jax && tar xzf oefsmc_jax.tar.gz && pip install -q ./oefsmc_jax 'jax[tpu]${jax_req#jax}'"
+install="rm -rf oefsmc_jax && tar xzf oefsmc_jax.tar.gz && pip install -q ./oefsmc_jax 'jax[tpu]${jax_req#jax}' gcsfs"
 run gcloud compute tpus tpu-vm ssh "$name" "${gflags[@]}" --worker=all --command "$install"
 
-# 3. one shared workdir for all hosts
-if [[ -n "$bucket" ]]; then
+# 3. one shared workdir for all hosts (native gs:// needs nothing more; --gcsfuse mounts the bucket)
+if [[ -n "$bucket" && $fuse -eq 1 ]]; then
   mount="command -v gcsfuse >/dev/null || { echo 'deb https://packages.cloud.google.com/apt gcsfuse-jammy main' \
 | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsS \
 https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo apt-key add - >/dev/null && sudo apt-get -qq update \

@@ -50,7 +50,16 @@ def _check_source(field: str, cfg: Any) -> None:
     if cfg.kind == "npz":
         if not cfg.get("path"):
             _fail(f"{field}.path", "an npz source needs a path to a file with 'x' (uint8 NHWC) and 'y'")
-        if not os.path.isfile(cfg.path):
+        if "://" in str(cfg.path):
+            from oefsmc_jax import paths
+
+            try:
+                paths.check_reachable(cfg.path, "file")
+            except ValueError as e:
+                _fail(f"{field}.path", str(e))
+            if not paths.as_path(cfg.path).is_file():
+                _fail(f"{field}.path", f"file {cfg.path} does not exist")
+        elif not os.path.isfile(cfg.path):
             _fail(f"{field}.path", f"file {cfg.path} does not exist")
     exclude = cfg.get("exclude_classes", ()) or ()
     if exclude and (cfg.kind != "npz" or not all(isinstance(c, int) and not isinstance(c, bool) for c in exclude)):

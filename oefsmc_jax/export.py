@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
@@ -88,11 +87,11 @@ def export_student(workdir: str | os.PathLike, arm: str, out: str | os.PathLike,
     config.json, the arm has no student yet), ValueError (unknown arm, incomplete config) or FileExistsError
     (``out`` exists and is not empty, without ``overwrite``), each naming what is missing and what exists.
     """
-    from oefsmc_jax import __version__
+    from oefsmc_jax import __version__, paths
     from oefsmc_jax.models import count_flops, count_params, shrink
     from oefsmc_jax.training.checkpoint import load_model, save_model
 
-    workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+    workdir, out = paths.as_path(workdir), paths.as_path(out)
     if not workdir.is_dir():
         raise FileNotFoundError(f"run directory {workdir} does not exist")
     cfg_path = workdir / "config.json"
@@ -108,14 +107,15 @@ def export_student(workdir: str | os.PathLike, arm: str, out: str | os.PathLike,
     sdir = workdir / arm / "student"
     if not sdir.is_dir():
         raise FileNotFoundError(f"arm {arm!r} has not finished: {sdir} does not exist (finished arms: {done})")
-    if sdir.resolve() == out.resolve() or sdir.resolve() in out.resolve().parents:
+    real = [os.path.realpath(p) if paths.is_local(p) else str(p) for p in (sdir, out)]
+    if real[1] == real[0] or real[1].startswith(real[0].rstrip("/") + "/"):
         raise ValueError(f"--out {out} would overwrite the run's own student {sdir}; choose another directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise FileExistsError(f"{out} already exists and is not empty; remove it, or pass overwrite=True "
                                   "(--overwrite on the command line)")
         if out.is_dir():
-            shutil.rmtree(out)
+            paths.rmtree(out)
         else:
             out.unlink()
 

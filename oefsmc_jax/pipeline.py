@@ -13,8 +13,8 @@ import functools
 import hashlib
 import json
 import os
-import pathlib
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oefsmc_jax import __version__
+from oefsmc_jax import __version__, paths
 from oefsmc_jax.data import (
     ImageSet,
     Source,
@@ -78,14 +78,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def write_json(path: pathlib.Path, obj: Any) -> None:
+def write_json(path: paths.Path, obj: Any) -> None:
     """Write JSON atomically (a crash never leaves a half-written result); only process 0 writes."""
     if jax.process_index() != 0:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    paths.write_text_atomic(path, json.dumps(obj, indent=1, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:
@@ -113,7 +110,7 @@ class RunData:
     candidate_hashes: np.ndarray | None = None  # their content hashes (uint64), from the overlap check
 
 
-def _labels_and_loader(cfg: Any, cache: pathlib.Path) -> tuple[np.ndarray, Callable[[np.ndarray], ImageSet],
+def _labels_and_loader(cfg: Any, cache: paths.Path) -> tuple[np.ndarray, Callable[[np.ndarray], ImageSet],
                                                                 ImageSet | None]:
     if cfg.kind == "tfds" and cfg.get("lazy", False):
         labels = tfds_labels(cfg, cache)
@@ -122,7 +119,7 @@ def _labels_and_loader(cfg: Any, cache: pathlib.Path) -> tuple[np.ndarray, Calla
     return full.y, full.take, full
 
 
-def prepare_data(config: Any, workdir: pathlib.Path) -> RunData:
+def prepare_data(config: Any, workdir: paths.Path) -> RunData:
     """Load the sources, draw the few-sample set and the OOD subset (seeded), check they are disjoint from each
     other and from the test split, and write the chosen indices to ``workdir/subset.json``."""
     k = config.data.num_classes
@@ -208,7 +205,7 @@ def init_variables(spec: ArchSpec, image_size: int, seed: int) -> dict:
     return jax.device_get(jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(seed)))
 
 
-def get_teacher(config: Any, workdir: pathlib.Path, mesh: Any, data: RunData) -> tuple[ArchSpec, dict]:
+def get_teacher(config: Any, workdir: paths.Path, mesh: Any, data: RunData) -> tuple[ArchSpec, dict]:
     """Load the teacher from ``config.teacher.checkpoint``, or train it (once, cached in the workdir)."""
     path = config.teacher.checkpoint
     if path:
@@ -279,7 +276,7 @@ def calibration_set(config: Any, data: RunData, oe_on: bool, gamma: np.ndarray, 
                              ood_x=ood.x if with_ood else None, ood_labels=ood_labels if with_ood else None,
                              gamma=gamma, seed=config.seed + 2)
 
-def teacher_pool_probs(config: Any, workdir: pathlib.Path, mesh: Any, teacher: tuple[ArchSpec, dict],
+def teacher_pool_probs(config: Any, workdir: paths.Path, mesh: Any, teacher: tuple[ArchSpec, dict],
                        pool: ImageSet | Source, chunk: int = 2048, hashes: np.ndarray | None = None) -> np.ndarray:
     """The teacher's class probabilities (float32 ``[N, K]``) on the OOD candidates: one batched, jitted pass
     with progress, reading the pool ``chunk`` images at a time and writing straight into the cache file
@@ -292,14 +289,19 @@ def teacher_pool_probs(config: Any, workdir: pathlib.Path, mesh: Any, teacher: t
     for leaf in jax.tree.leaves(t_vars):
         h.update(np.ascontiguousarray(leaf).tobytes())
     h.update(json.dumps([t_spec.to_dict(), list(config.data.mean), list(config.data.std)]).encode())
-    cache = pathlib.Path(config.oe.cache_dir or workdir / "cache") / f"pool_probs_{h.hexdigest()[:16]}.npy"
+    cache = paths.as_path(config.oe.cache_dir or workdir / "cache") / f"pool_probs_{h.hexdigest()[:16]}.npy"
     if cache.exists():
         log(f"teacher: reusing pool probabilities {cache}")
-        return np.load(cache, mmap_mode="r")
+        return paths.load_npy(cache, mmap=True)
     predict = predict_fn(mesh, t_spec, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{jax.process_index()}-{os.getpid()}-{threading.get_ident()}.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(pool), t_spec.num_classes))
+    # written into a local file as it is computed (the cache's sibling, or a temporary file when the cache is remote)
+    if paths.is_local(cache):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = paths.tmp_sibling(cache)
+    else:
+        tmp = paths.as_path(tempfile.mkdtemp(prefix="oefsmc_pool_probs_")) / cache.name
+    out = np.lib.format.open_memmap(os.fspath(tmp), mode="w+", dtype=np.float32,
+                                    shape=(len(pool), t_spec.num_classes))
     t0, done = time.time(), 0
     parts = pool.chunks(chunk) if isinstance(pool, Source) else (
         ImageSet(pool.x[i:i + chunk], pool.y[i:i + chunk], pool.name) for i in range(0, len(pool), chunk))
@@ -310,11 +312,15 @@ def teacher_pool_probs(config: Any, workdir: pathlib.Path, mesh: Any, teacher: t
         log(f"teacher: pool pass {done}/{len(pool)} images ({done / max(time.time() - t0, 1e-9):,.0f} img/s)")
     out.flush()
     del out
-    if jax.process_index() == 0:
-        os.replace(tmp, cache)
-        return np.load(cache, mmap_mode="r")
-    probs = np.load(tmp)  # other processes computed the same values; only process 0 keeps a cache file
-    os.unlink(tmp)
+    if jax.process_index() == 0:  # other processes computed the same values; only process 0 keeps a cache file
+        if paths.is_local(cache):
+            tmp.replace(cache)
+            return paths.load_npy(cache, mmap=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.copy(paths.tmp_sibling(cache), overwrite=True)
+        paths.tmp_sibling(cache).replace(cache)
+    probs = np.load(os.fspath(tmp), mmap_mode="r")
+    os.unlink(os.fspath(tmp))  # the open memory map keeps the data readable (POSIX)
     return probs
 
 
@@ -324,7 +330,7 @@ def predict_fn(mesh: Any, spec: ArchSpec, mean: tuple, std: tuple, batch_size: i
     return make_predict(mesh, build_model(spec), mean, std, batch_size)
 
 
-def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunData, method: Method,
+def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData, method: Method,
             teacher: tuple[ArchSpec, dict], teacher_test_pred: np.ndarray, heldout_pred: np.ndarray | None,
             pool_probs: np.ndarray | None = None) -> dict:
     """Compress, fine-tune and evaluate one arm; reuses every finished piece in ``workdir/arm``."""
@@ -406,7 +412,7 @@ def run_arm(config: Any, arm: str, workdir: pathlib.Path, mesh: Any, data: RunDa
     return result
 
 
-def _finetune_arm(config: Any, arm: str, adir: pathlib.Path, mesh: Any, data: RunData, recipe: Any,
+def _finetune_arm(config: Any, arm: str, adir: paths.Path, mesh: Any, data: RunData, recipe: Any,
                   spec: ArchSpec, variables: dict, teacher: tuple[ArchSpec, dict], spec_arm: Arm,
                   gamma: np.ndarray, eta: float, ood_set: ImageSet | None, heldout_pred: np.ndarray | None,
                   ood_labels: np.ndarray | None = None) -> Any:
@@ -460,7 +466,7 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_same_config(path: pathlib.Path, new: dict) -> None:
+def check_same_config(path: paths.Path, new: dict) -> None:
     """Refuse a workdir whose ``config.json`` holds another config (fields present in both, except
     :data:`RESUMABLE_FIELDS`): its finished arms would otherwise be reported under the new config."""
     if not path.exists():
@@ -482,7 +488,8 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     """Run every arm of ``config`` in ``workdir`` and write ``report.md`` and the per-class plot; returns results."""
     from oefsmc_jax.config_validation import validate
 
-    workdir = pathlib.Path(workdir).absolute()
+    paths.check_reachable(workdir, "--workdir")
+    workdir = paths.as_path(workdir)
     cache = compile_cache.enable(config.get("compile_cache", ""))
     xla_cpu.set_mode(config.get("cpu_fusion", ""))
     if config.num_devices < 0 or config.num_devices > jax.device_count():

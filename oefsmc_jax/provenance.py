@@ -10,6 +10,8 @@ import platform
 import subprocess
 from typing import Any
 
+from oefsmc_jax import paths
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy", "ml_collections")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -45,7 +47,7 @@ def versions() -> dict[str, str | None]:
 def portable(obj: Any, roots: dict[str, str | os.PathLike]) -> Any:
     """``obj`` (nested dicts/lists/strings) with every string under one of ``roots`` written relative to it, as
     ``<name>/rest`` (e.g. ``<data>/cifar10_test_jpeg75.npz``), so committed records hold no machine paths."""
-    prefixes = sorted(((str(pathlib.Path(p).absolute()).rstrip("/") + "/", name) for name, p in roots.items()),
+    prefixes = sorted(((str(paths.as_path(p)).rstrip("/") + "/", name) for name, p in roots.items()),
                       key=lambda t: -len(t[0]))
 
     def fix(o: Any) -> Any:

@@ -22,11 +22,11 @@ def test_dry_run_prints_every_step_in_order():
          "--spot"),
         ("git archive --format=tar.gz --prefix=oefsmc_jax/",),
         ("gcloud compute tpus tpu-vm scp", "t1:oefsmc_jax.tar.gz", "--worker=all"),
-        ("gcloud compute tpus tpu-vm ssh t1", "--worker=all", "pip install -q ./oefsmc_jax", "jax[tpu]>=0.8.0,<0.12"),
-        ("--worker=all", "gcsfuse --implicit-dirs bkt /gcs/bkt"),
+        ("gcloud compute tpus tpu-vm ssh t1", "--worker=all", "pip install -q ./oefsmc_jax", "jax[tpu]>=0.8.0,<0.12",
+         "gcsfs"),
         ("--worker=all", "source launch/tcmalloc.sh",
          "python -m oefsmc_jax --multihost --config configs/cifar10.py:data=tfds",
-         "--workdir /gcs/bkt/runs/a", "TFDS_DATA_DIR=gs://bkt/tfds", "--config.train.steps=2000"),
+         "--workdir gs://bkt/runs/a", "TFDS_DATA_DIR=gs://bkt/tfds", "--config.train.steps=2000"),
         ("mkdir -p runs/tpu/t1",),
         ("gcloud storage rsync --recursive", "gs://bkt/runs/a runs/tpu/t1"),
         ("gcloud compute tpus tpu-vm delete t1 --zone us-central2-b --project p1 --quiet",),
@@ -35,6 +35,16 @@ def test_dry_run_prints_every_step_in_order():
     for cmd, parts in zip(cmds, expect):
         for part in parts:
             assert part in cmd, (part, cmd)
+
+
+def test_gcsfuse_mounts_the_bucket_and_runs_on_the_mount():
+    out = _launch("--dry-run", "--name", "t3", "--zone", "z", "--config", "configs/demo.py", "--workdir",
+                  "gs://bkt/runs/b", "--gcsfuse")
+    assert out.returncode == 0, out.stderr
+    cmds = [ln for ln in out.stdout.splitlines() if ln.startswith("+ ")]
+    assert "gcsfuse --implicit-dirs bkt /gcs/bkt" in cmds[4] and "--worker=all" in cmds[4]
+    assert "--workdir /gcs/bkt/runs/b" in cmds[5]
+    assert "gcloud storage rsync --recursive" in cmds[7] and "gs://bkt/runs/b runs/tpu/t3" in cmds[7]
 
 
 def test_local_workdir_copies_back_from_worker_0_and_keeps_the_vm():

@@ -334,13 +334,16 @@ def test_unwritable_workdir_fails_before_touching_a_finished_run(tmp_path, monke
 def test_full_disk_while_writing_a_result_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "base" / "result.json"
     write_json(path, {"top1": 50.0})
-    real_write = pathlib.Path.write_text
+    from oefsmc_jax import paths
+
+    cls = type(paths.as_path(path))  # every write of the path layer ends in this class's write_bytes
+    real_write = cls.write_bytes
 
     def half_then_enospc(self, data, *a, **k):  # the disk fills up half-way through the file
         real_write(self, data[: len(data) // 2], *a, **k)
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
-    monkeypatch.setattr(pathlib.Path, "write_text", half_then_enospc)
+    monkeypatch.setattr(cls, "write_bytes", half_then_enospc)
     with pytest.raises(OSError, match="No space left on device"):
         write_json(path, {"top1": 60.0, "arm": "base"})
     assert json.loads(path.read_text()) == {"top1": 50.0}

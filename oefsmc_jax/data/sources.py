@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import struct
-import threading
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,6 +45,7 @@ __all__ = [
     "ImageSet",
     "Source",
     "check_disjoint",
+    "gather_rows",
     "image_hashes",
     "load_source",
     "open_source",
@@ -313,25 +314,33 @@ def _npz_member(path: str, key: str, verify: bool = True) -> np.ndarray | None:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
-def _gather(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """``x[idx]`` for an array or a memory map: a run of rows whose span is at most twice its length is read
-    with one plain file read (no mapped pages stay resident), other rows are gathered in sorted order."""
+def gather_rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``x[idx]`` for an array or a memory map. From a memory map the rows are read with plain ``pread`` calls, one
+    per run of nearby rows, never through the mapping: a fault on a mapped page brings its neighbours into the
+    process too (read-around), so a few hundred scattered rows would make hundreds of MiB resident."""
     if not isinstance(x, np.memmap) or idx.size == 0:
         return np.asarray(x[idx])
-    lo, hi = int(idx.min()), int(idx.max()) + 1
-    if hi - lo <= 2 * idx.size:
-        row = int(np.prod(x.shape[1:])) * x.dtype.itemsize
-        block = np.fromfile(x.filename, dtype=x.dtype, count=(hi - lo) * row // x.dtype.itemsize,
-                            offset=x.offset + lo * row).reshape((hi - lo,) + x.shape[1:])
-        return block[idx - lo]
+    shape, row = x.shape[1:], int(np.prod(x.shape[1:])) * x.dtype.itemsize
     order = np.argsort(idx, kind="stable")
-    out = np.empty((idx.size,) + x.shape[1:], x.dtype)
-    out[order] = x[idx[order]]
+    rows = idx[order]
+    out = np.empty((idx.size,) + shape, x.dtype)
+    runs = np.split(np.arange(idx.size), np.nonzero(np.diff(rows) > 8)[0] + 1)  # a gap of > 8 rows: a new read
+    with open(x.filename, "rb", buffering=0) as f:
+        for run in runs:
+            lo, hi = int(rows[run[0]]), int(rows[run[-1]]) + 1
+            buf = os.pread(f.fileno(), (hi - lo) * row, x.offset + lo * row)
+            if len(buf) != (hi - lo) * row:
+                raise ValueError(f"{x.filename}: rows {lo}-{hi - 1} lie past the end of the file (truncated?)")
+            out[order[run]] = np.frombuffer(buf, x.dtype).reshape((hi - lo,) + shape)[rows[run] - lo]
     return out
 
 
 def _open_npz(cfg: Any, mapped: bool) -> Source:
     path = os.fspath(_require(cfg, "path", "npz"))
+    if "://" in path:  # an object-store file (gs://...) is copied to a local temporary file once, then read
+        from oefsmc_jax import paths
+
+        path = paths.local_file(path)
     x_key, y_key = _get(cfg, "x_key", "x"), _get(cfg, "y_key", "y")
     size, channels = int(_require(cfg, "image_size", "npz")), int(_get(cfg, "channels", 3))
     name = f"npz:{path}"
@@ -369,7 +378,7 @@ def _open_npz(cfg: Any, mapped: bool) -> Source:
     y = y.astype(np.int32)
 
     def read(idx: np.ndarray) -> ImageSet:
-        xi = _gather(x, rows[idx])
+        xi = gather_rows(x, rows[idx])
         if xi.ndim == 3:
             xi = xi[..., None]
         if convert:
@@ -437,8 +446,11 @@ def tfds_labels(cfg: Any, cache_path: str | os.PathLike | None = None) -> np.nda
     cache_path = cache_path if cache_path is not None else _get(cfg, "labels_cache")
     label_key = _get(cfg, "label_key", "label")
     tag = f"{_get(cfg, 'name')}/{_get(cfg, 'split')}/{int(_get(cfg, 'max_examples', 0))}/{label_key}"
-    if cache_path and os.path.exists(cache_path):
-        with np.load(cache_path, allow_pickle=False) as f:
+    from oefsmc_jax import paths
+
+    cache_path = paths.as_path(cache_path) if cache_path else None
+    if cache_path is not None and cache_path.exists():
+        with np.load(io.BytesIO(cache_path.read_bytes()), allow_pickle=False) as f:
             if "tag" in f.files and str(f["tag"]) == tag:
                 return f["y"].astype(np.int32)
     ds = _open_tfds(cfg, skip_image=True)
@@ -447,13 +459,10 @@ def tfds_labels(cfg: Any, cache_path: str | os.PathLike | None = None) -> np.nda
         y = np.fromiter((int(ds[i][label_key]) for i in range(n)), dtype=np.int32, count=n)
     else:
         y = np.full(n, -1, np.int32)
-    if cache_path:
-        cache_path = os.fspath(cache_path)
-        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-        tmp = f"{cache_path}.tmp{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as fh:
-            np.savez(fh, y=y, tag=np.array(tag))
-        os.replace(tmp, cache_path)
+    if cache_path is not None:
+        buf = io.BytesIO()
+        np.savez(buf, y=y, tag=np.array(tag))
+        paths.write_bytes_atomic(cache_path, buf.getvalue())
     return y
 
 

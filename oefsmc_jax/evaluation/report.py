@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-import pathlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from oefsmc_jax import paths
 from oefsmc_jax.evaluation.metrics import class_order, shot_groups
 
 Fmt = str | Callable[[Any], str] | None
@@ -147,7 +148,7 @@ def plot_per_class(
     arms: Mapping[str, Sequence[float | None]],
     teacher: Sequence[float | None] | None = None,
     title: str | None = None,
-) -> pathlib.Path:
+) -> paths.Path:
     """Grouped bar chart of per-class accuracy, saved as a 900x450 PNG at ``path``.
 
     One bar colour per arm; the teacher's accuracy is a dashed black segment over each class. Classes are
@@ -179,7 +180,7 @@ def plot_per_class(
 
 def _draw_per_class(plt: Any, path: Any, class_names: Sequence[str], train_counts: Sequence[int],
                     arms: Mapping[str, Sequence[float | None]], teacher: Sequence[float | None] | None,
-                    title: str | None, order: Any, x: np.ndarray, vals: Callable, k: int) -> pathlib.Path:
+                    title: str | None, order: Any, x: np.ndarray, vals: Callable, k: int) -> paths.Path:
     fig, ax = plt.subplots(figsize=(9.0, 4.5), dpi=100)
     try:
         n_arms = max(len(arms), 1)
@@ -217,9 +218,10 @@ def _draw_per_class(plt: Any, path: Any, class_names: Sequence[str], train_count
             ax.legend(fontsize=8, ncol=min(n_arms + 1, 6), loc="lower right", bbox_to_anchor=(1.0, 1.0),
                       frameon=False, borderaxespad=0.2)  # fmt: skip
         fig.tight_layout()
-        out = pathlib.Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png", dpi=100)
+        out = paths.as_path(path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        paths.write_bytes_atomic(out, buf.getvalue())
     finally:
         plt.close(fig)
     return out
@@ -299,7 +301,7 @@ def _model_table(model: Mapping[str, Any]) -> str:
     )  # fmt: skip
 
 
-def write_report(workdir: str | os.PathLike, results: Mapping[str, Any]) -> pathlib.Path:
+def write_report(workdir: str | os.PathLike, results: Mapping[str, Any]) -> paths.Path:
     """Write ``report.md`` and ``per_class_accuracy.png`` into ``workdir``; return the path of the report.
 
     ``results`` holds ``title``, ``class_names``, ``train_counts``, ``arms`` (name -> classification_metrics
@@ -307,7 +309,7 @@ def write_report(workdir: str | os.PathLike, results: Mapping[str, Any]) -> path
     dict or None), ``model`` (``teacher_params``, ``student_params``, ``teacher_flops``, ``student_flops``,
     optional ``teacher_latency_ms``, ``student_latency_ms``) and ``config`` (dumped as JSON at the end).
     """
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     title = results.get("title", "Results")
     class_names = list(results["class_names"])

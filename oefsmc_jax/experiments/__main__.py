@@ -21,12 +21,11 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv: list[str]) -> None:
     """Run the grid (unless ``summarize``), then write the summary."""
     logging.set_verbosity(logging.WARNING)
-    import pathlib
-
+    from oefsmc_jax import paths
     from oefsmc_jax.cli_util import run_reporting_errors
     from oefsmc_jax.experiments import run_grid, summarize
 
-    workdir = pathlib.Path(FLAGS.workdir)
+    workdir = paths.as_path(FLAGS.workdir)
     out = FLAGS.out or workdir / "summary"
     cfg = FLAGS.config
     if len(argv) > 1 and argv[1] != "summarize":

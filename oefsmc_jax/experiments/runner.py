@@ -23,7 +23,7 @@ from typing import Any
 
 import ml_collections
 
-from oefsmc_jax import __version__
+from oefsmc_jax import __version__, paths
 from oefsmc_jax.provenance import code_version, portable, versions
 
 AXES = ("method", "arch", "per_class", "mode", "seed")
@@ -126,8 +126,9 @@ def batch_cells(todo: list[tuple[Cell, Any]], group_size: int) -> list[list[tupl
     return [cells[i:i + group_size] for cells in by_key.values() for i in range(0, len(cells), group_size)]
 
 
-def read_results(path: pathlib.Path) -> list[dict]:
+def read_results(path: str | os.PathLike) -> list[dict]:
     """The records of a results file (missing file: none); a torn last line (killed mid-write) is ignored."""
+    path = paths.as_path(path)
     if not path.exists():
         return []
     out = []
@@ -139,10 +140,13 @@ def read_results(path: pathlib.Path) -> list[dict]:
     return out
 
 
-def _append(path: pathlib.Path, records: list[dict]) -> None:
-    with open(path, "a") as f:
-        for r in records:
-            f.write(json.dumps(r, default=str) + "\n")
+def _append(path: paths.Path, records: list[dict]) -> None:
+    text = "".join(json.dumps(r, default=str) + "\n" for r in records)
+    if not paths.is_local(path):
+        paths.append_text(path, text)
+        return
+    with open(os.fspath(path), "a") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
 
@@ -164,7 +168,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     group_impl = str(config.get("group_impl", "auto"))
     if group_impl not in GROUP_IMPLS:
         raise ConfigError(f"config.group_impl: {group_impl!r} is not allowed; choose one of {', '.join(GROUP_IMPLS)}")
-    workdir = pathlib.Path(workdir).absolute()
+    paths.check_reachable(workdir, "--workdir")
+    workdir = paths.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     results = workdir / "results.jsonl"
     groups = [g for g in config.groups if only is None or g["name"] == only]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
-import pathlib
 from typing import Any
 
 import numpy as np
 
+from oefsmc_jax import paths
 from oefsmc_jax.evaluation import format_table, paired_difference, plot_per_class
 from oefsmc_jax.oe.arms import ARMS
 
@@ -121,7 +122,7 @@ def imbalance_table(records: list[dict]) -> str:
                                ("drop", "Imbalance drop", None), ("ci", "95 % CI", None)])
 
 
-def plot_budget(records: list[dict], path: pathlib.Path) -> pathlib.Path | None:
+def plot_budget(records: list[dict], path: paths.Path) -> paths.Path | None:
     """Accuracy against budget: one panel per (method, teacher); a line per (arm, set), mean ± std over seeds."""
     import matplotlib
 
@@ -154,8 +155,10 @@ def plot_budget(records: list[dict], path: pathlib.Path) -> pathlib.Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    paths.write_bytes_atomic(path, buf.getvalue())
     return path
 
 
@@ -196,14 +199,14 @@ def factorial_table(records: list[dict], metric: str = "top1") -> str:
 
 
 def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_names: list[str] | None = None,
-              title: str = "Results") -> pathlib.Path:
+              title: str = "Results") -> paths.Path:
     """Write ``summary.md``, ``accuracy_vs_budget.png`` and one per-class plot into ``out_dir``."""
     from oefsmc_jax.experiments.runner import read_results
 
-    records = read_results(pathlib.Path(results))
-    out = pathlib.Path(out_dir)
+    records = read_results(results)
+    out = paths.as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [f"# {title}", "", f"{len(records)} arm results from `{pathlib.Path(results).name}` "
+    parts = [f"# {title}", "", f"{len(records)} arm results from `{paths.as_path(results).name}` "
              f"({len({r['cell'] for r in records})} cells). Accuracies in %, mean ± std over seeds.", ""]
     devices = sorted({r["device"] for r in records if r.get("device")})
     if devices:
@@ -255,4 +258,4 @@ def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Convenience: the records of a results file."""
     from oefsmc_jax.experiments.runner import read_results
 
-    return read_results(pathlib.Path(path))
+    return read_results(path)

@@ -144,9 +144,10 @@ class CompressionContext:
         """Write what a stage decided to ``workdir/compression/NAME.json`` (process 0 only)."""
         if self.workdir is None or jax.process_index() != 0:
             return
-        path = pathlib.Path(self.workdir) / "compression" / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=1, default=_json_default))
+        from oefsmc_jax import paths
+
+        paths.write_text_atomic(paths.as_path(self.workdir) / "compression" / f"{name}.json",
+                                json.dumps(obj, indent=1, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:

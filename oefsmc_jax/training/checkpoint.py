@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import pathlib
-import shutil
 import sys
 import threading
 from typing import Any
@@ -14,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from oefsmc_jax import paths
 from oefsmc_jax.models import ArchSpec
 
 #: Orbax's save machinery is not safe to drive from several threads at once (the cells of a grouped grid run in
@@ -38,7 +37,7 @@ class Checkpointer:
 
     @_serial
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.as_path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
@@ -80,8 +79,8 @@ class Checkpointer:
                 log(f"checkpoint step {step} in {self.directory} is unreadable ({type(e).__name__}: {msg}); "
                     f"moved to {bad.name}.corrupt, trying the previous one")
                 if jax.process_index() == 0 and bad.exists():
-                    shutil.rmtree(bad.with_name(f"{bad.name}.corrupt"), ignore_errors=True)
-                    os.replace(bad, bad.with_name(f"{bad.name}.corrupt"))
+                    paths.rmtree(bad.with_name(f"{bad.name}.corrupt"))
+                    bad.replace(bad.with_name(f"{bad.name}.corrupt"))
                 if jax.process_count() > 1:
                     from jax.experimental import multihost_utils
 
@@ -109,7 +108,7 @@ def save_model(directory: str | os.PathLike, spec: ArchSpec, variables: dict, ex
     is replaced. In a single process the new model is written beside it and swapped in with a rename, so a crash
     never leaves a half-written model where a finished one was.
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.as_path(directory)
     variables = jax.tree.map(np.asarray, jax.device_get(variables))
     meta = {"spec": spec.to_dict(), **(extra or {})}
     if jax.process_count() > 1:  # every process takes part in an Orbax save; no local swap
@@ -117,22 +116,22 @@ def save_model(directory: str | os.PathLike, spec: ArchSpec, variables: dict, ex
         ckpt.save(0, variables, meta, force=True)
         ckpt.close()
         return
-    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = paths.tmp_sibling(directory)
+    paths.rmtree(tmp)
     ckpt = Checkpointer(tmp, max_to_keep=1)
     ckpt.save(0, variables, meta, force=True)
     ckpt.close()
-    old = directory.with_name(f"{directory.name}.old{os.getpid()}-{threading.get_ident()}")
+    old = paths.tmp_sibling(directory, "old")
     if directory.exists():
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
+        directory.replace(old)
+    tmp.replace(directory)
+    paths.rmtree(old)
 
 
 @_serial
 def load_model(directory: str | os.PathLike) -> tuple[ArchSpec, dict, dict]:
     """Read a model written by :func:`save_model`; returns ``(spec, variables, meta)`` with host arrays."""
-    directory = pathlib.Path(directory).absolute()
+    directory = paths.as_path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"model checkpoint {directory} does not exist")
     ckpt = Checkpointer(directory, max_to_keep=1)

@@ -5,8 +5,8 @@ thread of :class:`HostFeeder` draws each step's global indices with :func:`oefsm
 same keys and calls as the step's own draw, so the images are exactly those of a run with the data on the device),
 gathers those images from host arrays (``np.memmap`` files, or any array that supports fancy indexing on its first
 axis, read only where indexed), and places them on the mesh ``prefetch`` steps ahead of the step that uses them.
-Device memory then holds ``B_id + B_ood`` images per step whatever the pool size, and host memory holds the pool's
-touched pages plus ``prefetch`` batches.
+Device memory then holds ``B_id + B_ood`` images per step whatever the pool size, and host memory ``prefetch``
+batches: rows of a memory map are read with ``pread`` (``data.sources.gather_rows``), not through the mapping.
 
 Why stream rather than shard the pool over the devices: a sharded pool still has to fit in the devices' memory
 together (150 GB for a million 224x224 images), and gathering a random batch from it needs an all-to-all in every
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from oefsmc_jax.data.sources import gather_rows
 from oefsmc_jax.training.parallel import replicate
 from oefsmc_jax.training.step import StepConfig, StepData, host_draw
 
@@ -33,7 +34,9 @@ def pool_bytes(data: StepData) -> int:
 
 
 def _gather(a: Any, idx: np.ndarray) -> np.ndarray:
-    order = np.argsort(idx, kind="stable")  # sorted reads are kinder to a memmap on disk
+    if isinstance(a, np.memmap):  # plain reads: mapped pages would pull their neighbours into the process
+        return gather_rows(a, np.asarray(idx, np.int64))
+    order = np.argsort(idx, kind="stable")
     out = np.empty((len(idx),) + tuple(np.shape(a)[1:]), dtype=np.dtype(getattr(a, "dtype", np.uint8)))
     out[order] = np.asarray(a[idx[order]])
     return out

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from oefsmc_jax import paths
 from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
 from oefsmc_jax.training import preemption
@@ -121,32 +125,63 @@ def _summary_writer_cls() -> type:
 
 
 class MetricWriter:
-    """Appends metric records to ``metrics.jsonl`` and TensorBoard event files in ``directory``."""
+    """Appends metric records to ``metrics.jsonl`` and TensorBoard event files in ``directory``.
 
-    def __init__(self, directory: str | pathlib.Path):
-        self.directory = pathlib.Path(directory)
+    On a remote directory (``gs://...``, which cannot append) the records are kept, and ``metrics.jsonl`` is rewritten
+    at most every 30 s and at ``close``; the event files are written to a local folder and copied there at ``close``.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = paths.as_path(directory)
         self.enabled = jax.process_index() == 0  # one writer for a multi-host run
         if not self.enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.directory / "metrics.jsonl", "a")  # noqa: SIM115
-        self._tb = _summary_writer_cls()(str(self.directory / "tensorboard"))
+        self._remote = not paths.is_local(self.directory)
+        if self._remote:
+            old = self.directory / "metrics.jsonl"
+            self._lines = old.read_text().splitlines(keepends=True) if old.exists() else []
+            self._flushed = time.time()
+            self._tb_local = tempfile.mkdtemp(prefix="oefsmc_tb_")
+            self._tb = _summary_writer_cls()(self._tb_local)
+        else:
+            self._jsonl = open(os.fspath(self.directory / "metrics.jsonl"), "a")  # noqa: SIM115
+            self._tb = _summary_writer_cls()(os.fspath(self.directory / "tensorboard"))
+
+    def _flush_remote(self) -> None:
+        paths.write_text_atomic(self.directory / "metrics.jsonl", "".join(self._lines))
+        self._flushed = time.time()
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         """Record ``values`` at ``step`` under ``split`` (e.g. 'train', 'eval')."""
         if not self.enabled:
             return
         rec = {"step": int(step), "split": split, **{k: float(v) for k, v in values.items()}}
-        self._jsonl.write(json.dumps(rec) + "\n")
-        self._jsonl.flush()
+        if self._remote:
+            self._lines.append(json.dumps(rec) + "\n")
+            if time.time() - self._flushed > 30:
+                self._flush_remote()
+        else:
+            self._jsonl.write(json.dumps(rec) + "\n")
+            self._jsonl.flush()
         for k, v in values.items():
             self._tb.add_scalar(f"{split}/{k}", float(v), int(step))
 
     def close(self) -> None:
         """Flush and close the files."""
-        if self.enabled:
+        if not self.enabled:
+            return
+        self._tb.close()
+        if not self._remote:
             self._jsonl.close()
-            self._tb.close()
+            return
+        self._flush_remote()
+        for f in pathlib.Path(self._tb_local).rglob("*"):
+            if f.is_file():
+                dst = self.directory / "tensorboard" / f.relative_to(self._tb_local).as_posix()
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                paths.as_path(f).copy(dst, overwrite=True)
+        shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def _restore_run(job: RunJob, tx: Any, mesh: Mesh, log: Callable[[str], None]) -> tuple[dict, Checkpointer, Any, bool]:
@@ -157,7 +192,7 @@ def _restore_run(job: RunJob, tx: Any, mesh: Mesh, log: Callable[[str], None]) -
           "best_agreement": jnp.asarray(-1.0, jnp.float32), "best_step": jnp.asarray(0, jnp.int32),
           "bad_evals": jnp.asarray(0, jnp.int32)}
     tree = replicate({"state": init_state(v, tx, job.seed), "es": es, "masks": v.get("masks", {})}, mesh)
-    ckpt = Checkpointer(pathlib.Path(job.workdir) / "checkpoints", max_to_keep=job.loop.keep_checkpoints)
+    ckpt = Checkpointer(paths.as_path(job.workdir) / "checkpoints", max_to_keep=job.loop.keep_checkpoints)
     start, restored = ckpt.restore_latest(tree, log=lambda s: log(f"[{job.name}] {s}"))
     finished = False
     if start is not None:
@@ -174,7 +209,7 @@ def _nonfinite_error(name: str, count: int, step: int, ckpt: Checkpointer, workd
     return NonFiniteError(
         f"[{name}] {count} consecutive steps (to step {step}) had a non-finite loss or gradient, so their updates "
         f"were skipped and the run stopped; the newest checkpoint is {newest}"
-        f" in {pathlib.Path(workdir) / 'checkpoints'}, untouched. Lower optim.lr or check the data; raise "
+        f" in {paths.as_path(workdir) / 'checkpoints'}, untouched. Lower optim.lr or check the data; raise "
         "train.max_nonfinite to tolerate more.")
 
 
@@ -217,7 +252,7 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
     Inside a cell of a :class:`oefsmc_jax.training.group.GroupScheduler` the run is handed to the scheduler, which
     trains it together with other runs of the same shapes (same result, to float rounding).
     """
-    job = RunJob(name=name, workdir=pathlib.Path(workdir), mesh=mesh, spec=spec, variables=variables, recipe=recipe,
+    job = RunJob(name=name, workdir=paths.as_path(workdir), mesh=mesh, spec=spec, variables=variables, recipe=recipe,
                  teacher_spec=teacher_spec, teacher_variables=teacher_variables, data=data, step_cfg=step_cfg,
                  optim_cfg=dict(optim_cfg), loop=loop, seed=seed, heldout=heldout, meta=meta)
     scheduler = current_scheduler()
@@ -234,7 +269,7 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
     teacher_spec, teacher_variables, data, step_cfg = job.teacher_spec, job.teacher_variables, job.data, job.step_cfg
     optim_cfg, loop, heldout, meta = job.optim_cfg, job.loop, job.heldout, job.meta
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    workdir = pathlib.Path(workdir)
+    workdir = paths.as_path(workdir)
     t0 = time.time()
     trainer = make_trainer(mesh, spec, teacher_spec, recipe, step_cfg, optim_cfg, loop.steps)
     tx, schedule, step_fn, predict = trainer.tx, trainer.schedule, trainer.step, trainer.predict
