@@ -380,6 +380,11 @@ def test_open_source_maps_an_uncompressed_npz_and_reads_only_what_is_asked(tmp_p
     assert np.all(src.take([5]).x == 7)
     # scattered rows come back in the order asked (one read per run of nearby rows)
     np.testing.assert_array_equal(src.take([39, 0]).x, x[[39, 0]])
+    # a file cut short after it was opened: the rows past its end are named
+    path.write_bytes(bytes(raw[: at + 5 * 192]))
+    np.testing.assert_array_equal(src.take([0, 4]).x, x[[0, 4]])
+    with pytest.raises(ValueError, match=r"pool.npz: rows 30-31 lie past the end of the file \(truncated\?\)"):
+        src.take([30, 31])
 
 
 def test_open_source_tfds_reads_records_on_demand(tfds_mod):
