@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     budgets = [int(n) for n in a["budgets"].split("+") if n]
     c = paper_cifar10.get_config(f"steps={a['steps']},batch={a['batch']},seeds=1,runlocal={int(a['runlocal'])}")
     b = c.base
+    b.oe.selection_factor = 2.5  # c of the committed rows (default 1.0 since issue 9)
     b.oe.lambda_jd = 0.3  # the default chosen by the validation sweep of paper_cifar10
     b.optim = ml_collections.ConfigDict({**b.optim.to_dict(), "schedule": "step", "decay_at": (0.4, 0.8)})
     b.method.practise.k = 2
