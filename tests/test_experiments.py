@@ -284,6 +284,37 @@ def test_factorial_contrasts_change_one_thing_each():
     assert rows["all together: teacher complement, R off, vs the paper's arm"][6:] == ["+9.50", "[+3.1, +15.9]"]
 
 
+def test_pools_compare_the_same_contrasts_per_pool_and_plot_them(tmp_path):
+    from oefsmc_jax.experiments.pools import main
+
+    def recs(offset, arms):
+        base = {"base": [40, 42, 41], "oe": [45, 44, 46], "oe_random_matched": [47, 46, 45], "oe_complement": [50, 52,
+                                                                                                              51]}
+        return [{"group": "factorial", "method": "kd", "arch": "r", "per_class": 10, "mode": "exp", "seed": s,
+                 "arm": a, "metrics": {"top1": base[a][s] + (offset if a == "oe_complement" else 0)}}
+                for a in arms for s in range(3)] + [
+            {"group": "sweep", "method": "kd", "arch": "r", "per_class": 10, "mode": "exp", "seed": 0, "arm": "oe",
+             "metrics": {"top1": 0.0}}]  # another group: left out by --group
+
+    for name, offset, arms in [("tiny", 0, ("base", "oe", "oe_random_matched", "oe_complement")),
+                               ("dtd", -6, ("base", "oe", "oe_complement"))]:
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs(offset, arms)))
+    out = tmp_path / "out"
+    assert main(["--results", f"tiny={tmp_path / 'tiny.jsonl'}", "--results", f"dtd={tmp_path / 'dtd.jsonl'}",
+                 "--group", "factorial", "--out", str(out)]) == 0
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in (out / "pools.md").read_text().splitlines()[2:]
+            if r.startswith("| ")]
+    got = {(r[0], r[2]): r[4:] for r in rows}
+    # tiny: complement - base = 10, 10, 10 -> +10.00 with zero spread; complement - random, same count: 3, 6, 6
+    assert got[("tiny", "teacher complement − base")] == ["+10.00", "[+10.0, +10.0]"]
+    assert got[("tiny", "teacher complement − random images, same count, R off (the choice of images)")][0] == "+5.00"
+    assert got[("dtd", "teacher complement − OE-FSMC (paper)")][0] == "+0.00"  # 44-45, 46-44, 45-46
+    assert ("dtd", "teacher complement − random images, same count, R off (the choice of images)") not in got
+    assert (out / "pools.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        main(["--results", "no-equals-sign", "--out", str(out)])
+
+
 def test_grouped_grid_equals_one_cell_at_a_time(tiny_grid, tmp_path):
     """The tiny grid ran its two KD seeds together (default group size 8); one at a time gives the same students."""
     root, grid, records = tiny_grid

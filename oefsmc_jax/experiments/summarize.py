@@ -172,30 +172,83 @@ FACTORS = (
 )
 
 
-def factorial_table(records: list[dict], metric: str = "top1") -> str:
-    """The paired contrasts of :data:`FACTORS` per setting (same seed, subset and pool), with 95 % t-intervals;
-    '' when no setting has both arms of any contrast."""
+def contrasts(records: list[dict], factors: tuple = FACTORS, metric: str = "top1") -> list[dict]:
+    """The paired contrasts ``(label, a, b)`` of ``factors`` per setting (same seed, subset and pool): one dict per
+    setting and contrast with the setting's key, ``label``, and :func:`paired_difference` of ``a - b``."""
     by = collections.defaultdict(dict)
     for r in records:
         by[_key(r) + (r["seed"],)][r["arm"]] = r["metrics"].get(metric)
-    rows = []
+    out = []
     settings = sorted({k[:-1] for k in by}, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "balanced", k[5]))
     for key in settings:
         seeds = sorted(k[-1] for k in by if k[:-1] == key)
-        for label, a, b in FACTORS:
+        for label, a, b in factors:
             pairs = [(by[key + (s,)][a], by[key + (s,)][b]) for s in seeds
                      if by[key + (s,)].get(a) is not None and by[key + (s,)].get(b) is not None]
-            if not pairs:
-                continue
-            d = paired_difference([x for x, _ in pairs], [y for _, y in pairs])
-            ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
-            rows.append({"method": key[1].upper(), "budget": key[3], "set": key[4], "settings": _overrides_str(key[5]),
-                         "factor": label, "n": d["n"], "mean": f"{d['mean']:+.2f}", "ci": ci})
+            if pairs:
+                out.append({"key": key, "label": label,
+                            "d": paired_difference([x for x, _ in pairs], [y for _, y in pairs])})
+    return out
+
+
+def factorial_table(records: list[dict], metric: str = "top1") -> str:
+    """The paired contrasts of :data:`FACTORS` per setting (same seed, subset and pool), with 95 % t-intervals;
+    '' when no setting has both arms of any contrast."""
+    rows = []
+    for c in contrasts(records, FACTORS, metric):
+        d, key = c["d"], c["key"]
+        ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+        rows.append({"method": key[1].upper(), "budget": key[3], "set": key[4], "settings": _overrides_str(key[5]),
+                     "factor": c["label"], "n": d["n"], "mean": f"{d['mean']:+.2f}", "ci": ci})
     if not rows:
         return ""
     return format_table(rows, [("method", "Method", None), ("budget", "Per class", None), ("set", "Set", None),
                                ("settings", "Settings", None), ("factor", "What changes", None),
                                ("n", "Seeds", None), ("mean", f"Mean Δ {metric}", None), ("ci", "95 % CI", None)])
+
+
+def plot_contrasts(panels: dict[str, list[dict]], path: str | os.PathLike, title: str = "",
+                   metric: str = "top1") -> paths.Path | None:
+    """A figure of paired contrasts: one horizontal bar per contrast (the mean difference) with its 95 % interval,
+    one panel per entry of ``panels`` (name -> :func:`contrasts` output); None when there is nothing to draw."""
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(c["label"] for v in panels.values() for c in v))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 2.5, 0.5 * len(labels) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, (name, rows) in zip(axes[0], panels.items()):
+        for i, label in enumerate(labels):
+            row = next((c for c in rows if c["label"] == label), None)
+            if row is None:
+                continue
+            d = row["d"]
+            lo = d["mean"] - d["ci_low"] if d.get("ci_low") is not None else 0.0
+            hi = d["ci_high"] - d["mean"] if d.get("ci_high") is not None else 0.0
+            excl = d.get("ci_low") is not None and (d["ci_low"] > 0 or d["ci_high"] < 0)
+            ax.barh(i, d["mean"], color="tab:blue" if excl else "tab:gray", alpha=0.8)
+            ax.errorbar(d["mean"], i, xerr=[[lo], [hi]], color="black", capsize=3, lw=1)
+            ax.text(d["mean"], i + 0.32, f"{d['mean']:+.1f} (n={d['n']})", fontsize=7, ha="center")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"paired Δ {metric} (points), 95 % CI")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0][0].invert_yaxis()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path = paths.as_path(path)
+    paths.write_bytes_atomic(path, buf.getvalue())
+    return path
 
 
 def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_names: list[str] | None = None,
@@ -222,6 +275,13 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
     factorial = factorial_table(records)
     if factorial:
         parts += ["## What the teacher arm's gain is made of (one change per row, paired)", "", factorial, ""]
+        panels = collections.defaultdict(list)
+        for c in contrasts(records):
+            k = c["key"]
+            panels[f"{k[1].upper()}, {k[3]}/class, {k[4]}" + (f", {_overrides_str(k[5])}" if k[5] != "{}" else "")] \
+                .append(c)
+        if plot_contrasts(dict(panels), out / "factorial.png", title):
+            parts += ["![factorial](factorial.png)", ""]
     imbalance = imbalance_table(records)
     if imbalance:
         parts += ["## What imbalance costs (balanced minus long-tailed set of the same total)", "", imbalance, ""]

@@ -1,0 +1,86 @@
+"""The same arms on several OOD pools, side by side: a table and a figure of paired contrasts per pool.
+
+    python -m oefsmc_jax.experiments.pools --results tiny=DIR_A/results.jsonl \
+        --results tiny_disjoint=DIR_B/results.jsonl --results dtd=DIR_C/results.jsonl --group factorial \
+        --out docs/results/deconfound_cifar10
+
+For each pool (``name=results.jsonl``) and each setting of the group (method, budget, set), every contrast of
+:data:`POOL_CONTRASTS` whose two arms were run is paired by seed with a 95 % t-interval; ``pools.md`` has the table,
+``pools.png`` one panel per pool and setting. Used for issue 9's class-disjoint controls (``deconfound_cifar10``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from oefsmc_jax import paths
+from oefsmc_jax.evaluation import format_table
+from oefsmc_jax.experiments.summarize import contrasts, plot_contrasts
+
+#: label, arm a, arm b: "a - b" per seed
+POOL_CONTRASTS = (
+    ("OE-FSMC (paper) − base", "oe", "base"),
+    ("teacher complement − base", "oe_complement", "base"),
+    ("teacher complement − OE-FSMC (paper)", "oe_complement", "oe"),
+    ("teacher complement − random images, same count, R off (the choice of images)", "oe_complement",
+     "oe_random_matched"),
+    ("teacher complement, R on − OE-FSMC (paper)", "oe_complement_r", "oe"),
+    ("random images, teacher count, R off − OE-FSMC (paper)", "oe_random_matched", "oe"),
+)
+
+
+def compare(pools: dict[str, list[dict]], group: str | None = None) -> tuple[str, dict[str, list[dict]]]:
+    """The markdown table and the figure panels of :data:`POOL_CONTRASTS` for ``pools`` (name -> records),
+    restricted to the records of ``group`` when given."""
+    rows, panels = [], {}
+    for name, records in pools.items():
+        recs = [r for r in records if group is None or r.get("group") == group]
+        for c in contrasts(recs, POOL_CONTRASTS):
+            k, d = c["key"], c["d"]
+            setting = f"{k[1].upper()}, {k[3]}/class, {k[4]}"
+            ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+            rows.append({"pool": name, "setting": setting, "contrast": c["label"], "n": d["n"],
+                         "mean": f"{d['mean']:+.2f}", "ci": ci})
+            panels.setdefault(f"pool {name}: {setting}", []).append(c)
+    if not rows:
+        return "", {}
+    table = format_table(rows, [("pool", "OOD pool", None), ("setting", "Setting", None),
+                                ("contrast", "Contrast (paired by seed)", None), ("n", "Seeds", None),
+                                ("mean", "Mean Δ top-1", None), ("ci", "95 % CI", None)])
+    return table, panels
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write ``pools.md`` and ``pools.png`` for the pools given on the command line."""
+    from oefsmc_jax.experiments.runner import read_results
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", action="append", required=True, metavar="NAME=RESULTS.jsonl",
+                   help="a pool's name and its grid's results file (repeat per pool)")
+    p.add_argument("--group", default=None, help="only records of this group (e.g. factorial)")
+    p.add_argument("--out", required=True, help="folder for pools.md and pools.png")
+    a = p.parse_args(argv)
+    pools = {}
+    for item in a.results:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--results {item!r}: expected NAME=PATH")
+        pools[name] = read_results(path)
+        if not pools[name]:
+            p.error(f"--results {item!r}: no records in {path}")
+    table, panels = compare(pools, a.group)
+    if not table:
+        print("error: no contrast has both of its arms in any pool", file=sys.stderr)
+        return 2
+    out = paths.as_path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_contrasts(panels, out / "pools.png", "The same arms on each OOD pool (paired by seed, 95 % CI)")
+    text = ["# The same arms on each OOD pool", "", table, "", "![pools](pools.png)", ""]
+    paths.write_text_atomic(out / "pools.md", "\n".join(text))
+    print(f"pools: {out / 'pools.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
