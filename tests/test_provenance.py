@@ -21,3 +21,17 @@ def test_code_version_and_versions():
     assert code["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", code["git_commit"])
     v = versions()
     assert re.fullmatch(r"\d+\.\d+\.\d+", v["python"]) and v["jax"] and v["flax"]
+
+
+def test_committed_results_hold_no_machine_paths():
+    """Every committed record, summary and log under docs/results names paths relative to a root, never a path of
+    the machine that ran it (a home, /tmp, /work, a mounted drive)."""
+    import pathlib
+
+    results = pathlib.Path(__file__).resolve().parent.parent / "docs" / "results"
+    machine = re.compile(r"(?<![\w<>.])/(?:home|root|tmp|work|mnt|Users|opt|var/folders)/")
+    files = [p for p in results.rglob("*") if p.suffix in {".jsonl", ".log", ".md", ".json"}]
+    assert len(files) >= 10, files
+    bad = {str(p.relative_to(results)): m.group(0) for p in files
+           if (m := machine.search(p.read_text(encoding="utf-8", errors="replace")))}
+    assert not bad, f"machine paths in committed results: {bad}"
