@@ -282,6 +282,7 @@ def test_factorial_contrasts_change_one_thing_each():
     assert rows["count: teacher's instead of K*n_max - n (random images, R on)"][6] == "+2.00"
     # d = (10, 9): mean 9.5, sd 0.707, t(1) = 12.706 -> half width 6.35
     assert rows["all together: teacher complement, R off, vs the paper's arm"][6:] == ["+9.50", "[+3.1, +15.9]"]
+    assert rows["all together, R on: teacher complement, R on, vs the paper's arm"][6] == "+8.50"  # (8 + 9) / 2
 
 
 def test_pools_compare_the_same_contrasts_per_pool_and_plot_them(tmp_path):
@@ -311,6 +312,14 @@ def test_pools_compare_the_same_contrasts_per_pool_and_plot_them(tmp_path):
     assert got[("dtd", "teacher complement − OE-FSMC (paper)")][0] == "+0.00"  # 44-45, 46-44, 45-46
     assert ("dtd", "teacher complement − random images, same count, R off (the choice of images)") not in got
     assert (out / "pools.png").read_bytes()[:4] == b"\x89PNG"
+    # the same contrasts across grids that differ in something else (e.g. the step budget), under other names
+    assert main(["--results", f"200={tmp_path / 'tiny.jsonl'}", "--results", f"2000={tmp_path / 'dtd.jsonl'}",
+                 "--group", "factorial", "--out", str(out), "--stem", "budgets", "--label", "steps",
+                 "--title", "The same arms at two budgets"]) == 0
+    text = (out / "budgets.md").read_text().splitlines()
+    assert text[0] == "# The same arms at two budgets" and text[2].split("|")[1].strip() == "steps"
+    assert any(r.startswith("| 2000 ") and "teacher complement − base" in r and "+4.00" in r for r in text)
+    assert (out / "budgets.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit):
         main(["--results", "no-equals-sign", "--out", str(out)])
 

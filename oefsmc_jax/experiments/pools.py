@@ -6,7 +6,8 @@
 
 For each pool (``name=results.jsonl``) and each setting of the group (method, budget, set), every contrast of
 :data:`POOL_CONTRASTS` whose two arms were run is paired by seed with a 95 % t-interval; ``pools.md`` has the table,
-``pools.png`` one panel per pool and setting. Used for issue 9's class-disjoint controls (``deconfound_cifar10``).
+``pools.png`` one panel per pool and setting. Used for issue 9's class-disjoint controls (``deconfound_cifar10``),
+and, with ``--stem budgets --label steps``, to set the same grid at two step budgets side by side.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ POOL_CONTRASTS = (
     ("teacher complement − random images, same count, R off (the choice of images)", "oe_complement",
      "oe_random_matched"),
     ("teacher complement, R on − OE-FSMC (paper)", "oe_complement_r", "oe"),
+    ("teacher complement, R on − base", "oe_complement_r", "base"),
     ("random images, teacher count, R off − OE-FSMC (paper)", "oe_random_matched", "oe"),
 )
 
 
-def compare(pools: dict[str, list[dict]], group: str | None = None) -> tuple[str, dict[str, list[dict]]]:
+def compare(pools: dict[str, list[dict]], group: str | None = None,
+            label: str = "OOD pool") -> tuple[str, dict[str, list[dict]]]:
     """The markdown table and the figure panels of :data:`POOL_CONTRASTS` for ``pools`` (name -> records),
-    restricted to the records of ``group`` when given."""
+    restricted to the records of ``group`` when given; ``label`` names what the grids differ in (the first
+    column's header and the panels' prefix), an OOD pool by default."""
     rows, panels = [], {}
     for name, records in pools.items():
         recs = [r for r in records if group is None or r.get("group") == group]
@@ -42,10 +46,10 @@ def compare(pools: dict[str, list[dict]], group: str | None = None) -> tuple[str
             ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
             rows.append({"pool": name, "setting": setting, "contrast": c["label"], "n": d["n"],
                          "mean": f"{d['mean']:+.2f}", "ci": ci})
-            panels.setdefault(f"pool {name}: {setting}", []).append(c)
+            panels.setdefault(f"{label} {name}: {setting}", []).append(c)
     if not rows:
         return "", {}
-    table = format_table(rows, [("pool", "OOD pool", None), ("setting", "Setting", None),
+    table = format_table(rows, [("pool", label, None), ("setting", "Setting", None),
                                 ("contrast", "Contrast (paired by seed)", None), ("n", "Seeds", None),
                                 ("mean", "Mean Δ top-1", None), ("ci", "95 % CI", None)])
     return table, panels
@@ -59,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", action="append", required=True, metavar="NAME=RESULTS.jsonl",
                    help="a pool's name and its grid's results file (repeat per pool)")
     p.add_argument("--group", default=None, help="only records of this group (e.g. factorial)")
-    p.add_argument("--out", required=True, help="folder for pools.md and pools.png")
+    p.add_argument("--out", required=True, help="folder for STEM.md and STEM.png")
+    p.add_argument("--stem", default="pools", help="file name of the table and figure (default pools)")
+    p.add_argument("--label", default="OOD pool",
+                   help="what the grids differ in: the first column's header (default 'OOD pool'; e.g. 'budget')")
+    p.add_argument("--title", default="The same arms on each OOD pool", help="heading of the table and figure")
     a = p.parse_args(argv)
     pools = {}
     for item in a.results:
@@ -69,16 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         pools[name] = read_results(path)
         if not pools[name]:
             p.error(f"--results {item!r}: no records in {path}")
-    table, panels = compare(pools, a.group)
+    table, panels = compare(pools, a.group, a.label)
     if not table:
         print("error: no contrast has both of its arms in any pool", file=sys.stderr)
         return 2
     out = paths.as_path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_contrasts(panels, out / "pools.png", "The same arms on each OOD pool (paired by seed, 95 % CI)")
-    text = ["# The same arms on each OOD pool", "", table, "", "![pools](pools.png)", ""]
-    paths.write_text_atomic(out / "pools.md", "\n".join(text))
-    print(f"pools: {out / 'pools.md'}", file=sys.stderr)
+    plot_contrasts(panels, out / f"{a.stem}.png", f"{a.title} (paired by seed, 95 % CI)")
+    text = [f"# {a.title}", "", table, "", f"![{a.stem}]({a.stem}.png)", ""]
+    paths.write_text_atomic(out / f"{a.stem}.md", "\n".join(text))
+    print(f"{a.stem}: {out / (a.stem + '.md')}", file=sys.stderr)
     return 0
 
 

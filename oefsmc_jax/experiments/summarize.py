@@ -169,6 +169,7 @@ FACTORS = (
     ("R, on random images", "oe_random_matched_r", "oe_random_matched"),
     ("count: teacher's instead of K*n_max - n (random images, R on)", "oe_random_matched_r", "oe"),
     ("all together: teacher complement, R off, vs the paper's arm", "oe_complement", "oe"),
+    ("all together, R on: teacher complement, R on, vs the paper's arm", "oe_complement_r", "oe"),
 )
 
 
