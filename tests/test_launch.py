@@ -1,7 +1,9 @@
-"""launch/tpu_vm.sh: the dry run prints every command it would run, in order, and runs none."""
+"""launch/: the TPU VM dry run prints every command it would run, in order; the GPU check and its data rebuild."""
 
 import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +84,53 @@ def test_tcmalloc_is_preloaded_unless_turned_off(tmp_path):
     assert _preload("0", "/x/other.so").stdout.strip() == "LD_PRELOAD=/x/other.so"
     bad = _preload(str(tmp_path / "missing.so"))
     assert bad.returncode == 2 and "OEFSMC_TCMALLOC=" in bad.stderr and "is not a file" in bad.stderr
+
+
+def test_rebuild_cifar10_decodes_orders_and_checks_the_hash(tmp_path):
+    """launch/rebuild_cifar10.py: JPEG bytes -> the shared files' order (train: first per_class of each class in
+    stored order; test: by class, then rank), with the decoded array's sha256 checked."""
+    import hashlib
+    import importlib.util
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("rebuild_cifar10", ROOT / "launch" / "rebuild_cifar10.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    files, images = {}, {}
+    for split, y, rank in [("train", [1, 0, 1, 0, 1], [0, 0, 1, 1, 2]), ("test", [1, 0, 1, 0], [1, 1, 0, 0])]:
+        blobs = []
+        for _ in y:
+            b = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(b, format="JPEG", quality=75)
+            blobs.append(np.frombuffer(b.getvalue(), np.uint8))
+        files[f"{split}_jpeg"] = np.concatenate(blobs)
+        files[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs])
+        files[f"{split}_y"], files[f"{split}_idx_in_class"] = np.array(y), np.array(rank)
+        images[split] = np.stack([np.asarray(Image.open(io.BytesIO(b.tobytes())).convert("RGB")) for b in blobs])
+    sha = {s: hashlib.sha256(images[s].tobytes()).hexdigest() for s in images}
+    out = mod.rebuild(files, per_class=2, sha256=sha)
+    # train: rank < 2 keeps stored indices 0-3, sorted by (class, rank): 1 (0,0), 3 (0,1), 0 (1,0), 2 (1,1)
+    np.testing.assert_array_equal(out["train"]["x"], images["train"][[1, 3, 0, 2]])
+    assert out["train"]["y"].tolist() == [0, 0, 1, 1] and out["train"]["idx_in_class"].tolist() == [0, 1, 0, 1]
+    # test: sorted by (class, rank): 3 (0,0), 1 (0,1), 2 (1,0), 0 (1,1)
+    np.testing.assert_array_equal(out["test"]["x"], images["test"][[3, 1, 2, 0]])
+    assert out["test"]["y"].dtype == np.int64
+    with pytest.raises(ValueError, match="decoded test images: sha256"):
+        mod.rebuild(files, per_class=2, sha256={"test": "0" * 64})
+    # the command line: a folder without the source file is named; with it, both files are written
+    assert mod.main([str(tmp_path)]) == 2
+    np.savez(tmp_path / "cifar10_jpeg75_files.npz", **files)
+    mod.SHA256 = sha
+    assert mod.main([str(tmp_path)]) == 0
+    with np.load(tmp_path / "cifar10_test_jpeg75.npz") as f:
+        np.testing.assert_array_equal(f["x"], images["test"][[3, 1, 2, 0]])
+
+
+def test_gpu_check_names_its_verbs():
+    out = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), "nonsense"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "usage: bash launch/gpu_check.sh stage | throughput | long" in out.stderr
