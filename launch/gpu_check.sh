@@ -63,7 +63,7 @@ case "$verb" in
     python3 -m oefsmc_jax.experiments --config "$cfg" --workdir "$wd" --only factorial \
       --config.base.oe.eval_every=100 --config.base.oe.patience=5 --config.base.train.log_every=250 \
       --config.base.train.ckpt_every=500 2>&1 | tee -a "$wd.log"
-    rm -rf "$wd/cells" "$wd/cache"  # checkpoints and the teacher's pool cache stay there; records and summary return
+    rm -rf "$wd/cells" "$wd/cache"  # checkpoints and the pool cache are not brought back; records, summary and log are
     ;;
   *)
     echo "usage: bash launch/gpu_check.sh stage | throughput | long 10|50   (see the comments at the top)" >&2
