@@ -285,6 +285,28 @@ def test_factorial_contrasts_change_one_thing_each():
     assert rows["all together, R on: teacher complement, R on, vs the paper's arm"][6] == "+8.50"  # (8 + 9) / 2
 
 
+def test_early_stopping_table_pairs_on_and_off_runs_of_the_same_arm_and_seed():
+    from oefsmc_jax.experiments.summarize import early_stopping_table
+
+    def rec(group, arm, seed, top1, off, best=200, **extra):
+        return {"group": group, "method": "kd", "arch": "r", "per_class": 10, "mode": "exp", "seed": seed,
+                "arm": arm, "overrides": ({"oe.early_stopping": False} if off else {}) | extra,
+                "metrics": {"top1": top1}, "steps": 200, "best_step": best, "stopped_early": best < 200}
+
+    records = [rec("factorial", "oe", 0, 50.0, False, best=100), rec("factorial", "oe", 1, 52.0, False),
+               rec("no_es", "oe", 0, 47.0, True), rec("no_es", "oe", 1, 51.0, True),
+               rec("factorial", "base", 0, 40.0, False),  # no partner with it off: left out
+               rec("no_es", "oe", 2, 60.0, True),  # no partner with it on: left out
+               rec("sweep", "oe", 0, 99.0, False, **{"eval.split": "val"}),  # other settings: never paired
+               rec("sweep", "oe", 0, 10.0, True, **{"eval.split": "val"})]
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in early_stopping_table(records).splitlines()[2:]]
+    # d = (50 - 47, 52 - 51) = (3, 1): mean 2, sd 1.414, se 1, t(1) = 12.706
+    assert rows[0][3:] == ["-", "+ OE-FSMC", "2", "51.0", "49.0", "+2.00", "[-10.7, +14.7]", "1/2"]
+    assert rows[1][3:] == ["split=val", "+ OE-FSMC", "1", "99.0", "10.0", "+89.00", "-", "0/1"]
+    assert len(rows) == 2
+    assert early_stopping_table([r for r in records if r["group"] != "no_es" and r["group"] != "sweep"]) == ""
+
+
 def test_pools_compare_the_same_contrasts_per_pool_and_plot_them(tmp_path):
     from oefsmc_jax.experiments.pools import main
 

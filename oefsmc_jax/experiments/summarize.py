@@ -208,6 +208,50 @@ def factorial_table(records: list[dict], metric: str = "top1") -> str:
                                ("n", "Seeds", None), ("mean", f"Mean Δ {metric}", None), ("ci", "95 % CI", None)])
 
 
+def early_stopping_table(records: list[dict], metric: str = "top1") -> str:
+    """What early stopping does to each arm: the records run with ``oe.early_stopping = False`` paired with the
+    records of the same method, teacher, budget, set, arm, seed and other overrides run with it on (another group
+    may hold them); per arm the mean top-1 with it on and off, the paired difference ``on - off`` with its 95 %
+    t-interval, and how many runs with it on kept an earlier checkpoint; '' when nothing pairs."""
+    on: dict = {}
+    for r in records:
+        ov = dict(r.get("overrides") or {})
+        if ov.pop("oe.early_stopping", True) is not False:
+            on[(r["method"], r["arch"], r["per_class"], r["mode"], json.dumps(ov, sort_keys=True), r["arm"],
+                r["seed"])] = r
+    pairs: dict = collections.defaultdict(list)
+    for r in records:
+        ov = dict(r.get("overrides") or {})
+        if ov.pop("oe.early_stopping", True) is False:
+            key = (r["method"], r["arch"], r["per_class"], r["mode"], json.dumps(ov, sort_keys=True), r["arm"])
+            partner = on.get(key + (r["seed"],))
+            if partner is not None and partner["metrics"].get(metric) is not None \
+                    and r["metrics"].get(metric) is not None:
+                pairs[key].append((partner, r))
+    order = list(ARM_NAMES)
+    rows = []
+    for key in sorted(pairs, key=lambda k: (k[0], k[1], k[2], k[3] != "balanced", k[4] != "{}", k[4],
+                                            order.index(k[5]) if k[5] in order else len(order))):
+        ps = pairs[key]
+        a = [p[0]["metrics"][metric] for p in ps]
+        b = [p[1]["metrics"][metric] for p in ps]
+        d = paired_difference(a, b)
+        ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+        kept = sum(bool(p[0].get("stopped_early")) or
+                   (p[0].get("best_step") is not None and p[0].get("steps") is not None
+                    and p[0]["best_step"] < p[0]["steps"]) for p in ps)
+        rows.append({"method": key[0].upper(), "budget": key[2], "set": key[3], "settings": _overrides_str(key[4]),
+                     "arm": ARM_NAMES.get(key[5], key[5]), "n": d["n"], "on": float(np.mean(a)),
+                     "off": float(np.mean(b)), "mean": f"{d['mean']:+.2f}", "ci": ci, "kept": f"{kept}/{len(ps)}"})
+    if not rows:
+        return ""
+    return format_table(rows, [("method", "Method", None), ("budget", "Per class", None), ("set", "Set", None),
+                               ("settings", "Settings", None), ("arm", "Arm", None), ("n", "Seeds", None),
+                               ("on", f"{metric}, on", ".1f"), ("off", f"{metric}, off", ".1f"),
+                               ("mean", "Mean Δ (on - off)", None), ("ci", "95 % CI", None),
+                               ("kept", "Kept an earlier checkpoint", None)])
+
+
 def plot_contrasts(panels: dict[str, list[dict]], path: str | os.PathLike, title: str = "",
                    metric: str = "top1") -> paths.Path | None:
     """A figure of paired contrasts: one horizontal bar per contrast (the mean difference) with its 95 % interval,
@@ -283,6 +327,9 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
                 .append(c)
         if plot_contrasts(dict(panels), out / "factorial.png", title):
             parts += ["![factorial](factorial.png)", ""]
+    stopping = early_stopping_table(records)
+    if stopping:
+        parts += ["## What early stopping does to each arm (on minus off, paired by seed)", "", stopping, ""]
     imbalance = imbalance_table(records)
     if imbalance:
         parts += ["## What imbalance costs (balanced minus long-tailed set of the same total)", "", imbalance, ""]
