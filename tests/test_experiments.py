@@ -307,6 +307,31 @@ def test_early_stopping_table_pairs_on_and_off_runs_of_the_same_arm_and_seed():
     assert early_stopping_table([r for r in records if r["group"] != "no_es" and r["group"] != "sweep"]) == ""
 
 
+def test_summarize_joins_results_files_and_the_first_file_wins(tmp_path):
+    from oefsmc_jax.experiments.summarize import join_results, summarize
+
+    def rec(group, arm, seed, top1, commit):
+        return {"group": group, "cell": f"c-s{seed}", "method": "kd", "arch": "r", "per_class": 10, "mode": "exp",
+                "seed": seed, "arm": arm, "metrics": {"top1": top1}, "git_commit": commit, "teacher": {"top1": 80.0}}
+
+    (tmp_path / "new").mkdir()
+    (tmp_path / "old").mkdir()
+    new = [rec("g", "oe_complement", 0, 51.0, "b" * 40), rec("g", "oe_complement", 1, 53.0, "b" * 40)]
+    old = [rec("g", "oe_complement", 0, 99.0, "a" * 40), rec("g", "base", 0, 50.0, "a" * 40),
+           rec("g", "base", 1, 50.0, "a" * 40)]
+    for name, rs in (("new", new), ("old", old)):
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    records, sources = join_results(tmp_path / "new" / "results.jsonl", (tmp_path / "old" / "results.jsonl",))
+    assert sources == [("new/results.jsonl", 2), ("old/results.jsonl", 2)]
+    assert sorted((r["arm"], r["seed"], r["metrics"]["top1"]) for r in records) == [
+        ("base", 0, 50.0), ("base", 1, 50.0), ("oe_complement", 0, 51.0), ("oe_complement", 1, 53.0)]
+    text = summarize(tmp_path / "new" / "results.jsonl", tmp_path / "out",
+                     also=(tmp_path / "old" / "results.jsonl",)).read_text()
+    assert "4 arm results 2 from `new/results.jsonl`, 2 from `old/results.jsonl`" in text
+    assert "`aaaaaaa` (2 records), `bbbbbbb` (2 records)" in text
+    assert "+2.00" in text  # (51 - 50 + 53 - 50) / 2: the arm paired with the joined base, never the dropped 99.0
+
+
 def test_pools_compare_the_same_contrasts_per_pool_and_plot_them(tmp_path):
     from oefsmc_jax.experiments.pools import main
 

@@ -15,6 +15,8 @@ flags.DEFINE_string("workdir", None, "Grid directory: results.jsonl, one folder 
 flags.DEFINE_string("out", None, "Where to write the summary (default WORKDIR/summary).")
 flags.DEFINE_string("only", None, "Run only the group with this name.")
 flags.DEFINE_string("cell", None, "Run only the cell with this id (e.g. kd-resnet20-n10-exp-s0).")
+flags.DEFINE_multi_string("also", [], "summarize: another results.jsonl whose records join the workdir's (the "
+                          "workdir's record wins where group, cell and arm repeat); repeatable.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -36,12 +38,13 @@ def main(argv: list[str]) -> None:
         run_reporting_errors(lambda: run_grid(cfg, workdir, FLAGS.only, FLAGS.cell))
     names = list(cfg.base.data.class_names) if cfg is not None else None
     title = cfg.title if cfg is not None else "Results"
-    print(f"summary: {summarize(workdir / 'results.jsonl', out, names, title)}", file=sys.stderr)
+    print(f"summary: {summarize(workdir / 'results.jsonl', out, names, title, also=tuple(FLAGS.also))}",
+          file=sys.stderr)
 
 
 USAGE = """\
 usage: python -m oefsmc_jax.experiments --config GRID.py[:ARG] --workdir DIR [--only GROUP] [--cell ID]
-       python -m oefsmc_jax.experiments summarize --workdir DIR [--out OUT]
+       python -m oefsmc_jax.experiments summarize --workdir DIR [--out OUT] [--also FILE ...]
        (the same as `oefsmc experiments ...`)
 
 Run (or resume) a grid of runs: every cell (method x architecture x budget x profile x seed, with its arms) runs the
@@ -55,6 +58,8 @@ flags:
   --only GROUP            run only the group with this name
   --cell ID               run only one cell, e.g. kd-resnet20-n10-exp-s0
   --out OUT               where `summarize` writes (default DIR/summary)
+  --also FILE             summarize: join another results.jsonl (DIR's record wins where group, cell and arm
+                          repeat); repeatable, e.g. to pair runs with early stopping off against an earlier grid
 
 examples:
   python -m oefsmc_jax.experiments --config configs/paper_cifar10.py:runlocal=1 --workdir runs/grid_check

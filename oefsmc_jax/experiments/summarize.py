@@ -296,16 +296,46 @@ def plot_contrasts(panels: dict[str, list[dict]], path: str | os.PathLike, title
     return path
 
 
-def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_names: list[str] | None = None,
-              title: str = "Results") -> paths.Path:
-    """Write ``summary.md``, ``accuracy_vs_budget.png`` and one per-class plot into ``out_dir``."""
+def _short(path: str | os.PathLike) -> str:
+    p = paths.as_path(path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def join_results(results: str | os.PathLike, also: tuple = ()) -> tuple[list[dict], list[tuple[str, int]]]:
+    """The records of ``results`` plus those of each file in ``also`` whose (group, cell, arm) is not already there
+    (the first file that has a record wins), and per file its short name and how many records it gave."""
     from oefsmc_jax.experiments.runner import read_results
 
-    records = read_results(results)
+    records, seen, sources = [], set(), []
+    for f in (results, *also):
+        n = 0
+        for r in read_results(f):
+            k = (r.get("group"), r.get("cell"), r.get("arm"))
+            if k not in seen:
+                seen.add(k)
+                records.append(r)
+                n += 1
+        sources.append((_short(f), n))
+    return records, sources
+
+
+def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_names: list[str] | None = None,
+              title: str = "Results", also: tuple = ()) -> paths.Path:
+    """Write ``summary.md``, ``accuracy_vs_budget.png`` and one per-class plot into ``out_dir``, from the records of
+    ``results`` joined with those of the files in ``also`` (:func:`join_results`)."""
+    records, sources = join_results(results, tuple(also))
     out = paths.as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [f"# {title}", "", f"{len(records)} arm results from `{paths.as_path(results).name}` "
+    origin = ", ".join(f"{n} from `{name}`" for name, n in sources) if also else f"from `{sources[0][0]}`"
+    parts = [f"# {title}", "", f"{len(records)} arm results {origin} "
              f"({len({r['cell'] for r in records})} cells). Accuracies in %, mean ± std over seeds.", ""]
+    if also:
+        parts += ["Joined files: where two files hold the same group, cell and arm, the first file's record is kept.",
+                  ""]
+    commits = collections.Counter(str(r.get("git_commit") or "unknown")[:7] for r in records)
+    if len(commits) > 1:
+        parts += ["Git commits: " + ", ".join(f"`{c}` ({n} records)" for c, n in sorted(commits.items())) + ".",
+                  ""]
     devices = sorted({r["device"] for r in records if r.get("device")})
     if devices:
         parts += [f"Run on: {'; '.join(devices)}.", ""]
