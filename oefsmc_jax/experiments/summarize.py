@@ -213,21 +213,21 @@ def early_stopping_table(records: list[dict], metric: str = "top1") -> str:
     records of the same method, teacher, budget, set, arm, seed and other overrides run with it on (another group
     may hold them); per arm the mean top-1 with it on and off, the paired difference ``on - off`` with its 95 %
     t-interval, and how many runs with it on kept an earlier checkpoint; '' when nothing pairs."""
-    on: dict = {}
+    on, off = {}, []
     for r in records:
+        if r["metrics"].get(metric) is None:
+            continue
         ov = dict(r.get("overrides") or {})
-        if ov.pop("oe.early_stopping", True) is not False:
-            on[(r["method"], r["arch"], r["per_class"], r["mode"], json.dumps(ov, sort_keys=True), r["arm"],
-                r["seed"])] = r
+        stopping = ov.pop("oe.early_stopping", True) is not False
+        key = (r["method"], r["arch"], r["per_class"], r["mode"], json.dumps(ov, sort_keys=True), r["arm"])
+        if stopping:
+            on[key + (r["seed"],)] = r
+        else:
+            off.append((key, r))
     pairs: dict = collections.defaultdict(list)
-    for r in records:
-        ov = dict(r.get("overrides") or {})
-        if ov.pop("oe.early_stopping", True) is False:
-            key = (r["method"], r["arch"], r["per_class"], r["mode"], json.dumps(ov, sort_keys=True), r["arm"])
-            partner = on.get(key + (r["seed"],))
-            if partner is not None and partner["metrics"].get(metric) is not None \
-                    and r["metrics"].get(metric) is not None:
-                pairs[key].append((partner, r))
+    for key, r in off:
+        if key + (r["seed"],) in on:
+            pairs[key].append((on[key + (r["seed"],)], r))
     order = list(ARM_NAMES)
     rows = []
     for key in sorted(pairs, key=lambda k: (k[0], k[1], k[2], k[3] != "balanced", k[4] != "{}", k[4],
