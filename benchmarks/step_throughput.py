@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workload import NUM_CLASSES, Workload, make_host_data, make_teacher_and_student  # noqa: E402
 
 from oefsmc_jax import losses
+from oefsmc_jax.kernels import cpu_conv  # noqa: E402
 from oefsmc_jax.methods import KD  # noqa: E402
 from oefsmc_jax.models import (  # noqa: E402
     ArchSpec,
@@ -237,8 +238,10 @@ def make_jax_step(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_vars: dict
     metrics (block on them to sync); ``box['state']`` is the current train state.
     """
     mesh = make_mesh(ndev)
-    previous = xla_cpu.get_mode()
+    fusion, wgrad = split_variant(fusion)
+    previous, previous_wgrad = xla_cpu.get_mode(), cpu_conv.get_mode()
     xla_cpu.set_mode(fusion)
+    cpu_conv.set_mode(wgrad)  # make_train_step binds the filter-gradient mode in use when it is built
     recipe = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau).recipe()  # the prune ratio is not used
     cfg = StepConfig(batch_id=wl.batch_id, batch_ood=wl.batch_ood, pad=wl.pad, flip=True, mean=wl.mean,
                      std=wl.std, lambda_jd=wl.lambda_jd, eta=wl.eta, tau=wl.tau, bn_mode="joint")
@@ -248,6 +251,7 @@ def make_jax_step(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_vars: dict
         trainer = make_trainer(mesh, s_spec, t_spec, recipe, cfg, optim_cfg, 1000)
     finally:
         xla_cpu.set_mode(previous)
+        cpu_conv.set_mode(previous_wgrad)
     tx, step_fn = trainer.tx, trainer.step
     data = StepData(x_id=replicate(host["x_id"], mesh), y_id=replicate(host["y_id"], mesh),
                     x_ood=replicate(host["x_ood"], mesh), id_probs=None, gamma=replicate(host["gamma"], mesh),
@@ -340,13 +344,21 @@ def check_fusion_gradients(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_v
     assert ref[0].dtype == np.float64
     out = {}
     for fusion in fusions:
-        opts = xla_cpu.compiler_options("cpu", fusion)
-        got = [np.asarray(g, np.float64) for g in jax.tree.leaves(jax.jit(jax.grad(loss),
-                                                                          compiler_options=opts)(*args32))]
+        mode, wgrad = split_variant(fusion)
+        opts = xla_cpu.compiler_options("cpu", mode)
+        grad = jax.jit(cpu_conv.bind(jax.grad(loss), wgrad), compiler_options=opts)
+        got = [np.asarray(g, np.float64) for g in jax.tree.leaves(grad(*args32))]
         glob = float(np.sqrt(sum(np.sum((a - r) ** 2) for a, r in zip(got, ref)) / sum(np.sum(r ** 2) for r in ref)))
         worst = max(float(np.max(np.abs(a - r)) / max(1e-30, float(np.max(np.abs(r))))) for a, r in zip(got, ref))
         out[fusion] = (glob, worst)
     return out
+
+
+def split_variant(variant: str) -> tuple[str, str]:
+    """``'exact+kernel'`` -> ``('exact', 'kernel')``: an XLA:CPU fusion mode and, after ``+``, a filter-gradient
+    mode of ``oefsmc_jax.kernels.cpu_conv`` (default ``xla``)."""
+    fusion, _, wgrad = variant.partition("+")
+    return xla_cpu.check_mode(fusion, "--cpu-fusion"), cpu_conv.check_mode(wgrad or "xla", "--cpu-fusion")
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -398,8 +410,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch", default="eager", help="comma-separated PyTorch variants: eager, compile")
     p.add_argument("--cpu-fusion", default="exact,off",
                    help="comma-separated JAX variants on a CPU, each an XLA:CPU fusion mode of "
-                   "oefsmc_jax.training.xla_cpu (exact = the package default, off = XLA's own emitters, fast); "
-                   "the first is the one the ratio is quoted for. Off the CPU only the first is used")
+                   "oefsmc_jax.training.xla_cpu (exact = the package default, off = XLA's own emitters, fast), "
+                   "optionally +kernel for the hand-written filter-gradient kernel of oefsmc_jax.kernels.cpu_conv "
+                   "(e.g. exact,exact+kernel); the first is the one the ratio is quoted for. Off the CPU only "
+                   "the first is used")
     p.add_argument("--teacher-npz", default=None,
                    help="akamaster teacher .npz (oefsmc_jax.convert.load_akamaster_npz) instead of random")
     p.add_argument("--seed", type=int, default=0)
@@ -413,7 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.torch or any(t not in ("eager", "compile") for t in args.torch):
         p.error(f"--torch: {args.torch} must be a comma-separated list of eager, compile")
     try:
-        args.cpu_fusion = [xla_cpu.check_mode(m, "--cpu-fusion") for m in args.cpu_fusion.split(",") if m.strip()]
+        args.cpu_fusion = ["+".join(split_variant(m.strip().lower())).removesuffix("+xla")
+                           for m in args.cpu_fusion.split(",") if m.strip()]
     except ValueError as e:
         p.error(str(e))
     if not args.cpu_fusion:
@@ -470,7 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         run, mesh, _ = make_jax_step(t_spec, t_vars, s_spec, s_vars, host, wl, args.devices, args.seed, fusion)
         t0 = time.perf_counter()
         jax.block_until_ready(run())
-        opts = xla_cpu.compiler_options(xla_cpu.mesh_platform(mesh), fusion) if fusion != "off" else None
+        mode = split_variant(fusion)[0]
+        opts = xla_cpu.compiler_options(xla_cpu.mesh_platform(mesh), mode) if mode != "off" else None
         label = f"JAX {fusion}" if jax.default_backend() == "cpu" else "JAX"
         print(f"{label}: first step (trace + compile + run) {time.perf_counter() - t0:.1f}s on "
               f"{mesh.devices.size} device(s); compiler_options {opts}")

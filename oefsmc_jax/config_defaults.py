@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_devices = 0  # 0 = all visible devices
     c.compile_cache = ""  # persistent XLA cache: "" = $OEFSMC_COMPILE_CACHE or ~/.cache/oefsmc_jax/xla; "off"
     c.cpu_fusion = ""  # XLA:CPU YNNPACK fusion (training/xla_cpu.py): "" = $OEFSMC_CPU_FUSION or exact; fast; off
+    c.cpu_wgrad = ""  # 3x3 filter gradients on a CPU (kernels/cpu_conv.py): "" = $OEFSMC_CPU_WGRAD or xla; kernel
     c.arms = "base,oe"  # comma-separated: base (method alone), oe (method + OE-FSMC), oe_complement and
     # oe_confidence (OE-FSMC with teacher-guided OOD selection, method.md §4b), and the no-OOD rebalancing
     # baselines resample (class-balanced sampling of the ID images) and logit_adjust (logit-adjusted CE)

@@ -81,6 +81,10 @@ def validate(config: Any, num_devices: int = 1) -> None:
         from oefsmc_jax.training.xla_cpu import check_mode
 
         check_mode(config.cpu_fusion)
+    if config.get("cpu_wgrad", ""):
+        from oefsmc_jax.kernels import cpu_conv
+
+        cpu_conv.check_mode(config.cpu_wgrad)
     if config.method.name not in METHODS:
         _fail("method.name", f"unknown method {config.method.name!r}; allowed: {', '.join(sorted(METHODS))}")
     _check_arch(config.arch.name)

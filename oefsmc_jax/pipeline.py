@@ -41,6 +41,7 @@ from oefsmc_jax.data import (
 )
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.evaluation import agreement, classification_metrics, side_by_side, write_report
+from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.methods import CompressionContext, Method, Supervised, build_method
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, count_params, shrink
 from oefsmc_jax.models.latency import measure_latency
@@ -497,11 +498,13 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
                           f"{jax.device_count()} devices are visible")
     mesh = make_mesh(config.num_devices or None)
     validate(config, num_devices=mesh.shape["data"])
+    # the filter-gradient kernel is a CPU kernel: built (or found in its cache) here, before any data loads
+    cpu_conv.set_mode(config.get("cpu_wgrad", "") if mesh_platform(mesh) == "cpu" else "xla")
     workdir.mkdir(parents=True, exist_ok=True)
     check_same_config(workdir / "config.json", config.to_dict())
     write_json(workdir / "config.json", config.to_dict())
     log(f"run: {len(mesh.devices.flat)} device(s) ({jax.default_backend()}), workdir {workdir}, compilation "
-        f"cache {cache or 'off'}, {xla_cpu.describe(mesh_platform(mesh))}")
+        f"cache {cache or 'off'}, {xla_cpu.describe(mesh_platform(mesh))}, {cpu_conv.describe()}")
     data = prepare_data(config, workdir)
     t_spec, t_vars = get_teacher(config, workdir, mesh, data)
     k = config.data.num_classes

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.methods import KD
 from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune
 from oefsmc_jax.oe import complementary
@@ -75,6 +76,20 @@ def solo(parts, tmp_path_factory):
     """Each run trained alone (the reference), on 1 and on 4 devices."""
     return {n: [finetune_one(j) for j in _jobs(parts, n, tmp_path_factory.mktemp(f"solo{n}"), heldout_run=1)]
             for n in (1, 4)}
+
+
+@pytest.mark.parametrize("ndev,impl", [(4, "unroll")])
+def test_group_with_the_cpu_filter_gradient_kernel(parts, solo, tmp_path, monkeypatch, ndev, impl):
+    """``cpu_wgrad=kernel``: the group's runs end where each run trained alone under XLA's gradient ends."""
+    traced = []
+    real = cpu_conv.wgrad3x3
+    monkeypatch.setattr(cpu_conv, "wgrad3x3", lambda x, dy, s: traced.append(x.shape) or real(x, dy, s))
+    with cpu_conv.using("kernel"):
+        group = finetune_group(_jobs(parts, ndev, tmp_path, heldout_run=1), impl=impl)
+    assert traced  # the step really took its filter gradients from the kernel
+    assert [r.steps_run for r in group] == [STEPS, 3, STEPS]
+    for a, b in zip(solo[ndev], group):
+        _assert_same(a, b)
 
 
 @pytest.mark.parametrize("ndev,impl", [(1, "vmap"), (4, "vmap"), (1, "map"), (4, "map"), (1, "unroll")])

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.models.spec import ArchSpec
 
 Array = Any
@@ -22,11 +23,13 @@ conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype) -> nn.Conv:
-    """Bias-free square conv with PyTorch-style symmetric padding ``kernel // 2``."""
+    """Bias-free square conv with PyTorch-style symmetric padding ``kernel // 2`` (its filter gradient from the CPU
+    kernel of :mod:`oefsmc_jax.kernels.cpu_conv` under ``cpu_wgrad=kernel``)."""
     p = kernel // 2
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)), use_bias=False,
         kernel_init=conv_kernel_init, dtype=dtype, name=name,
+        conv_general_dilated=cpu_conv.conv_general_dilated,
     )
 
 

@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from oefsmc_jax import losses
 from oefsmc_jax.data.augment import augment_batch, normalize
+from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.training import xla_cpu
 from oefsmc_jax.training.parallel import AXIS, num_devices, replicated, shard_batch
@@ -300,6 +301,7 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
     # same step key and takes its own slice, so the only communication is the explicit pmean collectives.
     rep = P()
     opts = xla_cpu.compiler_options(mesh_platform(mesh))
+    per_device = cpu_conv.bind(per_device)  # the filter-gradient mode in use now, whenever the step is traced
     if not grouped:
         step = jax.shard_map(per_device, mesh=mesh, in_specs=(rep,) * 5, out_specs=(rep, rep), check_vma=False)
         return jax.jit(step, donate_argnums=(0,), compiler_options=opts)
