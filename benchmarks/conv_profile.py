@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - the message is the point
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from oefsmc_jax.kernels import cpu_conv  # noqa: E402
 from oefsmc_jax.training import xla_cpu  # noqa: E402
 
 DN = ("NHWC", "HWIO", "NHWC")
@@ -78,7 +79,9 @@ def _time(fn: Callable[[], Any], sync: Callable[[Any], Any], reps: int) -> float
 
 
 def jax_op(op: dict[str, Any], batch: int, mode: str) -> Callable[[], Any]:
-    """A no-argument function running the op once under the fusion ``mode``."""
+    """A no-argument function running the op once under the fusion ``mode`` (``FUSION`` or ``FUSION+kernel``: the
+    filter gradient from the CPU kernel of ``oefsmc_jax.kernels.cpu_conv``; other ops are XLA's either way)."""
+    mode, _, wgrad = mode.partition("+")
     rng = np.random.default_rng(0)
     s, pad = op["stride"], ((1, 1), (1, 1))
     x = jax.device_put(rng.normal(size=(batch, op["hw"], op["hw"], op["c_in"])).astype(np.float32))
@@ -93,7 +96,11 @@ def jax_op(op: dict[str, Any], batch: int, mode: str) -> Callable[[], Any]:
     if op["kind"] == "dgrad":
         f = jax.jit(lambda w, g: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0], compiler_options=opts)
         return lambda: f(w, g)
-    f = jax.jit(lambda x, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0], compiler_options=opts)
+    if wgrad == "kernel":
+        cpu_conv.register("--modes")
+        f = jax.jit(lambda x, g: cpu_conv.wgrad3x3(x, g, s), compiler_options=opts)
+    else:
+        f = jax.jit(lambda x, g: jax.vjp(lambda w_: conv(x, w_), w)[1](g)[0], compiler_options=opts)
     return lambda: f(x, g)
 
 
@@ -118,10 +125,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=128, help="images per step (ID + OOD)")
     p.add_argument("--depth", type=int, default=56, help="CIFAR ResNet depth (6n+2)")
     p.add_argument("--student-frac", type=float, default=0.5, help="student inner width / teacher inner width")
-    p.add_argument("--modes", default="exact,off", help="XLA:CPU fusion modes, comma-separated")
+    p.add_argument("--modes", default="exact,off", help="XLA:CPU fusion modes, comma-separated; FUSION+kernel "
+                   "takes the filter gradients from oefsmc_jax.kernels.cpu_conv (e.g. exact,exact+kernel)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per op (median)")
     a = p.parse_args(argv)
-    modes = [xla_cpu.check_mode(m, "--modes") for m in a.modes.split(",") if m.strip()]
+    modes = []
+    for m in (m.strip().lower() for m in a.modes.split(",") if m.strip()):
+        fusion, _, wgrad = m.partition("+")
+        modes.append(xla_cpu.check_mode(fusion, "--modes") + ("+kernel" if cpu_conv.check_mode(
+            wgrad or "xla", "--modes") == "kernel" else ""))
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); host CPUs "
           f"{os.cpu_count()}, load average at start {os.getloadavg()}; allocator "
           f"{os.path.basename(os.environ['LD_PRELOAD']) if os.environ.get('LD_PRELOAD') else 'system malloc'}")
