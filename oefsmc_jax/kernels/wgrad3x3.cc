@@ -6,14 +6,18 @@
 // GFLOP/s (4x PyTorch/oneDNN, benchmarks/README.md). This kernel keeps a 3 (kw) x 4 (ci) tile of 8-wide (co)
 // accumulators in registers while it walks the output positions of one image, so every dy vector loaded feeds 12
 // fused multiply-adds, and every image (zero-padded copy of x, dy) stays in cache for all passes over it.
-// Images are split into one chunk per thread of XLA's intra-op pool (the FFI ThreadPool); each chunk sums into its
-// own buffer and the chunks are added in a fixed order, so the result does not depend on thread timing.
+// Images are split into up to 4 chunks per thread of XLA's intra-op pool (the FFI ThreadPool); the calling thread
+// and the pool's threads claim chunks until none is left, so a busy or oversubscribed pool (a run pinned to one
+// core) costs no idle spinning: the caller does whatever nobody else has started, then sleeps until the chunks in
+// flight are done. Each chunk sums into its own buffer and the chunks are added in a fixed order, so the result
+// does not depend on thread timing or on which thread ran which chunk.
 // Compiled on first use by oefsmc_jax/kernels/cpu_conv.py (g++/clang++ -O3 -march=native).
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
+#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -61,6 +65,8 @@ struct Job {
   int chunks;
   std::vector<float> part;  // chunks x K partial sums
   std::atomic<int> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable all_done;
 
   void run_chunk(int c) {
     const int64_t n0 = N * c / chunks, n1 = N * (c + 1) / chunks, Hp = H + 2, Wp = W + 2;
@@ -85,8 +91,16 @@ struct Job {
   void work() {
     for (int c; (c = next.fetch_add(1)) < chunks;) {
       run_chunk(c);
-      done.fetch_add(1, std::memory_order_release);
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(mu);
+        all_done.notify_all();
+      }
     }
+  }
+
+  void wait() {
+    std::unique_lock<std::mutex> lock(mu);
+    all_done.wait(lock, [this] { return done.load(std::memory_order_acquire) == chunks; });
   }
 };
 
@@ -110,12 +124,14 @@ ffi::Error WgradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   j.K = 9 * j.Ci4 * j.Co8;
   int64_t T = pool.num_threads();
   if (T < 1) T = 1;
-  if (T > j.N) T = j.N;
-  j.chunks = static_cast<int>(T);
-  j.part.assign(static_cast<size_t>(T * j.K), 0.f);
-  for (int64_t t = 1; t < T; ++t) pool.Schedule([job]() { job->work(); });
+  int64_t C = 4 * T;
+  if (C > j.N) C = j.N;
+  if (C < 1) C = 1;
+  j.chunks = static_cast<int>(C);
+  j.part.assign(static_cast<size_t>(C * j.K), 0.f);
+  for (int64_t t = 1; t < T && t < C; ++t) pool.Schedule([job]() { job->work(); });
   j.work();
-  while (j.done.load(std::memory_order_acquire) < j.chunks) std::this_thread::yield();
+  j.wait();
   float* out = dw->typed_data();
   for (int64_t k = 0; k < 9; ++k)
     for (int64_t ci = 0; ci < j.Ci; ++ci)
