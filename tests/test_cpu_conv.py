@@ -128,3 +128,29 @@ def test_build_is_cached(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert cpu_conv.build() == first and first.stat().st_mtime_ns == stamp  # the second call compiles nothing
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def test_trainer_cache_builds_a_new_step_when_a_mode_changes():
+    """``make_trainer`` is cached; a step built under one filter-gradient or fusion mode is not handed out under
+    another (the benchmark builds one per mode in one process)."""
+    from oefsmc_jax.methods import KD
+    from oefsmc_jax.training import train, xla_cpu
+    from oefsmc_jax.training.step import StepConfig
+
+    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    cfg = StepConfig(batch_id=8, batch_ood=8, pad=1, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)
+    args = (make_mesh(1), spec, spec, KD((0.5, 0.5, 0.5)).recipe(), cfg, {"name": "sgd", "lr": 0.1}, 10)
+    fusion = xla_cpu.get_mode()
+    try:
+        cpu_conv.set_mode("xla")
+        a = train.make_trainer(*args)
+        assert train.make_trainer(*args) is a
+        cpu_conv.set_mode("kernel")
+        b = train.make_trainer(*args)
+        xla_cpu.set_mode("off")
+        c = train.make_trainer(*args)
+    finally:
+        xla_cpu.set_mode(fusion)
+    assert b is not a and c is not b and c is not a
+    cpu_conv.set_mode("xla")
+    assert train.make_trainer(*args) is a

@@ -112,6 +112,7 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
         _nonfinite_error,
         _restore_run,
         _result,
+        compile_modes,
     )
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -127,7 +128,8 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     t0 = time.time()
     shared = j0.teacher_variables is None or _same_tree([j.teacher_variables for j in jobs])
     trainer = _make_trainer(mesh, j0.spec, j0.teacher_spec, j0.recipe, step_cfg, _freeze(dict(j0.optim_cfg)),
-                            int(loop.steps), True, shared, resolve_group_impl(impl, mesh_platform(mesh)))
+                            int(loop.steps), True, shared, resolve_group_impl(impl, mesh_platform(mesh)),
+                            modes=compile_modes())
     tx, schedule, step_fn, predict, take = trainer.tx, trainer.schedule, trainer.step, trainer.predict, _take(mesh)
     names = [j.name for j in jobs]
     label = f"group of {n_runs}"

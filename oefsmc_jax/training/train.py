@@ -21,9 +21,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from oefsmc_jax import paths
+from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
-from oefsmc_jax.training import preemption
+from oefsmc_jax.training import preemption, xla_cpu
 from oefsmc_jax.training.checkpoint import Checkpointer
 from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.feed import HostFeeder, pool_bytes
@@ -81,15 +82,24 @@ class Trainer:
 def make_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, recipe: Recipe, step_cfg: StepConfig,
                  optim_cfg: dict, steps: int) -> Trainer:
     """The one owner of the train step: model with synced BatchNorm, optimizer with the recipe's frozen parameters
-    masked out, the jitted step and eval forward. Cached on its (hashable) arguments, so a grid, the benchmark and
-    the tests reuse compiled steps across runs of the same shapes."""
-    return _make_trainer(mesh, spec, teacher_spec, recipe, step_cfg, _freeze(dict(optim_cfg)), int(steps))
+    masked out, the jitted step and eval forward. Cached on its (hashable) arguments and the compile modes in use
+    (:func:`compile_modes`), so a grid, the benchmark and the tests reuse compiled steps across runs of the same
+    shapes, and a change of mode builds a new step."""
+    return _make_trainer(mesh, spec, teacher_spec, recipe, step_cfg, _freeze(dict(optim_cfg)), int(steps),
+                         modes=compile_modes())
+
+
+def compile_modes() -> tuple[str, str]:
+    """What decides the compiled step besides its arguments: the XLA:CPU fusion mode (``training/xla_cpu``) and
+    the filter-gradient mode (``kernels/cpu_conv``) in use now. Part of :func:`make_trainer`'s cache key."""
+    return xla_cpu.get_mode(), cpu_conv.get_mode()
 
 
 @functools.lru_cache(maxsize=64)
 def _make_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, recipe: Recipe, step_cfg: StepConfig,
                   optim_items: tuple, steps: int, grouped: bool = False, shared_teacher: bool = True,
-                  group_impl: str = "auto") -> Trainer:
+                  group_impl: str = "auto", modes: tuple[str, str] = ("", "")) -> Trainer:
+    del modes  # only part of the cache key: make_train_step reads the modes in use itself
     optim_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in optim_items}
     student = build_model(spec, bn_axis_name="data")
     teacher = build_model(teacher_spec) if teacher_spec is not None else None
