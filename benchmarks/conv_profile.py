@@ -33,6 +33,8 @@ except ImportError:  # pragma: no cover - the message is the point
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from step_throughput import split_variant  # noqa: E402  (this folder: the same FUSION[+kernel] variants)
+
 from oefsmc_jax.kernels import cpu_conv  # noqa: E402
 from oefsmc_jax.training import xla_cpu  # noqa: E402
 
@@ -81,7 +83,7 @@ def _time(fn: Callable[[], Any], sync: Callable[[Any], Any], reps: int) -> float
 def jax_op(op: dict[str, Any], batch: int, mode: str) -> Callable[[], Any]:
     """A no-argument function running the op once under the fusion ``mode`` (``FUSION`` or ``FUSION+kernel``: the
     filter gradient from the CPU kernel of ``oefsmc_jax.kernels.cpu_conv``; other ops are XLA's either way)."""
-    mode, _, wgrad = mode.partition("+")
+    mode, wgrad = split_variant(mode)
     rng = np.random.default_rng(0)
     s, pad = op["stride"], ((1, 1), (1, 1))
     x = jax.device_put(rng.normal(size=(batch, op["hw"], op["hw"], op["c_in"])).astype(np.float32))
@@ -129,11 +131,11 @@ def main(argv: list[str] | None = None) -> None:
                    "takes the filter gradients from oefsmc_jax.kernels.cpu_conv (e.g. exact,exact+kernel)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per op (median)")
     a = p.parse_args(argv)
-    modes = []
-    for m in (m.strip().lower() for m in a.modes.split(",") if m.strip()):
-        fusion, _, wgrad = m.partition("+")
-        modes.append(xla_cpu.check_mode(fusion, "--modes") + ("+kernel" if cpu_conv.check_mode(
-            wgrad or "xla", "--modes") == "kernel" else ""))
+    try:
+        modes = ["+".join(split_variant(m.strip().lower(), "--modes")).removesuffix("+xla")
+                 for m in a.modes.split(",") if m.strip()]
+    except ValueError as e:
+        p.error(str(e))
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); host CPUs "
           f"{os.cpu_count()}, load average at start {os.getloadavg()}; allocator "
           f"{os.path.basename(os.environ['LD_PRELOAD']) if os.environ.get('LD_PRELOAD') else 'system malloc'}")

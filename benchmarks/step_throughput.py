@@ -354,11 +354,11 @@ def check_fusion_gradients(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_v
     return out
 
 
-def split_variant(variant: str) -> tuple[str, str]:
+def split_variant(variant: str, flag: str = "--cpu-fusion") -> tuple[str, str]:
     """``'exact+kernel'`` -> ``('exact', 'kernel')``: an XLA:CPU fusion mode and, after ``+``, a filter-gradient
-    mode of ``oefsmc_jax.kernels.cpu_conv`` (default ``xla``)."""
+    mode of ``oefsmc_jax.kernels.cpu_conv`` (default ``xla``); a bad part is an error naming ``flag``."""
     fusion, _, wgrad = variant.partition("+")
-    return xla_cpu.check_mode(fusion, "--cpu-fusion"), cpu_conv.check_mode(wgrad or "xla", "--cpu-fusion")
+    return xla_cpu.check_mode(fusion, flag), cpu_conv.check_mode(wgrad or "xla", flag)
 
 
 # ------------------------------------------------------------------------------------------ timing
