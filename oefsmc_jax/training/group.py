@@ -137,9 +137,10 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
         + ("" if shared else " (teachers differ: one each)"))
 
     # per run: restore its own checkpoint (same format as a single run's) or start fresh
-    ckpts, trees, stopped, steps, metas = [], [], [], [], []
+    ckpts, trees, stopped, steps, metas, starts = [], [], [], [], [], []
     for j in jobs:
-        tree, ck, _, done = _restore_run(j, tx, mesh, log)
+        tree, ck, start, done = _restore_run(j, tx, mesh, log)
+        starts.append(start or 0)
         ckpts.append(ck)
         trees.append(jax.device_get(tree))
         stopped.append(done)
@@ -153,7 +154,7 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     mult = _stack([mask_multipliers(j.spec, j.variables) for j in jobs], mesh)
     teacher_vars = (replicate(jax.device_get(j0.teacher_variables), mesh) if shared
                     else _stack([j.teacher_variables for j in jobs], mesh))
-    writers = [MetricWriter(j.workdir) for j in jobs]
+    writers = [MetricWriter(j.workdir, resume_step=s) for j, s in zip(jobs, starts)]
     results: list[Any] = [None] * n_runs
     imgs_per_step = step_cfg.batch_id + step_cfg.batch_ood
     start_steps = list(steps)

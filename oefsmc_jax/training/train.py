@@ -141,22 +141,44 @@ class MetricWriter:
     at most every 30 s and at ``close``; the event files are written to a local folder and copied there at ``close``.
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, resume_step: int = 0):
         self.directory = paths.as_path(directory)
         self.enabled = jax.process_index() == 0  # one writer for a multi-host run
         if not self.enabled:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remote = not paths.is_local(self.directory)
+        kept = self._keep_until(resume_step)
         if self._remote:
-            old = self.directory / "metrics.jsonl"
-            self._lines = old.read_text().splitlines(keepends=True) if old.exists() else []
+            self._lines = kept
             self._flushed = time.time()
             self._tb_local = tempfile.mkdtemp(prefix="oefsmc_tb_")
             self._tb = _summary_writer_cls()(self._tb_local)
         else:
             self._jsonl = open(os.fspath(self.directory / "metrics.jsonl"), "a")  # noqa: SIM115
             self._tb = _summary_writer_cls()(os.fspath(self.directory / "tensorboard"))
+
+    def _keep_until(self, step: int) -> list[str]:
+        """The lines of an existing ``metrics.jsonl`` up to ``step`` (the checkpoint a resumed run starts from).
+
+        Lines past it were written by a run that was stopped before its next checkpoint; the resumed run writes those
+        steps again, so they are dropped (the file rewritten whole) and every (split, step) appears once, as in an
+        uninterrupted run. A torn last line goes the same way.
+        """
+        path = self.directory / "metrics.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                if line.endswith("\n") and int(json.loads(line)["step"]) <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue
+        if len(kept) != len(lines):
+            paths.write_text_atomic(path, "".join(kept))
+        return kept
 
     def _flush_remote(self) -> None:
         paths.write_text_atomic(self.directory / "metrics.jsonl", "".join(self._lines))
@@ -287,7 +309,7 @@ def finetune_one(job: RunJob, log: Callable[[str], None] | None = None) -> Finet
     ckpt_tree, ckpt, start, stopped = _restore_run(job, tx, mesh, log)
     state, es, masks = ckpt_tree["state"], ckpt_tree["es"], ckpt_tree["masks"]
     teacher_vars, mult = replicate((teacher_variables, mult), mesh)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, resume_step=start or 0)
     step = int(state.step)
     imgs_per_step = step_cfg.batch_id + step_cfg.batch_ood
     last_t, last_step = time.time(), step
