@@ -331,14 +331,29 @@ def predict_fn(mesh: Any, spec: ArchSpec, mean: tuple, std: tuple, batch_size: i
     return make_predict(mesh, build_model(spec), mean, std, batch_size)
 
 
+def finished_result(path: paths.Path) -> dict | None:
+    """The result in an arm's ``result.json``, or None when the arm is not finished: no file, or one that is empty,
+    torn or not a JSON object with ``metrics`` (then a one-line note names it; the rerun overwrites it atomically)."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        result = None
+    if isinstance(result, dict) and "metrics" in result:
+        return result
+    log(f"note: {path} is empty, torn or not a result; the arm counts as not finished and runs again")
+    return None
+
+
 def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData, method: Method,
             teacher: tuple[ArchSpec, dict], teacher_test_pred: np.ndarray, heldout_pred: np.ndarray | None,
             pool_probs: np.ndarray | None = None) -> dict:
     """Compress, fine-tune and evaluate one arm; reuses every finished piece in ``workdir/arm``."""
     adir = workdir / arm
-    if (adir / "result.json").exists():
+    if (done := finished_result(adir / "result.json")) is not None:
         log(f"[{arm}] finished earlier; reusing {adir / 'result.json'}")
-        return json.loads((adir / "result.json").read_text())
+        return done
     t0 = time.time()
     spec_arm: Arm = ARMS[arm]
     oe_on = spec_arm.uses_ood

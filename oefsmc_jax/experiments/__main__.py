@@ -32,14 +32,22 @@ def main(argv: list[str]) -> None:
     cfg = FLAGS.config
     if len(argv) > 1 and argv[1] != "summarize":
         raise app.UsageError(f"unknown command {argv[1]!r}; allowed: summarize")
+    for f in FLAGS.also:  # checked before a grid runs for hours only to fail at its summary
+        if not paths.as_path(f).exists():
+            print(f"error: --also {f}: no such results file", file=sys.stderr)
+            sys.exit(2)
     if len(argv) == 1:
         if cfg is None:
             raise app.UsageError("--config is required to run a grid")
         run_reporting_errors(lambda: run_grid(cfg, workdir, FLAGS.only, FLAGS.cell))
     names = list(cfg.base.data.class_names) if cfg is not None else None
     title = cfg.title if cfg is not None else "Results"
-    print(f"summary: {summarize(workdir / 'results.jsonl', out, names, title, also=tuple(FLAGS.also))}",
-          file=sys.stderr)
+
+    def write_summary() -> None:
+        path = summarize(workdir / "results.jsonl", out, names, title, also=tuple(FLAGS.also))
+        print(f"summary: {path}", file=sys.stderr)
+
+    run_reporting_errors(write_summary)  # no records, or a missing --also file: one line, exit 2
 
 
 USAGE = """\

@@ -127,26 +127,45 @@ def batch_cells(todo: list[tuple[Cell, Any]], group_size: int) -> list[list[tupl
 
 
 def read_results(path: str | os.PathLike) -> list[dict]:
-    """The records of a results file (missing file: none); a torn last line (killed mid-write) is ignored."""
+    """The records of a results file (missing file: none). A line that is torn (the process was killed while
+    appending it) or not a JSON record with ``cell`` and ``arm`` is skipped with one line on stderr naming the file
+    and line number; the grid then runs that cell's missing arm again."""
     path = paths.as_path(path)
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+        if not raw.strip():
             continue
+        try:
+            r = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            r = None
+        if not isinstance(r, dict) or "cell" not in r or "arm" not in r:
+            print(f"{os.fspath(path)} line {n} is torn or not JSON; skipped (its cell will be rerun)",
+                  file=sys.stderr, flush=True)
+            continue
+        out.append(r)
     return out
 
 
 def _append(path: paths.Path, records: list[dict]) -> None:
+    """Append ``records`` as whole lines (flushed and fsynced locally). A file that does not end in a newline (its
+    last append was torn) first gets one, so the torn bytes stay on their own line and the new records stay
+    readable; nothing that was there is removed."""
     text = "".join(json.dumps(r, default=str) + "\n" for r in records)
-    if not paths.is_local(path):
-        paths.append_text(path, text)
+    if not text:
         return
-    with open(os.fspath(path), "a") as f:
-        f.write(text)
+    if not paths.is_local(path):
+        old = path.read_bytes() if path.exists() else b""
+        paths.append_text(path, ("\n" if old and not old.endswith(b"\n") else "") + text)
+        return
+    with open(os.fspath(path), "a+b") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                text = "\n" + text
+        f.write(text.encode())
         f.flush()
         os.fsync(f.fileno())
 
@@ -170,15 +189,21 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
         raise ConfigError(f"config.group_impl: {group_impl!r} is not allowed; choose one of {', '.join(GROUP_IMPLS)}")
     paths.check_reachable(workdir, "--workdir")
     workdir = paths.as_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     results = workdir / "results.jsonl"
     groups = [g for g in config.groups if only is None or g["name"] == only]
+    if not groups and only is None:
+        raise ConfigError("config.groups is empty; a grid config needs at least one group")
+    if not groups:
+        names = [str(g.get("name", "grid")) for g in config.groups]
+        raise ConfigError(f"--only {only!r}: no such group in this grid config; groups: {', '.join(names) or 'none'}")
     cells = expand(groups)
     if cell_id is not None:
         ids = [c.id for c in cells]
         cells = [c for c in cells if c.id == cell_id]
         if not cells:
-            raise ValueError(f"no grid cell {cell_id!r}; cells: {', '.join(ids[:6])}, ... ({len(ids)} in all)")
+            where = f" of group {only!r}" if only is not None else ""
+            shown = ", ".join(ids[:6]) + (f", ... ({len(ids)} in all)" if len(ids) > 6 else "")
+            raise ConfigError(f"--cell {cell_id!r}: no such cell{where} in this grid config; cells: {shown}")
     teachers = dict(config.teacher_for_arch)
     configs = [cell_config(config.base, cell, teachers, config.rho) for cell in cells]
     for c in configs:  # one cache of teacher pool probabilities for the whole grid
@@ -192,6 +217,10 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
             validate(c, num_devices=n_dev)
         except ValueError as e:
             raise type(e)(f"grid cell {cell.id}: {e}") from None
+    from oefsmc_jax.experiments.primary import check_primary_contrasts
+
+    check_primary_contrasts(config)  # the declared family must name settings this grid runs
+    workdir.mkdir(parents=True, exist_ok=True)  # only once the grid, its selection and every cell are valid
     code = code_version()
     roots = {"data": _data_root(), "workdir": workdir}
     done = {(r["cell"], r["arm"]) for r in read_results(results)}
@@ -216,7 +245,8 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
                             "ood_images": r.get("ood_images"), "eta": r.get("eta"),
                             "method_hparams": r.get("method"),
                             "params": r["params"], "flops": r["flops"], "wall_s": r["wall_s"],
-                            "version": __version__, **code, "versions": versions(), "device": device,
+                            "version": __version__, **code, "trained_commit": r.get("trained_commit"),
+                            "versions": versions(), "device": device,
                             "group_size": group_size, "config": portable(c.to_dict(), roots)})
         return records
 

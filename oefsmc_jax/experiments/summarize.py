@@ -323,7 +323,13 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
               title: str = "Results", also: tuple = ()) -> paths.Path:
     """Write ``summary.md``, ``accuracy_vs_budget.png`` and one per-class plot into ``out_dir``, from the records of
     ``results`` joined with those of the files in ``also`` (:func:`join_results`)."""
+    for f in also:
+        if not paths.as_path(f).exists():
+            raise FileNotFoundError(f"--also {os.fspath(f)}: no such results file")
     records, sources = join_results(results, tuple(also))
+    if not records:  # an empty summary would read as a grid that ran and found nothing
+        raise ValueError(f"{os.fspath(results)}: no grid records to summarize (the file is missing, empty or "
+                         "unreadable); run the grid first")
     out = paths.as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     origin = ", ".join(f"{n} from `{name}`" for name, n in sources) if also else f"from `{sources[0][0]}`"
