@@ -49,9 +49,24 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from oefsmc_jax.convert.layout import (
+    IGNORED_SUFFIX,
+    Target,
+    add_bn,
+    convert_with_key_map,
+    fmt_shape,
+    resnet_depth,
+)
+from oefsmc_jax.convert.readers import (
+    TORCH_SUFFIXES,
+    read_npz_state,
+    read_state,
+    read_torch_state,
+    state_format,
+    state_keys,
+)
 from oefsmc_jax.models import ArchSpec, build_model, cifar_resnet_spec
 
 __all__ = [
@@ -77,15 +92,9 @@ __all__ = [
 
 AKAMASTER_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 AKAMASTER_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-TEACHER_FAMILIES: tuple[str, ...] = ("akamaster", "chenyaofo")
-TORCH_SUFFIXES = (".th", ".pth", ".pt")
-_BN_FIELDS = (("weight", "params", "scale"), ("bias", "params", "bias"),
-              ("running_mean", "batch_stats", "mean"), ("running_var", "batch_stats", "var"))
+TEACHER_FAMILIES: tuple[str, ...] = ("akamaster", "chenyaofo", "torchvision")
 _LAYER_RE = re.compile(r"^layer([1-3])\.(\d+)\.")
-_IGNORED_SUFFIX = ".num_batches_tracked"
-
-# one entry of the key map: (collection, flax path inside the collection, layout transform name)
-_Target = tuple[str, tuple[str, ...], str]
+_Target = Target
 
 
 def resnet_key_map(spec: ArchSpec, head: str, projection: str | None) -> dict[str, _Target]:
@@ -101,21 +110,16 @@ def resnet_key_map(spec: ArchSpec, head: str, projection: str | None) -> dict[st
     if (projection is None) != (spec.shortcut == "A"):
         raise ValueError(f"projection={projection!r} does not fit a spec with option-{spec.shortcut} shortcuts")
     out: dict[str, _Target] = {}
-
-    def add_bn(prefix: str, path: tuple[str, ...]) -> None:
-        for torch_name, coll, flax_name in _BN_FIELDS:
-            out[f"{prefix}.{torch_name}"] = (coll, path + (flax_name,), "none")
-
     out["conv1.weight"] = ("params", ("stem_conv", "kernel"), "conv")
-    add_bn("bn1", ("stem_bn",))
+    add_bn(out, "bn1", ("stem_bn",))
     for s, b in spec.blocks():
         prefix, name = f"layer{s + 1}.{b}", spec.block_name(s, b)
         for j in (1, 2):
             out[f"{prefix}.conv{j}.weight"] = ("params", (name, f"conv{j}", "kernel"), "conv")
-            add_bn(f"{prefix}.bn{j}", (name, f"bn{j}"))
+            add_bn(out, f"{prefix}.bn{j}", (name, f"bn{j}"))
         if projection is not None and not spec.identity_shortcut(s, b):
             out[f"{prefix}.{projection}.0.weight"] = ("params", (name, "proj_conv", "kernel"), "conv")
-            add_bn(f"{prefix}.{projection}.1", (name, "proj_bn"))
+            add_bn(out, f"{prefix}.{projection}.1", (name, "proj_bn"))
     out[f"{head}.weight"] = ("params", ("head", "kernel"), "linear")
     out[f"{head}.bias"] = ("params", ("head", "bias"), "none")
     return out
@@ -131,33 +135,6 @@ def akamaster_key_map(spec: ArchSpec) -> dict[str, _Target]:
     if spec.shortcut != "A":
         raise ValueError(f"akamaster teachers have option-A shortcuts, got option {spec.shortcut}")
     return resnet_key_map(spec, "linear", None)
-
-
-def _to_torch_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
-    if transform == "conv":  # HWIO -> OIHW
-        return (shape[3], shape[2], shape[0], shape[1])
-    if transform == "linear":
-        return (shape[1], shape[0])
-    return tuple(shape)
-
-
-def _to_flax(a: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "conv":
-        a = a.transpose(2, 3, 1, 0)
-    elif transform == "linear":
-        a = a.T
-    return np.ascontiguousarray(a, dtype=np.float32)
-
-
-def _fmt(shape: Sequence[int]) -> str:
-    return "(" + ",".join(str(int(d)) for d in shape) + ")"
-
-
-def _abstract_variables(spec: ArchSpec) -> dict:
-    """Shapes/dtypes of ``build_model(spec).init(...)`` (traced only, nothing is computed)."""
-    model = build_model(spec)
-    x = jnp.zeros((1, 32, 32, spec.in_channels), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
 
 
 def _blocks_per_stage(keys: Sequence[str]) -> int:
@@ -182,7 +159,7 @@ def convert_resnet_state_dict(
     unexpected, non-float or mis-shaped entries raise one :class:`ValueError` (one line) naming every
     offending key, prefixed by ``source``; ``family`` names the teacher family in messages.
     """
-    keys = [k for k in arrays if not k.endswith(_IGNORED_SUFFIX)]
+    keys = [k for k in arrays if not k.endswith(IGNORED_SUFFIX)]
     n = _blocks_per_stage(keys)
     if n == 0:
         raise ValueError(f"{source}: no 'layer{{1,2,3}}.<i>.*' keys; not a {family} CIFAR ResNet state "
@@ -196,48 +173,10 @@ def convert_resnet_state_dict(
         raise ValueError(f"{source}: missing key {head_key!r}")
     lw = np.shape(arrays[head_key])
     if len(lw) != 2 or lw[0] < 1:
-        raise ValueError(f"{source}: key {head_key!r} has shape {_fmt(lw)}, expected (num_classes,64)")
+        raise ValueError(f"{source}: key {head_key!r} has shape {fmt_shape(lw)}, expected (num_classes,64)")
     spec = cifar_resnet_spec(file_depth, num_classes=int(lw[0]), shortcut=shortcut)
 
-    abstract = _abstract_variables(spec)
-    kmap = key_map(spec)
-    problems: list[str] = []
-    for k in kmap:
-        if k not in arrays:
-            problems.append(f"missing key {k!r}")
-    for k in keys:
-        if k not in kmap:
-            problems.append(f"unexpected key {k!r}")
-    converted: dict[str, dict] = {"params": {}, "batch_stats": {}}
-    for k, (coll, path, transform) in kmap.items():
-        if k not in arrays:
-            continue
-        a = np.asarray(arrays[k])
-        ref = abstract[coll]
-        for p in path:
-            ref = ref[p]
-        want = _to_torch_shape(tuple(ref.shape), transform)
-        if a.shape != want:
-            problems.append(f"key {k!r} has shape {_fmt(a.shape)}, expected {_fmt(want)}")
-            continue
-        if not np.issubdtype(a.dtype, np.floating):
-            problems.append(f"key {k!r} has dtype {a.dtype}, expected a float array")
-            continue
-        node = converted[coll]
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = _to_flax(a, transform)
-    if problems:
-        head_msg = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems)
-        raise ValueError(f"{source}: {head_msg}")
-
-    variables = {
-        "params": converted["params"],
-        "batch_stats": converted["batch_stats"],
-        "masks": jax.tree.map(lambda s: np.ones(s.shape, s.dtype), abstract["masks"]),
-    }
-    _check_same_tree(variables, abstract, source)
-    return spec, variables
+    return spec, convert_with_key_map(arrays, key_map(spec), spec, source)
 
 
 def convert_akamaster_state_dict(
@@ -253,26 +192,6 @@ def convert_akamaster_state_dict(
                                      key_map=akamaster_key_map)
 
 
-def _check_same_tree(variables: dict, abstract: dict, source: str) -> None:
-    """Structure, shapes and dtypes of ``variables`` must equal those of the model's ``init``."""
-    got = jax.tree_util.tree_flatten_with_path(variables)
-    want = jax.tree_util.tree_flatten_with_path(abstract)
-    if got[1] != want[1]:
-        raise ValueError(f"{source}: imported variable tree {got[1]} differs from the model's {want[1]}")
-    for (path, a), (_, ref) in zip(got[0], want[0]):
-        if tuple(a.shape) != tuple(ref.shape) or a.dtype != ref.dtype:
-            raise ValueError(f"{source}: variable {jax.tree_util.keystr(path)} is {a.dtype}{_fmt(a.shape)}, "
-                             f"the model has {ref.dtype}{_fmt(ref.shape)}")
-
-
-def read_npz_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All arrays of a ``.npz`` state-dict export (``allow_pickle=False``); a truncated, corrupt or non-npz file
-    raises one :class:`ValueError` naming it (a missing one :class:`FileNotFoundError`)."""
-    from oefsmc_jax.data.sources import read_npz
-
-    return read_npz(pathlib.Path(path))[1]
-
-
 def load_akamaster_npz(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
     """Read the numpy export of an akamaster teacher; returns ``(spec, variables)`` (host float32 arrays).
 
@@ -280,39 +199,6 @@ def load_akamaster_npz(path: str | os.PathLike, depth: int | None = None) -> tup
     ``build_model(spec).init(...)``. See :func:`convert_akamaster_state_dict` for the checks.
     """
     return convert_akamaster_state_dict(read_npz_state(path), depth, source=str(pathlib.Path(path)))
-
-
-def _import_torch() -> Any:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            "reading a .th teacher needs PyTorch: `pip install torch` (or the optional extra "
-            "`pip install oefsmc_jax[torch]`), or use the torch-free .npz export"
-        ) from e
-    return torch
-
-
-def read_torch_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The state dict of a torch checkpoint as numpy arrays (needs ``torch``).
-
-    Accepts ``{'state_dict': ...}`` (``best_prec1`` etc. ignored) or a bare state dict; a ``module.`` prefix
-    (from ``DataParallel``) is removed. Raises :class:`ImportError` when torch is not installed.
-    """
-    torch = _import_torch()
-    path = pathlib.Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except TypeError:  # torch < 1.13 has no weights_only
-        obj = torch.load(path, map_location="cpu")
-    state = obj["state_dict"] if isinstance(obj, Mapping) and "state_dict" in obj else obj
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict or {{'state_dict': ...}}, got {type(obj).__name__}")
-    arrays: dict[str, np.ndarray] = {}
-    for k, v in state.items():
-        name = k[len("module."):] if k.startswith("module.") else k
-        arrays[name] = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-    return arrays
 
 
 def load_akamaster_th(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
@@ -327,23 +213,30 @@ def load_akamaster_th(path: str | os.PathLike, depth: int | None = None) -> tupl
 # ---------------------------------------------------------------------------------------------- families
 
 def detect_family(keys: Sequence[str], source: str = "state dict") -> str:
-    """The teacher family of a state dict from its keys: ``'akamaster'`` or ``'chenyaofo'``.
+    """The teacher family of a state dict from its keys: ``'akamaster'``, ``'chenyaofo'`` or ``'torchvision'``.
 
-    A ``linear.*`` head means akamaster (option A); an ``fc.*`` head or ``*.downsample.*`` projection keys mean
-    chenyaofo (option B). Evidence for both, or for neither, raises a one-line :class:`ValueError`.
+    A ``linear.*`` head means akamaster (option A); ``layer4.*`` or bottleneck ``*.conv3.*`` keys mean a
+    torchvision ImageNet ResNet; otherwise an ``fc.*`` head or ``*.downsample.*`` projection keys mean chenyaofo
+    (option B). Evidence for two families, or for none, raises a one-line :class:`ValueError`.
     """
+    from oefsmc_jax.convert.torchvision_resnet import is_torchvision_key
+
     keys = list(keys)
     aka = sorted(k for k in keys if k.startswith("linear."))
+    tv = sorted(k for k in keys if is_torchvision_key(k))
     chen = sorted(k for k in keys if k.startswith("fc.") or ".downsample." in k)
-    if aka and chen:
-        raise ValueError(f"{source}: cannot tell the teacher family: akamaster key {aka[0]!r} and chenyaofo key "
-                         f"{chen[0]!r} in one file")
+    if aka and (tv or chen):
+        other, key = ("torchvision", tv[0]) if tv else ("chenyaofo", chen[0])
+        raise ValueError(f"{source}: cannot tell the teacher family: akamaster key {aka[0]!r} and {other} key "
+                         f"{key!r} in one file")
     if aka:
         return "akamaster"
+    if tv:
+        return "torchvision"
     if chen:
         return "chenyaofo"
-    raise ValueError(f"{source}: cannot tell the teacher family: no 'linear.*' (akamaster) nor 'fc.*' / "
-                     f"'*.downsample.*' (chenyaofo) keys (keys: {sorted(keys)[:8]}"
+    raise ValueError(f"{source}: cannot tell the teacher family: no 'linear.*' (akamaster), 'layer4.*' "
+                     f"(torchvision) nor 'fc.*' / '*.downsample.*' (chenyaofo) keys (keys: {sorted(keys)[:8]}"
                      f"{' ...' if len(keys) > 8 else ''})")
 
 
@@ -354,6 +247,10 @@ def _converter(family: str) -> Callable[..., tuple[ArchSpec, dict]]:
         from oefsmc_jax.convert.chenyaofo import convert_chenyaofo_state_dict
 
         return convert_chenyaofo_state_dict
+    if family == "torchvision":
+        from oefsmc_jax.convert.torchvision_resnet import convert_torchvision_state_dict
+
+        return convert_torchvision_state_dict
     raise ValueError(f"unknown teacher family {family!r}; expected one of {TEACHER_FAMILIES}")
 
 
@@ -365,6 +262,10 @@ def family_preprocessing(family: str) -> tuple[tuple[float, ...], tuple[float, .
         from oefsmc_jax.convert.chenyaofo import CHENYAOFO_MEAN, CHENYAOFO_STD
 
         return CHENYAOFO_MEAN, CHENYAOFO_STD
+    if family == "torchvision":
+        from oefsmc_jax.convert.torchvision_resnet import TORCHVISION_MEAN, TORCHVISION_STD
+
+        return TORCHVISION_MEAN, TORCHVISION_STD
     raise ValueError(f"unknown teacher family {family!r}; expected one of {TEACHER_FAMILIES}")
 
 
@@ -372,18 +273,9 @@ def _is_torch_file(path: pathlib.Path) -> bool:
     return path.suffix.lower() in TORCH_SUFFIXES
 
 
-def _read_state(path: pathlib.Path) -> dict[str, np.ndarray]:
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        return read_npz_state(path)
-    if suffix in TORCH_SUFFIXES:
-        return read_torch_state(path)
-    raise ValueError(f"{path}: unknown teacher format {suffix!r}; expected .npz or one of {TORCH_SUFFIXES}")
-
-
 def _load_detected(path: str | os.PathLike, depth: int | None) -> tuple[str, ArchSpec, dict]:
     path = pathlib.Path(path)
-    arrays = _read_state(path)
+    arrays = read_state(path)
     family = detect_family(arrays, source=str(path))
     spec, variables = _converter(family)(arrays, depth, source=str(path))
     return family, spec, variables
@@ -410,7 +302,8 @@ def load_pretrained_th(path: str | os.PathLike, depth: int | None = None) -> tup
 
 
 def load_pretrained(path: str | os.PathLike, depth: int | None = None) -> tuple[ArchSpec, dict]:
-    """Read a pretrained teacher file of any family: ``.npz`` export, or a torch pickle (needs ``torch``).
+    """Read a pretrained teacher file of any family: ``.npz`` / ``.safetensors``, or a torch pickle (needs
+    ``torch``).
 
     The family is detected from the keys (:func:`detect_family`); returns ``(spec, variables)``.
     """
@@ -418,7 +311,8 @@ def load_pretrained(path: str | os.PathLike, depth: int | None = None) -> tuple[
 
 
 def teacher_family(path: str | os.PathLike) -> str:
-    """Family of a teacher file (``.npz``: reads only the key names; torch files need ``torch``), or of an
+    """Family of a teacher file (``.npz``/``.safetensors``: reads only the key names; torch files need ``torch``),
+    or of an
     Orbax model written by :func:`import_teacher` (its meta's ``family``)."""
     path = pathlib.Path(path)
     if path.is_dir():
@@ -430,13 +324,7 @@ def teacher_family(path: str | os.PathLike) -> str:
         raise ValueError(f"{path}: the model's meta records no teacher family")
     if not path.is_file():
         raise FileNotFoundError(f"teacher file {path} does not exist")
-    if path.suffix.lower() == ".npz":
-        from oefsmc_jax.data.sources import read_npz
-
-        keys = read_npz(path, ())[0]
-    else:
-        keys = list(_read_state(path))
-    return detect_family(keys, source=str(path))
+    return detect_family(state_keys(path), source=str(path))
 
 
 def teacher_preprocessing(path: str | os.PathLike) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -477,13 +365,15 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def import_teacher(src: str | os.PathLike, out_dir: str | os.PathLike, depth: int | None = None) -> ArchSpec:
-    """Convert a pretrained teacher (``.npz``, or ``.th``/``.pth``/``.pt`` with torch) into an Orbax model.
+    """Convert a pretrained teacher (``.npz``, ``.safetensors``, or ``.th``/``.pth``/``.pt`` with torch) into an
+    Orbax model.
 
-    The family (akamaster or chenyaofo) is detected from the keys. Writes ``out_dir`` with
+    The family (akamaster, chenyaofo or torchvision) is detected from the keys. Writes ``out_dir`` with
     :func:`oefsmc_jax.training.checkpoint.save_model` (read back by ``load_model``, named by a config's
-    ``teacher.checkpoint``); the meta records the source path, its sha256, the format (``{family}_npz`` or
-    ``{family}_th``), the family, the depth, the shortcut option and the preprocessing (``scale``, ``mean``,
-    ``std``). Returns the architecture spec.
+    ``teacher.checkpoint``); the meta records the source path, its sha256, the format (``{family}_npz``,
+    ``{family}_safetensors`` or ``{family}_th``), the family, the depth, the shortcut option and the
+    preprocessing (``scale``, ``mean``, ``std``; torchvision adds ``image_size``, ``resize``, ``crop``,
+    ``interpolation``). Returns the architecture spec.
     """
     from oefsmc_jax.training.checkpoint import save_model
 
@@ -492,15 +382,20 @@ def import_teacher(src: str | os.PathLike, out_dir: str | os.PathLike, depth: in
         raise FileNotFoundError(f"teacher file {src} does not exist")
     family, spec, variables = _load_detected(src, depth)
     mean, std = family_preprocessing(family)
+    preprocessing: dict[str, Any] = {"scale": 1.0 / 255.0, "mean": list(mean), "std": list(std)}
+    if family == "torchvision":
+        from oefsmc_jax.convert.torchvision_resnet import TORCHVISION_INPUT
+
+        preprocessing.update(TORCHVISION_INPUT)
     meta = {
         "source": str(src),
         "source_sha256": _sha256(src),
-        "format": f"{family}_{'th' if _is_torch_file(src) else 'npz'}",
+        "format": f"{family}_{state_format(src)}",
         "family": family,
-        "depth": 6 * len(spec.kept[0]) + 2,
+        "depth": resnet_depth(spec),
         "num_classes": spec.num_classes,
         "shortcut": spec.shortcut,
-        "preprocessing": {"scale": 1.0 / 255.0, "mean": list(mean), "std": list(std)},
+        "preprocessing": preprocessing,
     }
     save_model(out_dir, spec, variables, meta)
     return spec
@@ -522,13 +417,13 @@ def evaluate_top1(spec: ArchSpec, variables: dict, x: np.ndarray, y: np.ndarray,
 def _parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or "python -m oefsmc_jax.convert.akamaster",
-        description="Import a pretrained CIFAR ResNet teacher (akamaster/pytorch_resnet_cifar10 or "
-                    "chenyaofo/pytorch-cifar-models; .npz, or the torch original with torch) as an Orbax model "
-                    "checkpoint that configs can name via teacher.checkpoint. The family is detected from the "
-                    "state-dict keys.")
-    p.add_argument("src", help="teacher file: .npz export (no torch needed) or the original .th/.pt")
+        description="Import a pretrained ResNet teacher (CIFAR: akamaster/pytorch_resnet_cifar10 or "
+                    "chenyaofo/pytorch-cifar-models; ImageNet: torchvision resnet18/34/50; .npz or .safetensors, "
+                    "or the torch original with torch) as an Orbax model checkpoint that configs can name via "
+                    "teacher.checkpoint. The family is detected from the state-dict keys.")
+    p.add_argument("src", help="teacher file: .npz / .safetensors (no torch needed) or the original .th/.pth/.pt")
     p.add_argument("out_dir", help="directory of the Orbax model checkpoint to write")
-    p.add_argument("--depth", type=int, default=None, help="expected depth (20, 32, 44, 56, ...); checked")
+    p.add_argument("--depth", type=int, default=None, help="expected depth (20, 32, 44, 56, ...; 18, 34, 50); checked")
     p.add_argument("--check-npz", default=None, metavar="CIFAR_NPZ",
                    help="also evaluate the written model on this npz (keys x, y) with the teacher family's "
                         "normalisation and print top-1")
@@ -554,7 +449,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         return 1
     out = pathlib.Path(args.out_dir).absolute()
     spec2, variables, meta = load_model(out)
-    depth = 6 * len(spec.kept[0]) + 2
+    depth = resnet_depth(spec)
     n_params = sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(variables["params"]))
     mean, std = meta["preprocessing"]["mean"], meta["preprocessing"]["std"]
     print(f"wrote {out}: {meta['family']} resnet{depth} ({spec.num_classes} classes, {n_params:,} parameters, "

@@ -31,7 +31,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from oefsmc_jax.convert.akamaster import convert_resnet_state_dict, read_npz_state, read_torch_state, resnet_key_map
+from oefsmc_jax.convert.akamaster import convert_resnet_state_dict, resnet_key_map
+from oefsmc_jax.convert.readers import read_npz_state, read_torch_state
 from oefsmc_jax.models import ArchSpec
 
 __all__ = [
