@@ -2,7 +2,8 @@
 
 Trains a small teacher (cached in the workdir), draws a long-tailed few-sample set (exp, rho = 10, 10 per class
 on average), and compresses the teacher with KD with and without OE-FSMC. No download; about 2 minutes on 2 CPU
-cores. Argument: the keys of ``COMMON_ARGS`` (e.g. ``configs/demo.py:method=bp,per_class=5``).
+cores. Argument: the keys of ``COMMON_ARGS`` (e.g. ``configs/demo.py:method=bp,per_class=5``). The architecture is
+ResNet-8, or ResNet-14 with ``method=practise`` (ResNet-8 has one block per stage: nothing PRACTISE may drop).
 """
 
 from oefsmc_jax.config_defaults import COMMON_ARGS, apply_common_args, base_config, parse_arg, source
@@ -12,7 +13,8 @@ DIGIT_NAMES = tuple(str(i) for i in range(10))
 
 def get_config(arg: str | None = None):
     """Demo config; ``arg`` is ``key=value,...`` over method, arch, per_class, rho, oe, seed, steps."""
-    a = parse_arg(arg, {**COMMON_ARGS, "arch": "resnet8", "per_class": 5, "steps": 200})
+    a = parse_arg(arg, {**COMMON_ARGS, "arch": "", "per_class": 5, "steps": 200})
+    a["arch"] = a["arch"] or ("resnet14" if a["method"] == "practise" else "resnet8")
     c = base_config()
     apply_common_args(c, a)
     c.title = "demo: digits, long-tailed few-sample set, OOD = photo crops"

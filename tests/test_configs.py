@@ -117,7 +117,10 @@ def test_overlapping_ood_and_id_images_are_refused(tmp_path):
     (["--config", "configs/demo.py:method=mir,oe=base", "--config.arms=base,logit_adjust"],
      "error: config.arms: arm 'logit_adjust' adjusts the cross-entropy on labels, but method 'mir' is label-free"),
     (["--config", "configs/demo.py:method=cd", "--config.method.cd.mu=1.5"], "error: config.method.cd.mu: must be"),
-    (["--config", "configs/demo.py:method=practise"], "error: config.method.practise"),
+    (["--config", "configs/demo.py:method=practise", "--config.method.practise.k=1",
+      "--config.method.practise.latency_target=10"], "error: config.method.practise.k: set at most one of"),
+    (["--config", "configs/demo.py:method=practise,arch=resnet8"],
+     "error: config.method.name: practise drops residual blocks 1..n-1 of a stage; this cifar_resnet has none"),
 ])
 def test_cli_reports_bad_input_in_one_line(args, expected, tmp_path):
     out = subprocess.run([sys.executable, "-m", "oefsmc_jax", *args, "--workdir", str(tmp_path / "w")],

@@ -14,6 +14,7 @@ from oefsmc_jax.methods.base import CompressionContext
 from oefsmc_jax.methods.fit import batch_indices, fit
 from oefsmc_jax.methods.mir import MIR_RECIPE
 from oefsmc_jax.methods.practise import (
+    DEFAULT_LATENCY_TARGET,
     PRACTISE,
     PractiseParams,
     _optimizer,
@@ -270,14 +271,17 @@ def test_config_and_interface(teacher, calib):
     assert m.name == "practise" and m.uses_calibration and m.recipe() is MIR_RECIPE
     m = PRACTISE.from_config({"name": "practise", "practise": {"latency_target": 20}}, SPEC)
     assert m.params.latency_target == 20.0 and m.params.k == 0
-    PractiseParams()  # the defaults (config_defaults' sub-config) construct; the choice is checked by the method
+    # neither set: the default latency target; k set: k alone (the committed grids set k)
+    m = PRACTISE.from_config({"name": "practise", "practise": {}}, SPEC)
+    assert (m.params.k, m.params.target) == (0, DEFAULT_LATENCY_TARGET)
+    assert PractiseParams(k=2).target == 0.0 and PractiseParams(latency_target=30).target == 30.0
 
     def bad(sub, match, spec=SPEC, **cfg):
         with pytest.raises(ConfigError, match=match):
             PRACTISE.from_config({"name": "practise", "practise": sub, **cfg}, spec)
 
-    bad({}, r"^config.method.practise.k: set exactly one of method.practise.k .* got neither$")
-    bad({"k": 1, "latency_target": 10.0}, "got both$")
+    bad({"k": 1, "latency_target": 10.0},
+        r"^config.method.practise.k: set at most one of method.practise.k .* got both$")
     bad({"k": 4}, "4 blocks requested but the teacher has only 3 candidates")
     bad({"k": 1.5}, r"config.method.practise.k: must be an integer, got 1.5")
     bad({"latency_target": 99.0}, r"config.method.practise.latency_target: 99 % is out of reach")
@@ -285,8 +289,8 @@ def test_config_and_interface(teacher, calib):
     bad({"k": 1, "fit_steps": 0}, r"config.method.practise.fit_steps: must be >= 1, got 0")
     bad({"k": 1, "nope": 3}, r"config.method.practise.nope: unknown field")
     bad({"k": 1}, r"config.method.name: practise drops residual blocks", spec=vgg_spec([4, "M", 8, "M"]))
-    with pytest.raises(ConfigError, match="got neither"):
-        PRACTISE(PractiseParams())
+    with pytest.raises(ConfigError, match="got both"):
+        PRACTISE(PractiseParams(k=1, latency_target=5.0))
     ctx = dataclasses.replace(_ctx(SPEC, teacher, calib, None), mesh=make_mesh(4))
     with pytest.raises(ConfigError, match=r"^config.method.practise.batch_size: 6 is not divisible by the device "
                                           r"count 4$"):

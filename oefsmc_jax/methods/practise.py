@@ -18,6 +18,8 @@ Compression stage:
    of a jitted forward, ``macs`` = analytic MACs; with MACs every block of a CIFAR ResNet stage costs the same).
 4. The ``k`` lowest-score blocks are dropped together (or, with ``latency_target``, the smallest ``k`` whose chosen
    set reaches that latency reduction, a [choice] the official code does not have); the adaptors are discarded.
+   With neither set, the target is :data:`DEFAULT_LATENCY_TARGET` % (the paper's ResNet-34 setting), so the method
+   runs on any ResNet with a droppable block.
    Everything decided is written to ``workdir/compression/practise.json``.
 
 All candidates share one compiled fitting loop (``methods/fit.py``): the adaptors of every candidate's positions
@@ -53,9 +55,13 @@ from oefsmc_jax.methods.mir import MIR_RECIPE
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, drop_blocks, droppable_blocks, shrink
 from oefsmc_jax.models.latency import LATENCY_MODES, latency_cost
 from oefsmc_jax.models.probe import forward, points
+from oefsmc_jax.training import preemption
 from oefsmc_jax.training.parallel import make_mesh, num_devices
 
 FIELD = "method.practise"
+# The latency reduction (%) PRACTISE reaches when neither k nor latency_target is set: the ResNet-34 setting of the
+# official scripts (exp/r34_reduce_16_lat.sh, baselines.md §2.5). A target rather than a k fits every depth.
+DEFAULT_LATENCY_TARGET = 16.0
 
 
 def _int(v: Any, name: str) -> int:
@@ -80,8 +86,9 @@ def _float(v: Any, name: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class PractiseParams:
-    """``config.method.practise``. Set exactly one of ``k`` (blocks to drop) and ``latency_target`` (wanted
-    latency reduction in %); 0 means unset (so both can be overridden from the command line)."""
+    """``config.method.practise``. Set at most one of ``k`` (blocks to drop) and ``latency_target`` (wanted
+    latency reduction in %); 0 means unset (so both can be overridden from the command line), and with neither set
+    the target is :data:`DEFAULT_LATENCY_TARGET`."""
 
     k: int = 0
     latency_target: float = 0.0
@@ -121,11 +128,17 @@ class PractiseParams:
             fail(f"{FIELD}.weight_decay", f"must be >= 0, got {self.weight_decay}")
 
     def check_choice(self) -> None:
-        """Fail unless exactly one of ``k`` and ``latency_target`` is set."""
-        if (self.k > 0) == (self.latency_target > 0):
-            got = "both" if self.k > 0 else "neither"
-            fail(f"{FIELD}.k", f"set exactly one of {FIELD}.k (blocks to drop) and {FIELD}.latency_target "
-                               f"(latency reduction in %), got {got}")
+        """Fail when both ``k`` and ``latency_target`` are set."""
+        if self.k > 0 and self.latency_target > 0:
+            fail(f"{FIELD}.k", f"set at most one of {FIELD}.k (blocks to drop) and {FIELD}.latency_target "
+                               f"(latency reduction in %), got both")
+
+    @property
+    def target(self) -> float:
+        """The latency reduction (%) to reach: 0 when ``k`` is set, else ``latency_target`` or the default."""
+        if self.k > 0:
+            return 0.0
+        return self.latency_target or DEFAULT_LATENCY_TARGET
 
 
 # ---------------------------------------------------------------------- candidates and adaptor placement
@@ -306,15 +319,16 @@ def practise_stage(p: PractiseParams) -> Stage:
         tx = _optimizer(p.lr, p.momentum, p.weight_decay, p.fit_steps)
         data = {"x": np.asarray(cal.x), "w": weights}
         base_lat = _latency(t_spec, t_vars, image_size, ctx.latency, p.latency_batch)
-        if p.latency_target > 0:  # fail before the fits if even dropping every candidate is not enough
+        if p.target > 0:  # fail before the fits if even dropping every candidate is not enough
             best = _reduction(base_lat, _latency(spec, drop_blocks(spec, variables, cands)[1], image_size,
                                                  ctx.latency, p.latency_batch))
-            if best < p.latency_target:
-                fail(f"{FIELD}.latency_target", f"{p.latency_target:g} % is out of reach: dropping all "
+            if best < p.target:
+                fail(f"{FIELD}.latency_target", f"{p.target:g} % is out of reach: dropping all "
                                                 f"{len(cands)} candidates reduces latency by {best:.3g} %")
 
         rows = []
         for i, (s, b) in enumerate(cands):
+            preemption.check(f"practise, {i} of {len(cands)} candidate blocks scored")
             pts = placement[(s, b)]
             _, s_vars = drop_blocks(spec, variables, [(s, b)])
             use = {pt: jnp.asarray(pt in pts) for pt in union}
@@ -346,10 +360,10 @@ def practise_stage(p: PractiseParams) -> Stage:
                 chosen = [cands[j] for j in order[:k]]
                 _, out = drop_blocks(spec, variables, chosen)
                 chosen_red = _reduction(base_lat, _latency(spec, out, image_size, ctx.latency, p.latency_batch))
-                if chosen_red >= p.latency_target:
+                if chosen_red >= p.target:
                     break
             else:
-                fail(f"{FIELD}.latency_target", f"{p.latency_target:g} % is out of reach: dropping all "
+                fail(f"{FIELD}.latency_target", f"{p.target:g} % is out of reach: dropping all "
                                                 f"{len(cands)} candidates reduces latency by {chosen_red:.3g} %")
         names = [spec.block_name(s, b) for s, b in chosen]
         ctx.log(f"practise: dropping {', '.join(names)} (latency reduction {chosen_red:.3g} %, {ctx.latency})")
@@ -360,7 +374,7 @@ def practise_stage(p: PractiseParams) -> Stage:
             "candidates": [{k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in r.items()}
                            for r in rows],
             "order": [rows[j]["block"] for j in order], "k": len(chosen),
-            "latency_target": p.latency_target or None, "chosen": names, "chosen_latency_reduction": chosen_red,
+            "latency_target": p.target or None, "chosen": names, "chosen_latency_reduction": chosen_red,
         })
         return spec, out
 
@@ -380,24 +394,27 @@ class PRACTISE(Method):
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> PRACTISE:
-        """``method.practise.*`` (exactly one of ``k`` and ``latency_target``); with ``method.latency=macs`` an
-        unreachable ``latency_target`` fails here already."""
+        """``method.practise.*`` (at most one of ``k`` and ``latency_target``); with ``method.latency=macs`` an
+        unreachable latency target fails here already."""
         p = hparams_from(PractiseParams, sub_config(cfg, "practise"), FIELD)
         p.check_choice()
         cands = candidates(spec)
         if not cands:
-            fail("method.name", f"practise drops residual blocks 1..n-1 of a stage; this {spec.family} has none")
+            cifar = spec.family == "cifar_resnet"
+            hint = " (a CIFAR ResNet needs depth >= 14, e.g. arch.name=resnet14)" if cifar else ""
+            fail("method.name", f"practise drops residual blocks 1..n-1 of a stage; this {spec.family} has none"
+                                f"{hint}")
         if p.k > len(cands):
             fail(f"{FIELD}.k", f"{p.k} blocks requested but the teacher has only {len(cands)} candidates")
-        if p.latency_target > 0 and cfg.get("latency", "macs") == "macs":
+        if p.target > 0 and cfg.get("latency", "macs") == "macs":
             kept = [list(st) for st in spec.kept]
             for s, b in cands:
                 kept[s][b] = False
             # MAC shares do not depend on the image size (every map scales alike): use the family's nominal one
             size = 32 if spec.family == "cifar_resnet" else 224
             best = _reduction(count_flops(spec, size), count_flops(spec.with_kept(kept), size))
-            if best < p.latency_target:
-                fail(f"{FIELD}.latency_target", f"{p.latency_target:g} % is out of reach: dropping all "
+            if best < p.target:
+                fail(f"{FIELD}.latency_target", f"{p.target:g} % is out of reach: dropping all "
                                                 f"{len(cands)} candidates saves {best:.3g} % of the MACs")
         return cls(p)
 
