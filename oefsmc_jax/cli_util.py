@@ -55,11 +55,11 @@ def run_reporting_errors(fn: Any, *, debug_value_errors: bool = False) -> None:
     from oefsmc_jax.training import preemption
 
     try:
-        with preemption.handle_sigterm():
+        with preemption.handle_signals():
             fn()
-    except preemption.Preempted as e:
-        print(f"{e} (exit code {preemption.EXIT_PREEMPTED})", file=sys.stderr)
-        sys.exit(preemption.EXIT_PREEMPTED)
+    except preemption.Preempted as e:  # 75 after a SIGTERM, 130 after a SIGINT (Ctrl-C)
+        print(f"{e} (exit code {preemption.exit_code()})", file=sys.stderr)
+        sys.exit(preemption.exit_code())
     except preemption.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(preemption.EXIT_NONFINITE)
