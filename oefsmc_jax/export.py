@@ -5,7 +5,8 @@ A run writes ``WORKDIR/config.json`` and, per arm, ``WORKDIR/ARM/student/`` (an 
 channels and gate-0 blocks with :func:`oefsmc_jax.models.shrink` (idempotent on an already shrunk model), and
 writes ``OUT`` as an Orbax model whose meta carries everything inference needs: the preprocessing (``x / 255``,
 then per-channel ``mean``/``std``), the input size, the arm, the method, the parameter and MAC counts, and the
-run directory's name (never an absolute path).
+run directory's name (never an absolute path). ``OUT`` must lie outside the run directory; an existing, non-empty
+``OUT`` is replaced only with ``--overwrite``, and then atomically (written beside it, then swapped in).
 
 :func:`load_compressed` turns ``OUT`` into a ready-to-call function ``uint8 images [N, H, W, C] -> float32 logits
 [N, K]`` (preprocessing inside, compiled once, fixed-size batches). Command line::
@@ -16,7 +17,6 @@ run directory's name (never an absolute path).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -84,8 +84,11 @@ def export_student(workdir: str | os.PathLike, arm: str, out: str | os.PathLike,
     Returns the meta written beside the spec (``format``, ``preprocessing`` {scale, mean, std, image_size,
     in_channels}, ``arm``, ``method``, ``params``, ``macs``, ``params_before_shrink``, ``teacher`` (params/MACs or
     None), ``source`` {workdir name, arm}, ``version``). Raises FileNotFoundError (no run directory, no
-    config.json, the arm has no student yet), ValueError (unknown arm, incomplete config) or FileExistsError
-    (``out`` exists and is not empty, without ``overwrite``), each naming what is missing and what exists.
+    config.json, the arm has no student yet), ValueError (unknown arm, incomplete config, a JSON file or the
+    student that cannot be read, ``out`` a file or equal to, inside or containing the run directory, with or
+    without ``overwrite``) or FileExistsError (``out`` exists and is not empty, without ``overwrite``), each naming
+    what is missing and what exists. ``out`` is replaced atomically (:func:`oefsmc_jax.paths.replace_dir`): if the
+    export fails, an existing ``out`` is left as it was.
     """
     from oefsmc_jax import __version__, paths
     from oefsmc_jax.models import count_flops, count_params, shrink
@@ -98,7 +101,10 @@ def export_student(workdir: str | os.PathLike, arm: str, out: str | os.PathLike,
     if not cfg_path.is_file():
         held = ", ".join(sorted(p.name for p in workdir.iterdir())) or "nothing"
         raise FileNotFoundError(f"{workdir} has no config.json, so it is not a run directory (it holds: {held})")
-    config = json.loads(cfg_path.read_text())
+    config = paths.read_json(cfg_path)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{cfg_path} holds no JSON object; a run's config.json holds data.mean, data.std and "
+                         "data.image_size")
     arms, finished = _arms(workdir, config)
     done = ", ".join(finished) or "none"
     if arm not in arms:
@@ -107,17 +113,7 @@ def export_student(workdir: str | os.PathLike, arm: str, out: str | os.PathLike,
     sdir = workdir / arm / "student"
     if not sdir.is_dir():
         raise FileNotFoundError(f"arm {arm!r} has not finished: {sdir} does not exist (finished arms: {done})")
-    real = [os.path.realpath(p) if paths.is_local(p) else str(p) for p in (sdir, out)]
-    if real[1] == real[0] or real[1].startswith(real[0].rstrip("/") + "/"):
-        raise ValueError(f"--out {out} would overwrite the run's own student {sdir}; choose another directory")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists and is not empty; remove it, or pass overwrite=True "
-                                  "(--overwrite on the command line)")
-        if out.is_dir():
-            paths.rmtree(out)
-        else:
-            out.unlink()
+    paths.check_output_dir(out, overwrite=overwrite, protected=[(workdir, "the run directory")])
 
     mean = [float(m) for m in _get(config, "data.mean", cfg_path)]
     std = [float(s) for s in _get(config, "data.std", cfg_path)]
@@ -144,7 +140,8 @@ def export_student(workdir: str | os.PathLike, arm: str, out: str | os.PathLike,
     }
     result = workdir / arm / "result.json"
     if result.is_file():
-        top1 = json.loads(result.read_text()).get("metrics", {}).get("top1")
+        record = paths.read_json(result)
+        top1 = (record.get("metrics") or {}).get("top1") if isinstance(record, Mapping) else None
         if top1 is not None:
             meta["test_top1"] = float(top1)
     save_model(out, spec, variables, meta)
@@ -242,24 +239,34 @@ def _fmt_cost(params: int, macs: int, ref: Mapping[str, Any] | None = None) -> s
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """``export --workdir DIR --arm ARM --out OUT``: export a run's student; prints what was written.
 
-    Returns 0, or 2 after one ``error: ...`` line on stderr (missing run, arm or student; existing OUT).
+    Returns 0; 2 after one ``error: ...`` line on stderr for bad input (missing run, arm or student, a file that
+    does not parse, an OUT that exists or is, holds or lies inside the run directory); 74 (``cli_util.EXIT_IO``)
+    after one line naming the path when writing fails (not a folder, read-only, disk full).
     """
     p = _Parser(prog=prog or "python -m oefsmc_jax export",
                 description="Export the compressed student of one arm of a finished run as a physically smaller "
                             "Orbax model with its preprocessing; load it with oefsmc_jax.load_compressed(OUT).")
     p.add_argument("--workdir", required=True, help="run directory (holds config.json and one folder per arm)")
     p.add_argument("--arm", required=True, help="arm to export, e.g. base or oe")
-    p.add_argument("--out", required=True, help="directory of the exported model to write")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--out", required=True, help="directory of the exported model to write (outside the run "
+                                                "directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it exists and is not empty (written beside it, then swapped in)")
     args = p.parse_args(argv)
     from absl import logging
+
+    from oefsmc_jax import paths
+    from oefsmc_jax.cli_util import EXIT_IO, EXIT_USAGE
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     try:
         meta = export_student(args.workdir, args.arm, args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as e:  # not a folder, read-only, disk full: OUT is left as it was
+        print(f"error: {paths.os_error_line(e, args.out)}", file=sys.stderr)
+        return EXIT_IO
     teacher = meta["teacher"]
     print(f"wrote {args.out}: arm {meta['arm']} ({meta['method']}) of run {meta['source']['workdir']}")
     if teacher:

@@ -9,6 +9,9 @@ directory. Object stores have no atomic rename and no append, so the helpers her
   object upload does).
 - :func:`append_text`: ``open("a")`` locally; read, extend and rewrite the object elsewhere.
 - :func:`save_npy` / :func:`load_npy`: numpy arrays through the same layer (memory-mapped only from a local file).
+- :func:`check_output_dir` / :func:`replace_dir`: the rule for a command that writes a folder (an existing, non-empty
+  one only with ``--overwrite``; never one that is, holds or lies inside what it reads), and the write-beside-then-swap
+  that replaces it.
 
 Local paths keep their ``os`` semantics exactly; only the spelling goes through :mod:`etils.epath`. Remote
 backends need their filesystem package at run time (``gcsfs`` for ``gs://`` without TensorFlow; see the README).
@@ -16,9 +19,13 @@ backends need their filesystem package at run time (``gcsfs`` for ``gs://`` with
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
 import threading
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -26,8 +33,9 @@ from etils import epath
 Path = epath.Path
 PathLike = str | os.PathLike
 
-__all__ = ["Path", "PathLike", "append_text", "as_path", "check_reachable", "is_local", "load_npy", "local_file",
-           "rmtree", "save_npy", "tmp_sibling", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["Path", "PathLike", "append_text", "as_path", "check_output_dir", "check_reachable", "is_local", "load_npy",
+           "local_file", "os_error_line", "read_json", "replace_dir", "rmtree", "save_npy", "tmp_sibling",
+           "write_bytes_atomic", "write_text_atomic"]
 
 
 def as_path(path: PathLike) -> epath.Path:
@@ -121,3 +129,102 @@ def rmtree(path: PathLike) -> None:
     path = epath.Path(path)
     if path.exists():
         path.rmtree()
+
+
+# ---------------------------------------------------------------------- folders a command writes
+def read_json(path: PathLike) -> Any:
+    """The JSON value in ``path``; a file that does not parse raises one ``ValueError`` line naming it."""
+    path = epath.Path(path)
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" ({e.msg}: line {e.lineno} column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"{os.fspath(path)} is not valid JSON (truncated or corrupt?){where}") from None
+
+
+def _real(path: PathLike) -> str:
+    """A comparable spelling of ``path``: symlinks resolved locally, no trailing slash."""
+    s = os.path.realpath(os.fspath(path)) if is_local(path) else os.fspath(path)
+    return s.rstrip("/") or "/"
+
+
+def _inside(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def check_output_dir(out: PathLike, *, overwrite: bool = False,
+                     protected: Iterable[PathLike | tuple[PathLike, str]] = (), what: str = "--out") -> epath.Path:
+    """Check that a command may write the folder ``out`` (then written with :func:`replace_dir`); returns it.
+
+    Refused in one line, always: ``out`` equal to, inside or containing a ``protected`` path (given as a path or
+    ``(path, label)``, e.g. the run directory that is read), since replacing it would delete that; ``out`` or one
+    of its parents being a plain file (``ValueError``). Refused unless ``overwrite``: ``out`` existing and not empty
+    (``FileExistsError``). ``what`` names ``out`` in the messages (the flag or argument the user typed).
+    """
+    out = as_path(out)
+    real = _real(out)
+    for item in protected:
+        p, label = item if isinstance(item, tuple) else (item, "a folder this command reads")
+        pr = _real(p)
+        if real == pr:
+            raise ValueError(f"{what} {out} is {label} itself; writing there would delete it: choose a folder "
+                             "outside it")
+        if _inside(real, pr):
+            raise ValueError(f"{what} {out} lies inside {label} {p}; choose a folder outside it")
+        if _inside(pr, real):
+            raise ValueError(f"{what} {out} contains {label} {p}; replacing it would delete that: choose a folder "
+                             "outside it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {out} is a file, not a folder; choose another path")
+    if is_local(out):
+        parent = os.path.dirname(real)
+        while not os.path.lexists(parent):  # the nearest existing ancestor ("/" always exists)
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ValueError(f"{what} {out}: {parent} is a file, not a folder; choose another path")
+    if out.is_dir() and not overwrite:
+        held = sorted(p.name for p in out.iterdir())
+        if held:
+            shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            raise FileExistsError(f"{what} {out} already exists and is not empty (it holds: {shown}); choose "
+                                  "another folder, or pass --overwrite (overwrite=True) to replace it")
+    return out
+
+
+def replace_dir(path: PathLike, write: Callable[[epath.Path], None]) -> None:
+    """Write the folder ``path`` whole or not at all: ``write(tmp)`` fills a temporary sibling, then the old folder
+    (if any) is renamed aside, the new one renamed in, and only then the old one removed. A failure in ``write``
+    removes the temporary folder and leaves ``path`` as it was; a crash between the two renames leaves both folders
+    on disk under their temporary names, never neither. Check ``path`` with :func:`check_output_dir` first."""
+    path = epath.Path(path)
+    tmp = tmp_sibling(path)
+    rmtree(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            rmtree(tmp)
+        raise
+    old = tmp_sibling(path, "old")
+    had_old = path.exists() or (is_local(path) and os.path.islink(os.fspath(path)))
+    if had_old:
+        path.replace(old)
+    try:
+        tmp.replace(path)
+    except BaseException:
+        if had_old:
+            old.replace(path)
+        with contextlib.suppress(OSError):
+            rmtree(tmp)
+        raise
+    if had_old:
+        if is_local(old) and os.path.islink(os.fspath(old)):
+            os.unlink(os.fspath(old))  # a link OUT is replaced; the folder it pointed to is not ours to delete
+        else:
+            rmtree(old)
+
+
+def os_error_line(e: OSError, path: PathLike) -> str:
+    """One line for an ``OSError`` met while writing ``path``: the error (with its file name, when it has one)."""
+    text = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else (str(e) or type(e).__name__)
+    return text if e.filename else f"{text} (writing {os.fspath(path)})"

@@ -343,14 +343,19 @@ def _model_meta(directory: pathlib.Path) -> dict:
     """The JSON meta of an Orbax model written by ``save_model`` (the arrays are not read)."""
     import orbax.checkpoint as ocp
 
-    from oefsmc_jax.training.checkpoint import Checkpointer
+    from oefsmc_jax.training.checkpoint import Checkpointer, check_model_json, unreadable_model
 
+    check_model_json(directory)
     ckpt = Checkpointer(directory, max_to_keep=1)
     try:
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"model checkpoint {directory} holds no finished checkpoint")
         out = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types; all mean "these files are damaged"
+        raise unreadable_model(directory, e) from None
     finally:
         ckpt.close()
     return dict(out["meta"])
@@ -364,7 +369,8 @@ def _sha256(path: pathlib.Path) -> str:
     return h.hexdigest()
 
 
-def import_teacher(src: str | os.PathLike, out_dir: str | os.PathLike, depth: int | None = None) -> ArchSpec:
+def import_teacher(src: str | os.PathLike, out_dir: str | os.PathLike, depth: int | None = None, *,
+                   overwrite: bool = False) -> ArchSpec:
     """Convert a pretrained teacher (``.npz``, ``.safetensors``, or ``.th``/``.pth``/``.pt`` with torch) into an
     Orbax model.
 
@@ -374,12 +380,18 @@ def import_teacher(src: str | os.PathLike, out_dir: str | os.PathLike, depth: in
     ``{family}_safetensors`` or ``{family}_th``), the family, the depth, the shortcut option and the
     preprocessing (``scale``, ``mean``, ``std``; torchvision adds ``image_size``, ``resize``, ``crop``,
     ``interpolation``). Returns the architecture spec.
+
+    An existing, non-empty ``out_dir`` raises ``FileExistsError`` unless ``overwrite`` (then it is replaced
+    atomically); ``out_dir`` being a file, or holding ``src``, raises ``ValueError`` (see
+    :func:`oefsmc_jax.paths.check_output_dir`). Both are checked before the teacher is read.
     """
+    from oefsmc_jax import paths
     from oefsmc_jax.training.checkpoint import save_model
 
     src = pathlib.Path(src)
     if not src.is_file():
         raise FileNotFoundError(f"teacher file {src} does not exist")
+    paths.check_output_dir(out_dir, overwrite=overwrite, protected=[(src, "the teacher file")], what="OUT_DIR")
     family, spec, variables = _load_detected(src, depth)
     mean, std = family_preprocessing(family)
     preprocessing: dict[str, Any] = {"scale": 1.0 / 255.0, "mean": list(mean), "std": list(std)}
@@ -422,7 +434,10 @@ def _parser(prog: str | None = None) -> argparse.ArgumentParser:
                     "or the torch original with torch) as an Orbax model checkpoint that configs can name via "
                     "teacher.checkpoint. The family is detected from the state-dict keys.")
     p.add_argument("src", help="teacher file: .npz / .safetensors (no torch needed) or the original .th/.pth/.pt")
-    p.add_argument("out_dir", help="directory of the Orbax model checkpoint to write")
+    p.add_argument("out_dir", help="directory of the Orbax model checkpoint to write (new or empty, unless "
+                                   "--overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT_DIR if it exists and is not empty (written beside it, then swapped in)")
     p.add_argument("--depth", type=int, default=None, help="expected depth (20, 32, 44, 56, ...; 18, 34, 50); checked")
     p.add_argument("--check-npz", default=None, metavar="CIFAR_NPZ",
                    help="also evaluate the written model on this npz (keys x, y) with the teacher family's "
@@ -436,17 +451,24 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
     ``argv`` excludes the program name (default ``sys.argv[1:]``); ``prog`` is the program name shown in the
     usage (e.g. ``"python -m oefsmc_jax import-teacher"``). A bad teacher file (mismatched keys or shapes,
-    wrong depth, unknown family, missing file, torch missing for ``.th``) prints ``error: ...`` to stderr and
-    returns 1.
+    wrong depth, unknown family, missing file, torch missing for ``.th``) or a refused OUT_DIR (exists and is not
+    empty without ``--overwrite``, is a file, holds SRC) prints ``error: ...`` to stderr and returns 1; a failed
+    write (not a folder, read-only, disk full) prints one line naming the path and returns 74
+    (``cli_util.EXIT_IO``), leaving an existing OUT_DIR as it was.
     """
     args = _parser(prog).parse_args(argv)
+    from oefsmc_jax import paths
+    from oefsmc_jax.cli_util import EXIT_IO
     from oefsmc_jax.training.checkpoint import load_model
 
     try:
-        spec = import_teacher(args.src, args.out_dir, args.depth)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+        spec = import_teacher(args.src, args.out_dir, args.depth, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"error: {paths.os_error_line(e, args.out_dir)}", file=sys.stderr)
+        return EXIT_IO
     out = pathlib.Path(args.out_dir).absolute()
     spec2, variables, meta = load_model(out)
     depth = resnet_depth(spec)

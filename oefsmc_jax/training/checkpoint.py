@@ -105,8 +105,9 @@ def save_model(directory: str | os.PathLike, spec: ArchSpec, variables: dict, ex
     """Write a model (variables + its ``ArchSpec`` as JSON beside the arrays) as an Orbax checkpoint.
 
     A model already in ``directory`` (e.g. left by a run killed between saving its student and writing its result)
-    is replaced. In a single process the new model is written beside it and swapped in with a rename, so a crash
-    never leaves a half-written model where a finished one was.
+    is replaced. In a single process the new model is written beside it and swapped in with
+    :func:`oefsmc_jax.paths.replace_dir`, so a crash never leaves a half-written model where a finished one was. A
+    command writing a folder the user named checks it first with :func:`oefsmc_jax.paths.check_output_dir`.
     """
     directory = paths.as_path(directory)
     variables = jax.tree.map(np.asarray, jax.device_get(variables))
@@ -116,32 +117,68 @@ def save_model(directory: str | os.PathLike, spec: ArchSpec, variables: dict, ex
         ckpt.save(0, variables, meta, force=True)
         ckpt.close()
         return
-    tmp = paths.tmp_sibling(directory)
-    paths.rmtree(tmp)
-    ckpt = Checkpointer(tmp, max_to_keep=1)
-    ckpt.save(0, variables, meta, force=True)
-    ckpt.close()
-    old = paths.tmp_sibling(directory, "old")
-    if directory.exists():
-        directory.replace(old)
-    tmp.replace(directory)
-    paths.rmtree(old)
+
+    def write(tmp: paths.Path) -> None:
+        ckpt = Checkpointer(tmp, max_to_keep=1)
+        ckpt.save(0, variables, meta, force=True)
+        ckpt.close()
+
+    paths.replace_dir(directory, write)
+
+
+#: the JSON files of a model's step folder (Orbax's own and the meta item), checked before Orbax reads them so that
+#: a truncated one is named
+_MODEL_JSON = ("_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA")
+
+
+def check_model_json(directory: paths.Path) -> None:
+    """Raise one ``ValueError`` line naming the first JSON file of the model in ``directory`` that does not parse."""
+    for step in directory.iterdir():
+        if step.name.isdigit() and step.is_dir():
+            for rel in _MODEL_JSON:
+                if (step / rel).is_file():
+                    paths.read_json(step / rel)
+
+
+def unreadable_model(directory: paths.Path, e: BaseException) -> ValueError:
+    """The one-line error for a model folder Orbax cannot restore (a truncated or damaged array file)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    msg = msg if len(msg) <= 240 else msg[:240] + "..."
+    return ValueError(f"model checkpoint {directory} is unreadable (truncated or corrupt?): "
+                      f"{type(e).__name__}{': ' + msg if msg else ''}")
 
 
 @_serial
 def load_model(directory: str | os.PathLike) -> tuple[ArchSpec, dict, dict]:
-    """Read a model written by :func:`save_model`; returns ``(spec, variables, meta)`` with host arrays."""
+    """Read a model written by :func:`save_model`; returns ``(spec, variables, meta)`` with host arrays.
+
+    Raises ``FileNotFoundError`` (no such folder, or no finished checkpoint in it) or ``ValueError`` in one line
+    naming the file or folder (a JSON file that does not parse, arrays that cannot be read, no architecture spec).
+    """
     directory = paths.as_path(directory)
     if not directory.exists():
         raise FileNotFoundError(f"model checkpoint {directory} does not exist")
+    if not directory.is_dir():
+        raise ValueError(f"model checkpoint {directory} is a file, not a model folder")
+    check_model_json(directory)
     ckpt = Checkpointer(directory, max_to_keep=1)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"model checkpoint {directory} holds no finished checkpoint")
-    out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             meta=ocp.args.JsonRestore()))
-    ckpt.close()
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"model checkpoint {directory} holds no finished checkpoint")
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                 meta=ocp.args.JsonRestore()))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise many types; all mean "these files are damaged"
+        raise unreadable_model(directory, e) from None
+    finally:
+        ckpt.close()
     meta = dict(out["meta"])
-    spec = ArchSpec.from_dict(meta.pop("spec"))
+    try:
+        spec = ArchSpec.from_dict(meta.pop("spec"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"model checkpoint {directory} has no valid architecture spec in its meta "
+                         f"({type(e).__name__}: {e}); it was not written by save_model") from None
     variables = jax.tree.map(np.asarray, out["state"])
     return spec, variables, meta
