@@ -4,6 +4,7 @@ import json
 import math
 import pathlib
 import re
+import shutil
 import sys
 
 import jax
@@ -226,6 +227,33 @@ def test_summary_reports_paired_differences(tiny_grid):
     assert f"Run on: {records[0]['device']}." in text
     assert "What imbalance costs" not in text  # no balanced cells in this grid: no empty table
     assert json.loads((root / "w" / "results.jsonl").read_text().splitlines()[0])["cell"].startswith("kd-")
+
+
+def test_torn_record_and_empty_result_json_resume_to_the_same_records(tiny_grid, tmp_path, capfd):
+    """A grid killed while appending a cell's records, with one of that cell's result.json files left empty: the
+    resumed grid names both, reruns that cell (only the empty arm trains; its checkpoints make it the same student)
+    and records exactly the metrics of the uninterrupted grid, below the torn bytes, which stay."""
+    root, grid, records = tiny_grid
+    w = tmp_path / "w"
+    shutil.copytree(root / "w", w, ignore=shutil.ignore_patterns("summary"))
+    lines = (w / "results.jsonl").read_text().splitlines(keepends=True)
+    assert [json.loads(x)["cell"] for x in lines[6:]] == ["bp-resnet8-n3-exp-s0"] * 4
+    kept = "".join(lines[:7]) + lines[7][:40]  # killed inside the second record of the last cell
+    (w / "results.jsonl").write_text(kept)
+    empty = w / "cells" / "bp-resnet8-n3-exp-s0" / "oe_confidence" / "result.json"
+    empty.write_text("")
+    capfd.readouterr()
+    again = run_grid(grid, w)
+    err = capfd.readouterr().err
+    assert f"{w / 'results.jsonl'} line 8 is torn or not JSON; skipped (its cell will be rerun)" in err
+    assert "3 cells, 2 finished earlier, 1 to run" in err
+    assert (f"note: {empty} is empty, torn or not a result; the arm counts as not finished and runs again"
+            in err)
+    assert (w / "results.jsonl").read_text().startswith(kept + "\n")
+    assert len(again) == len(records) == 10
+    before = {(r["cell"], r["arm"]): (r["metrics"], r["steps"], r["best_step"]) for r in records}
+    assert {(r["cell"], r["arm"]): (r["metrics"], r["steps"], r["best_step"]) for r in again} == before
+    assert json.loads(empty.read_text())["metrics"] == before[("bp-resnet8-n3-exp-s0", "oe_confidence")][0]
 
 
 def test_torn_last_line_is_ignored(tmp_path):
