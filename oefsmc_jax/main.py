@@ -54,8 +54,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 USAGE = """\
 usage: oefsmc [run] --config CONFIG.py[:ARG] --workdir DIR [--config.FIELD=VALUE ...] [--multihost]
-       oefsmc import-teacher SRC OUT_DIR [--depth N] [--check-npz NPZ]
-       oefsmc export --workdir DIR --arm ARM --out OUT
+       oefsmc import-teacher SRC OUT_DIR [--depth N] [--check-npz NPZ] [--overwrite]
+       oefsmc export --workdir DIR --arm ARM --out OUT [--overwrite]
        oefsmc experiments --config GRID.py[:ARG] --workdir DIR [--only GROUP] [--cell ID]
        oefsmc experiments summarize --workdir DIR [--out OUT]
 
