@@ -59,7 +59,7 @@ from oefsmc_jax.oe.arms import (
 from oefsmc_jax.oe.calibration import Calibration
 from oefsmc_jax.oe.calibration import calibration_set as build_calibration
 from oefsmc_jax.oe.selection import select as select_ood
-from oefsmc_jax.training import compile_cache, xla_cpu
+from oefsmc_jax.training import compile_cache, preemption, xla_cpu
 from oefsmc_jax.training.checkpoint import load_model, save_model
 from oefsmc_jax.training.feed import pool_bytes
 from oefsmc_jax.training.parallel import make_mesh, replicate
@@ -307,6 +307,7 @@ def teacher_pool_probs(config: Any, workdir: paths.Path, mesh: Any, teacher: tup
     parts = pool.chunks(chunk) if isinstance(pool, Source) else (
         ImageSet(pool.x[i:i + chunk], pool.y[i:i + chunk], pool.name) for i in range(0, len(pool), chunk))
     for part in parts:
+        preemption.check(f"the teacher's pool pass ({done} of {len(pool)} images done)")
         logits = predict(t_vars, part.x)["logits"]
         out[done:done + len(part)] = np.asarray(jax.nn.softmax(jnp.asarray(logits), -1))
         done += len(part)
@@ -391,7 +392,8 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
         if method.uses_calibration:
             log(f"[{arm}] compressing with a calibration set of {len(calib)} images "
                 f"({int(calib.is_ood.sum())} OOD)")
-        spec, variables = method.compress(ctx)
+        with preemption.stage(f"[{arm}]", "compression", "rerun the same command to restart this arm's compression"):
+            spec, variables = method.compress(ctx)  # nothing is written before it returns
         if config.student.export_before_finetune:
             spec, variables = shrink(spec, variables)
         save_model(adir / "compressed", spec, variables)

@@ -189,8 +189,16 @@ class Method:
         raise NotImplementedError
 
     def compress(self, ctx: CompressionContext) -> tuple[ArchSpec, dict]:
-        """Run the compression stage on the teacher: the student's ``(spec, variables)``."""
-        return chain(*self.stages(ctx.teacher_spec))(ctx.teacher_spec, ctx.teacher_variables, ctx)
+        """Run the compression stage on the teacher: the student's ``(spec, variables)``. A requested preemption
+        stops it before the next stage (and inside the long stages, before their next unit): ``Preempted``."""
+        from oefsmc_jax.training import preemption
+
+        stages = self.stages(ctx.teacher_spec)
+        spec, variables = ctx.teacher_spec, ctx.teacher_variables
+        for i, stage in enumerate(stages):
+            preemption.check(f"{self.name}, {i} of {len(stages)} stages done")
+            spec, variables = stage(spec, variables, ctx)
+        return spec, variables
 
     def describe(self) -> str:
         """One line naming the method and its hyper-parameters (for logs, reports and records)."""

@@ -31,6 +31,7 @@ from oefsmc_jax.methods.cd_solver import cd_plan, cd_solve_layer
 from oefsmc_jax.methods.l1 import KD
 from oefsmc_jax.models import ArchSpec, set_masks
 from oefsmc_jax.models.surgery import _copy, _get, _set
+from oefsmc_jax.training import preemption
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +76,7 @@ def cd_stage(keep_ratio: float, p: CDParams) -> Stage:
         records = []
         every = ["/".join(layer.path) + ":in" for layer in plan]  # one compiled forward per network
         for i, layer in enumerate(plan):
+            preemption.check(f"cd, {i} of {len(plan)} layers done")
             point = every[i]
             xs = ctx.activations(spec, variables, every, x=x, keep=[point])[point]
             xt = ctx.activations(ctx.teacher_spec, t_vars, every, x=x, keep=[point])[point]

@@ -28,6 +28,7 @@ from oefsmc_jax.methods.base import CompressionContext, Method, Recipe, Stage, h
 from oefsmc_jax.methods.fskd_solver import correction_points, fold_bn_correction, weighted_lstsq
 from oefsmc_jax.methods.l1 import l1_prune_stage
 from oefsmc_jax.models import ArchSpec, shrink, width_links
+from oefsmc_jax.training import preemption
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,7 @@ def fskd_stage(block_output: bool) -> Stage:
         residuals = []
         every = ["/".join(p.bn) + ":out" for p in pts]  # one compiled forward per network for all points
         for i, pt in enumerate(pts):
+            preemption.check(f"fskd, {i} of {len(pts)} corrections done")
             point = every[i]
             z = np.asarray(ctx.activations(spec, variables, every, keep=[point])[point])
             t = np.asarray(ctx.activations(ctx.teacher_spec, ctx.teacher_variables, every, keep=[point])[point])
