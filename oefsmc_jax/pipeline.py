@@ -347,6 +347,23 @@ def finished_result(path: paths.Path) -> dict | None:
     return None
 
 
+def _trained_commit(path: paths.Path) -> dict:
+    """The commit (and dirty flag) of the code that started training an arm, written to ``path`` on the first
+    start; a resumed arm keeps the first start's, so a record can tell the training code from the recording code."""
+    from oefsmc_jax.provenance import code_version
+
+    if path.exists():
+        try:
+            return dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            pass  # a torn file: the commit is unknown, and the current one would be a guess
+        return {"git_commit": None, "git_dirty": None}
+    # an arm folder without the file was started by code that did not write it: its commit is unknown
+    code = code_version() if not path.parent.exists() else {"git_commit": None, "git_dirty": None}
+    write_json(path, code)
+    return code
+
+
 def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData, method: Method,
             teacher: tuple[ArchSpec, dict], teacher_test_pred: np.ndarray, heldout_pred: np.ndarray | None,
             pool_probs: np.ndarray | None = None) -> dict:
@@ -356,6 +373,7 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
         log(f"[{arm}] finished earlier; reusing {adir / 'result.json'}")
         return done
     t0 = time.time()
+    trained = _trained_commit(adir / "trained_commit.json")
     spec_arm: Arm = ARMS[arm]
     oe_on = spec_arm.uses_ood
     rule = spec_arm.selection(config)
@@ -421,7 +439,8 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
               "eta": eta if use_ood else None, **es,
               "spec": spec_x.to_dict(),
               "params": count_params(spec_x), "flops": count_flops(spec_x, config.data.image_size),
-              "wall_s": time.time() - t0, "version": __version__}
+              "wall_s": time.time() - t0, "version": __version__, "trained_commit": trained.get("git_commit"),
+              "trained_dirty": trained.get("git_dirty")}
     if config.eval.latency:
         result["latency_ms"] = measure_latency(spec_x, vars_x, config.data.image_size)
     write_json(adir / "result.json", result)

@@ -35,3 +35,21 @@ def test_committed_results_hold_no_machine_paths():
     bad = {str(p.relative_to(results)): m.group(0) for p in files
            if (m := machine.search(p.read_text(encoding="utf-8", errors="replace")))}
     assert not bad, f"machine paths in committed results: {bad}"
+
+
+def test_an_arm_keeps_the_commit_that_started_training_it(tmp_path):
+    """The first start of an arm writes the commit of the training code; a resumed arm keeps it, and an arm folder
+    begun by code that did not write it gets an unknown commit, never the current one."""
+    import json
+
+    from oefsmc_jax.pipeline import _trained_commit
+
+    path = tmp_path / "cell" / "oe" / "trained_commit.json"
+    first = _trained_commit(path)
+    assert first == code_version() and json.loads(path.read_text()) == first
+    path.write_text(json.dumps({"git_commit": "a" * 40, "git_dirty": False}))  # as if trained at another commit
+    assert _trained_commit(path) == {"git_commit": "a" * 40, "git_dirty": False}
+    older = tmp_path / "cell" / "base"
+    older.mkdir()
+    (older / "checkpoints").mkdir()
+    assert _trained_commit(older / "trained_commit.json") == {"git_commit": None, "git_dirty": None}

@@ -44,7 +44,10 @@ def main(argv: list[str]) -> None:
     title = cfg.title if cfg is not None else "Results"
 
     def write_summary() -> None:
-        path = summarize(workdir / "results.jsonl", out, names, title, also=tuple(FLAGS.also))
+        path = summarize(workdir / "results.jsonl", out, names, title, also=tuple(FLAGS.also),
+                         primary=cfg.get("primary_contrasts") if cfg is not None else None,
+                         primary_after_results=bool(cfg.get("primary_declared_after_results", False))
+                         if cfg is not None else False)
         print(f"summary: {path}", file=sys.stderr)
 
     run_reporting_errors(write_summary)  # no records, or a missing --also file: one line, exit 2

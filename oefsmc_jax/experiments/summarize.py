@@ -320,9 +320,12 @@ def join_results(results: str | os.PathLike, also: tuple = ()) -> tuple[list[dic
 
 
 def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_names: list[str] | None = None,
-              title: str = "Results", also: tuple = ()) -> paths.Path:
+              title: str = "Results", also: tuple = (), primary: Any = None,
+              primary_after_results: bool = False) -> paths.Path:
     """Write ``summary.md``, ``accuracy_vs_budget.png`` and one per-class plot into ``out_dir``, from the records of
-    ``results`` joined with those of the files in ``also`` (:func:`join_results`)."""
+    ``results`` joined with those of the files in ``also`` (:func:`join_results`). ``primary``: the grid config's
+    ``primary_contrasts`` (:mod:`oefsmc_jax.experiments.primary`), reported first with a Holm correction; every
+    other contrast is labelled exploratory. ``primary_after_results``: they were declared after the results."""
     for f in also:
         if not paths.as_path(f).exists():
             raise FileNotFoundError(f"--also {os.fspath(f)}: no such results file")
@@ -342,20 +345,36 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
     if len(commits) > 1:
         parts += ["Git commits: " + ", ".join(f"`{c}` ({n} records)" for c, n in sorted(commits.items())) + ".",
                   ""]
+    trained = collections.Counter(str(r["trained_commit"])[:7] for r in records if r.get("trained_commit"))
+    if trained:
+        parts += ["Trained at commits: " + ", ".join(f"`{c}` ({n} records)" for c, n in sorted(trained.items()))
+                  + f" ({len(records) - sum(trained.values())} records do not say).", ""]
     devices = sorted({r["device"] for r in records if r.get("device")})
     if devices:
         parts += [f"Run on: {'; '.join(devices)}.", ""]
     parts += ["## All settings", "", summary_table(records), ""]
-    parts += ["## Paired differences to the base method (same seed, same subset, same test split)", "",
+    from oefsmc_jax.experiments.primary import primary_table
+
+    declared = primary_table(records, primary, primary_after_results)
+    if declared:
+        parts += ["## Primary contrasts (declared in the grid config, Holm-corrected)", "", declared, "",
+                  "Every other contrast below is **exploratory**: intervals without a correction for the many "
+                  "comparisons, to be read as leads, not findings.", ""]
+    else:
+        parts += ["No primary contrasts are declared for this grid (`config.primary_contrasts`): every contrast "
+                  "below is **exploratory**.", ""]
+    parts += ["## Paired differences to the base method (same seed, same subset, same test split) — exploratory", "",
               paired_table(records, "top1"), "", paired_table(records, "few"), ""]
     guided = ("oe_complement", "oe_confidence")
     vs_paper = paired_table(records, "top1", reference="oe", arms=guided)
     if vs_paper:
-        parts += ["## Teacher-guided OOD selection against the paper's rule (paired, same OOD pool)", "",
+        parts += ["## Teacher-guided OOD selection against the paper's rule (paired, same OOD pool) — exploratory",
+                  "",
                   vs_paper, "", paired_table(records, "few", reference="oe", arms=guided), ""]
     factorial = factorial_table(records)
     if factorial:
-        parts += ["## What the teacher arm's gain is made of (one change per row, paired)", "", factorial, ""]
+        parts += ["## What the teacher arm's gain is made of (one change per row, paired) — exploratory", "",
+                  factorial, ""]
         panels = collections.defaultdict(list)
         for c in contrasts(records):
             k = c["key"]
@@ -365,10 +384,12 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
             parts += ["![factorial](factorial.png)", ""]
     stopping = early_stopping_table(records)
     if stopping:
-        parts += ["## What early stopping does to each arm (on minus off, paired by seed)", "", stopping, ""]
+        parts += ["## What early stopping does to each arm (on minus off, paired by seed) — exploratory", "",
+                  stopping, ""]
     imbalance = imbalance_table(records)
     if imbalance:
-        parts += ["## What imbalance costs (balanced minus long-tailed set of the same total)", "", imbalance, ""]
+        parts += ["## What imbalance costs (balanced minus long-tailed set of the same total) — exploratory", "",
+                  imbalance, ""]
     if plot_budget(records, out / "accuracy_vs_budget.png"):
         parts += ["## Accuracy against budget", "", "![accuracy against budget](accuracy_vs_budget.png)", ""]
     cell = next((r for r in records if r["mode"] == "exp" and not r.get("overrides") and r["arm"] == "oe"), None)
