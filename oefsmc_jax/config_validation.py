@@ -73,6 +73,26 @@ def _check_source(field: str, cfg: Any) -> None:
         _fail(f"{field}.image_size", f"must be >= 1, got {cfg.image_size}")
 
 
+_ROLES = {"data.id": "the ID training split", "data.test": "the evaluation split", "data.ood": "the OOD pool"}
+
+
+def _check_not_empty(field: str, cfg: Any) -> None:
+    """Refuse a source with no images where its size is known without loading it (npz headers, the embedded
+    sources' settings): otherwise an empty evaluation split is found only after the teacher has trained."""
+    role = _ROLES[field]
+    if cfg.kind == "npz" and "://" not in str(cfg.path):
+        from oefsmc_jax.data.sources import npz_length
+
+        if npz_length(cfg) == 0:
+            what = " once exclude_classes are left out" if cfg.get("exclude_classes", ()) else ""
+            _fail(f"{field}.path", f"{cfg.path} holds no images{what} (array {cfg.get('x_key', 'x')!r}); "
+                                   f"{role} needs at least one")
+    elif cfg.kind == "sklearn_photos" and int(cfg.get("num_images", 1000)) < 1:
+        _fail(f"{field}.num_images", f"must be >= 1, got {cfg.num_images}: {role} would be empty")
+    elif cfg.kind == "digits" and not 0.0 < float(cfg.get("test_fraction", 0.4)) < 1.0:
+        _fail(f"{field}.test_fraction", f"must be in (0, 1), got {cfg.test_fraction}: one split would be empty")
+
+
 def validate(config: Any, num_devices: int = 1) -> None:
     """Raise :class:`ConfigError` with one line naming the first bad field and what is allowed."""
     from oefsmc_jax.methods import METHODS
@@ -121,6 +141,8 @@ def validate(config: Any, num_devices: int = 1) -> None:
         sources.append(("data.ood", config.data.ood))
     for field, cfg in sources:
         _check_source(field, cfg)
+        if field != "data.test" or config.eval.split == "test":  # eval.split=val never reads data.test
+            _check_not_empty(field, cfg)
         if int(cfg.image_size) != int(config.data.image_size):
             _fail(f"{field}.image_size", f"is {cfg.image_size} but data.image_size is {config.data.image_size}")
     if _source_key(config.data.id) == _source_key(config.data.test):

@@ -48,6 +48,7 @@ __all__ = [
     "gather_rows",
     "image_hashes",
     "load_source",
+    "npz_length",
     "open_source",
     "prepare_image",
     "source_hashes",
@@ -312,6 +313,37 @@ def _npz_member(path: str, key: str, verify: bool = True) -> np.ndarray | None:
     if fortran or dtype.hasobject or not shape or 0 in shape:
         return None
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def npz_length(cfg: Any) -> int | None:
+    """The number of images of an npz source without reading them: the first dimension in the ``.npy`` header of
+    its image array (compressed or not), less the images of ``exclude_classes`` (whose labels are read). ``None``
+    when the file cannot tell (missing array, not an npz, unreadable): loading it names the problem."""
+    path = os.fspath(_require(cfg, "path", "npz"))
+    x_key = _get(cfg, "x_key", "x")
+    try:
+        with zipfile.ZipFile(path) as z, z.open(f"{x_key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                return None
+            shape = read_header(f)[0]
+    except (KeyError, *_NPZ_READ_ERRORS):
+        return None
+    if not shape:
+        return None
+    exclude = [int(c) for c in (_get(cfg, "exclude_classes", ()) or ())]
+    if not exclude or shape[0] == 0:
+        return int(shape[0])
+    class_key = _get(cfg, "class_key", "y")
+    try:
+        labels = read_npz(path, [class_key])[1].get(class_key)
+    except _NPZ_READ_ERRORS:
+        return None
+    if labels is None or len(labels) != shape[0]:
+        return None
+    return int(np.sum(~np.isin(labels, exclude)))
 
 
 def gather_rows(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
