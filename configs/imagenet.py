@@ -4,11 +4,22 @@
 The few-sample set is read lazily: only labels are scanned (cached in the workdir) and only the chosen images are
 decoded. ``ood`` names the tfds dataset/split of the OOD pool (default ``places365_small/validation``, the first
 20,000 images); point it at your own pool (it must not contain ImageNet images).
-``teacher=PATH`` (an Orbax model written by this tool) is required for real runs.
+``teacher=PATH`` (an Orbax model written by this tool) is required for real runs: import torchvision's official
+weights with ``python -m oefsmc_jax import-teacher resnet34-b627a593.pth teachers/r34`` (``.pth`` needs torch;
+``.npz``/``.safetensors`` of the same state dict do not); its recorded preprocessing (ImageNet mean/std, 224 input
+after resize 256 + centre crop) is what this config uses, and the run refuses a teacher whose normalisation differs.
 Argument keys: method, arch, per_class, rho, oe, seed, steps, teacher, ood (tfds name/split), runlocal.
 """
 
-from oefsmc_jax.config_defaults import COMMON_ARGS, apply_common_args, base_config, parse_arg, source
+from oefsmc_jax.config_defaults import (
+    COMMON_ARGS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    apply_common_args,
+    base_config,
+    parse_arg,
+    source,
+)
 
 
 def get_config(arg: str | None = None):
@@ -21,6 +32,9 @@ def get_config(arg: str | None = None):
     size = 224
     c.data.num_classes = 1000
     c.data.image_size = size
+    # torchvision's normalisation, recorded by import-teacher for its ResNets and checked against the teacher
+    c.data.mean = IMAGENET_MEAN
+    c.data.std = IMAGENET_STD
     c.data.pad = 16
     c.data.id = source("tfds", size, name="imagenet2012", split="train", data_dir="", lazy=True,
                        center_crop_fraction=0.875)

@@ -235,9 +235,9 @@ def detect_family(keys: Sequence[str], source: str = "state dict") -> str:
         return "torchvision"
     if chen:
         return "chenyaofo"
-    raise ValueError(f"{source}: cannot tell the teacher family: no 'linear.*' (akamaster), 'layer4.*' "
-                     f"(torchvision) nor 'fc.*' / '*.downsample.*' (chenyaofo) keys (keys: {sorted(keys)[:8]}"
-                     f"{' ...' if len(keys) > 8 else ''})")
+    raise ValueError(f"{source}: cannot tell the teacher family: no 'linear.*' (akamaster) nor 'fc.*' / "
+                     f"'*.downsample.*' (chenyaofo) nor 'layer4.*' / '*.conv3.*' (torchvision) keys (keys: "
+                     f"{sorted(keys)[:8]}{' ...' if len(keys) > 8 else ''})")
 
 
 def _converter(family: str) -> Callable[..., tuple[ArchSpec, dict]]:
