@@ -91,6 +91,9 @@ def cli() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help", "help", "-help", "--helpfull"):
         print(USAGE, end="")
         sys.exit(0)
+    from oefsmc_jax.allocator import maybe_reexec
+
+    maybe_reexec()  # once, with tcmalloc preloaded when installed (OEFSMC_TCMALLOC=0 turns it off)
     if len(sys.argv) > 1 and sys.argv[1] == "run":
         sys.argv = [sys.argv[0], *sys.argv[2:]]
     if len(sys.argv) > 1 and sys.argv[1] == "experiments":

@@ -5,6 +5,9 @@ import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# the command-line runs the tests start print exactly what they print without the allocator's re-exec line;
+# tests/test_allocator.py sets it where it tests the re-exec
+os.environ.setdefault("OEFSMC_TCMALLOC", "0")
 
 import pytest  # noqa: E402
 

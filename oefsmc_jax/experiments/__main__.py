@@ -83,7 +83,10 @@ def cli() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help", "help", "-help", "--helpfull"):
         print(USAGE, end="")
         sys.exit(0)
+    from oefsmc_jax.allocator import maybe_reexec
     from oefsmc_jax.cli_util import parse_config_flags
+
+    maybe_reexec()  # once, with tcmalloc preloaded when installed (OEFSMC_TCMALLOC=0 turns it off)
 
     app.run(main, flags_parser=lambda argv: parse_config_flags(FLAGS, argv))
 
