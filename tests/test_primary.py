@@ -162,3 +162,10 @@ def test_confirmatory_grid_is_declared_before_it_runs():
     rare = {s: frozenset(np.argsort(class_counts(10, "exp", 10, 10.0, True, class_order_permutation(10, s)))[:3])
             for s in range(5, 15)}
     assert len(set(rare.values())) >= 5
+
+
+def test_deconfound_labels_the_r_on_teacher_arm_against_random_images_as_two_changes():
+    grid = deconfound_cifar10.get_config("arms=base+oe+oe_random_matched+oe_complement_r,budgets=10")
+    labels = {(e["a"], e["b"]): e["label"] for e in grid.primary_contrasts}
+    assert labels[("oe_complement_r", "oe_random_matched")].endswith("(the choice of images and R together)")
+    assert labels[("oe_complement_r", "oe")] == "teacher complement, R on − the paper's arm"

@@ -185,3 +185,29 @@ def test_claims_without_committed_data_are_gone_and_the_heading_is_narrow():
             in TOP.replace("\n", " "))
     assert "a pseudo-label, not the\npaper's complementary-label R" in TOP
     assert "a pseudo-label, not the paper's complementary-label R" in PROSE.replace("\n", " ")
+
+
+@pytest.mark.parametrize("folder, arg", [
+    ("paper_cifar10", ("paper_cifar10", "seeds=5")), ("selection_cifar10", ("selection_cifar10", None)),
+    ("methods_cifar10", ("methods_cifar10", None)), ("deconfound_cifar10/tiny", ("deconfound_cifar10", "pool=tiny")),
+    ("deconfound_cifar10/tiny_2000steps",
+     ("deconfound_cifar10", "pool=tiny,steps=2000,arms=base+oe+oe_random_matched+oe_complement_r")),
+    ("deconfound_cifar10/dtd", ("deconfound_cifar10", "pool=dtd,arms=base+oe+oe_random_matched+oe_complement,"
+                                                      "budgets=10")),
+    ("deconfound_cifar10/tiny_disjoint", ("deconfound_cifar10", "pool=tiny_disjoint,arms=base+oe+oe_random_matched+"
+                                                                "oe_complement,budgets=10"))])
+def test_committed_summaries_open_with_their_primary_contrasts_declared_after_the_results(folder, arg):
+    import importlib
+    import sys
+
+    from oefsmc_jax.experiments.primary import primary_contrasts, primary_table
+
+    sys.path.insert(0, str(REPO / "configs"))
+    grid = importlib.import_module(arg[0]).get_config(arg[1])
+    assert grid.primary_declared_after_results is True and grid.primary_contrasts
+    table = primary_table(_records(folder), grid.primary_contrasts, True)
+    rows = primary_contrasts(_records(folder), grid.primary_contrasts)
+    assert {r["status"] for r in rows} == {"ok"}
+    text = (RESULTS / folder / "summary.md").read_text()
+    assert table in text and "**declared after the results were seen**" in text
+    assert text.index("## Primary contrasts") < text.index("## Paired differences to the base method")

@@ -203,7 +203,7 @@ def primary_table(records: list[dict], entries: Any, declared_after_results: boo
     head = [f"{len(rows)} contrast(s) {when}. Paired by seed; 95 % t-interval; p: two-sided paired t-test; "
             f"Holm: step-down over these {len(rows)} (a contrast not run counts as p = 1); holds: Holm p < 0.05.",
             ""]
-    return "\n".join(head) + format_table(body, [
+    return "\n".join(head) + "\n" + format_table(body, [
         ("i", "#", None), ("contrast", "Contrast (a − b)", None), ("setting", "Setting", None),
         ("n", "Seeds", None), ("mean", f"Mean Δ {metric}", None), ("ci", "95 % CI", None), ("p", "p", None),
         ("holm", "p (Holm)", None), ("holds", "Holds", None)])
