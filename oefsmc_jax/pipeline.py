@@ -211,9 +211,10 @@ def get_teacher(config: Any, workdir: paths.Path, mesh: Any, data: RunData) -> t
     path = config.teacher.checkpoint
     if path:
         from oefsmc_jax.convert import load_pretrained, teacher_preprocessing
+        from oefsmc_jax.convert.readers import STATE_SUFFIXES
 
-        if str(path).endswith((".npz", ".th", ".pth", ".pt")):
-            spec, variables = load_pretrained(path)  # akamaster (option A) or chenyaofo (option B), by its keys
+        if str(path).endswith(STATE_SUFFIXES):
+            spec, variables = load_pretrained(path)  # akamaster, chenyaofo or torchvision, told apart by its keys
             log(f"teacher: imported {path} ({spec.family}, shortcut {spec.shortcut}, "
                 f"{count_params(spec):,} parameters)")
             expected = teacher_preprocessing(path)

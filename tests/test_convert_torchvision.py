@@ -280,6 +280,11 @@ def test_imagenet_config_runs_with_imported_teacher(tmp_path):
     assert abs(c.data.id.center_crop_fraction - pre["crop"] / pre["resize"]) < 1e-9
     spec, _ = get_teacher(c, tmp_path / "work", None, None)
     assert spec == imagenet_resnet_spec(18)
+    c.teacher.checkpoint = str(src)  # the state dict itself, imported on the fly
+    spec, variables = get_teacher(c, tmp_path / "work", None, None)
+    assert spec == imagenet_resnet_spec(18)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(load_model(out)[1])):
+        np.testing.assert_array_equal(a, b)
     c.data.mean = (0.5, 0.5, 0.5)
     with pytest.raises(ConfigError, match="differ from the teacher's own normalisation"):
         get_teacher(c, tmp_path / "work", None, None)
