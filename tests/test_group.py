@@ -121,6 +121,21 @@ def test_killed_group_resumes_alone_or_grouped(parts, tmp_path):
         _assert_same(a, b)
 
 
+def test_stop_at_a_regular_checkpoint_step_saves_it_once(parts, tmp_path):
+    """A stop requested during the step that ends on ``ckpt_every`` (e.g. the signal arrives while that save is
+    being written) keeps that save: no second save of the same step, which Orbax refuses."""
+    loop = dataclasses.replace(LOOP, ckpt_every=1)
+    jobs = [dataclasses.replace(j, loop=loop) for j in _jobs(parts, 1, tmp_path)]
+    preemption.request()
+    try:
+        with pytest.raises(preemption.Preempted, match="checkpoints written for run0, run1, run2"):
+            finetune_group(jobs)
+    finally:
+        preemption.clear()
+    for j in jobs:
+        assert sorted(p.name for p in (j.workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
 def test_nonfinite_run_stops_alone(parts, tmp_path):
     loop = dataclasses.replace(LOOP, max_nonfinite=2)
     jobs = [dataclasses.replace(j, loop=loop) for j in _jobs(parts, 1, tmp_path)]

@@ -166,8 +166,11 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     def run_tree(r: int) -> dict:
         return {"state": take(state, r), "es": es_list[r], "masks": take(masks, r)}
 
+    saved_at = [-1] * n_runs  # the step of each run's newest save (a stop at that step must not save it again)
+
     def save(r: int, force: bool = False, stopped_flag: bool = False) -> None:
         ckpts[r].save(steps[r], run_tree(r), {**metas[r], "stopped": stopped_flag, "name": names[r]}, force=force)
+        saved_at[r] = steps[r]
 
     clock = CompileClock()
     it, last_t, last_it, run_t0 = 0, time.time(), 0, time.time()
@@ -235,7 +238,7 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
                 save(r)
         if any(active()) and preemption.should_stop(it):
             for r in range(n_runs):
-                if active()[r]:
+                if active()[r] and saved_at[r] != steps[r]:  # a regular save at this step is finished by close()
                     save(r, force=True)
             for c in ckpts:
                 c.close()
