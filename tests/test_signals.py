@@ -123,7 +123,7 @@ def test_sigint_then_sigterm_set_the_flag_once_and_exit_130(capfd):
         time.sleep(0.05)
         assert preemption.exit_code() == 130  # the first signal decides
     err = capfd.readouterr().err.splitlines()
-    assert err == ["preemption: SIGINT received; finishing the step and writing a checkpoint",
+    assert err == ["preemption: SIGINT received; stopping after the current step or unit of work",
                    "preemption: SIGTERM received; already stopping; finishing the checkpoint"]
     # left normally: the previous handlers are back
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

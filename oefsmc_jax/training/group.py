@@ -100,7 +100,7 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
                    impl: str = "auto") -> list[Any]:
     """Train ``jobs`` (equal :meth:`RunJob.key`) as one program; returns, per job, its ``FinetuneResult`` or the
     exception that stopped it (a :class:`NonFiniteError` of its own). Raises ``preemption.Preempted`` after
-    checkpointing every unfinished run when a SIGTERM asks the process to stop. ``impl``: how the program runs
+    checkpointing every unfinished run when a SIGTERM or SIGINT asks the process to stop. ``impl``: how the program runs
     its runs (``oefsmc_jax.training.step.GROUP_IMPLS``; ``auto`` = batched on an accelerator, one after another
     inside the program on a CPU)."""
     from oefsmc_jax.training.train import (

@@ -123,7 +123,7 @@ def _on_signal(signum: int, frame: object, _write=os.write) -> None:  # noqa: AR
         name = signal.Signals(signum).name
         if not _received:
             atexit.register(_ignore_signals)  # runs first among the exit callbacks: after every Python-level wait
-            msg = f"preemption: {name} received; finishing the step and writing a checkpoint\n"
+            msg = f"preemption: {name} received; stopping after the current step or unit of work\n"
         else:
             msg = f"preemption: {name} received; already stopping; finishing the checkpoint\n"
         _received.append(signum)
