@@ -1,11 +1,13 @@
 """Losses of the base methods and of OE-FSMC (method.md §4-5). Pure and jittable; all return scalar means.
 
 Logits are ``[B, K]``; labels are int ``[B]``; optional ``weights`` are per-example ``[B]`` and give a weighted
-*mean* (``sum(w * l) / B``), so that a weight of one everywhere is the plain mean.
+*mean* (``sum(w * l) / B``), so that a weight of one everywhere is the plain mean. Shapes and dtypes are checked
+with chex at the boundaries (at trace time under ``jit``: free in the compiled step).
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,11 +16,15 @@ import optax
 def _mean(per_example: jax.Array, weights: jax.Array | None) -> jax.Array:
     if weights is None:
         return jnp.mean(per_example)
+    chex.assert_equal_shape([per_example, weights])
     return jnp.sum(per_example * weights) / per_example.shape[0]
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
     """Softmax cross-entropy with integer labels (weighted mean)."""
+    chex.assert_rank([logits, labels], [2, 1])
+    chex.assert_type(labels, int)
+    chex.assert_equal_shape_prefix([logits, labels], 1)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     return _mean(ce, weights)
 
@@ -26,6 +32,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | Non
 def kd_kl(student_logits: jax.Array, teacher_logits: jax.Array, tau: float = 4.0,
           weights: jax.Array | None = None) -> jax.Array:
     """Hinton's distillation term ``tau^2 * KL(softmax(z_T/tau) || softmax(z_S/tau))`` (mean over examples)."""
+    chex.assert_rank(student_logits, 2)
+    chex.assert_equal_shape([student_logits, teacher_logits])
     t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / tau)
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32) / tau)
     kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
@@ -42,6 +50,7 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Ar
 def feature_mse(student_features: jax.Array, teacher_features: jax.Array,
                 weights: jax.Array | None = None) -> jax.Array:
     """Mean squared error between feature maps (MiR / PRACTISE), averaged over all elements."""
+    chex.assert_equal_shape([student_features, teacher_features])
     d = (student_features.astype(jnp.float32) - teacher_features.astype(jnp.float32)) ** 2
     per_example = jnp.mean(d.reshape(d.shape[0], -1), axis=-1)
     return _mean(per_example, weights)
@@ -49,6 +58,8 @@ def feature_mse(student_features: jax.Array, teacher_features: jax.Array,
 
 def class_dependent_regularizer(logits: jax.Array, labels: jax.Array, class_weights: jax.Array) -> jax.Array:
     """OE-FSMC's ``R = mean_j w_{y~_j} * CE(S(x~_j), y~_j)`` on OOD images with complementary labels."""
+    chex.assert_rank(class_weights, 1)
+    chex.assert_equal_shape_suffix([logits, class_weights], 1)
     return cross_entropy(logits, labels, weights=class_weights[labels])
 
 
@@ -68,4 +79,6 @@ def joint_distillation(kind: str, student: dict, teacher: dict, tau: float = 4.0
 def logit_adjusted_cross_entropy(logits: jax.Array, labels: jax.Array, prior: jax.Array,
                                  tau: float = 1.0) -> jax.Array:
     """Logit-adjusted CE (Menon et al. 2021): CE on ``logits + tau * log(prior)`` (a no-OOD rebalancing baseline)."""
+    chex.assert_rank(prior, 1)
+    chex.assert_equal_shape_suffix([logits, prior], 1)
     return cross_entropy(logits + tau * jnp.log(jnp.maximum(prior, 1e-12)), labels)

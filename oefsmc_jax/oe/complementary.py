@@ -3,10 +3,12 @@
 ``beta_k = n_k / n`` is the in-distribution class prior of the few-sample set. The complementary distribution
 ``Gamma_k = (alpha - beta_k) / sum_j (alpha - beta_j)`` puts more mass on the classes the set lacks. OOD images get
 labels ``y~ ~ Categorical(Gamma)`` drawn afresh every step, and the regulariser weights them by ``w_k = K * Gamma_k``.
+Ranks and dtypes are checked with chex at the boundaries (at trace time under ``jit``).
 """
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -17,6 +19,7 @@ _DEGENERATE = 1e-12
 def class_prior(counts: jax.Array) -> jax.Array:
     """The ID class prior ``beta_k = n_k / n`` (float32, sums to 1)."""
     counts = jnp.asarray(counts, jnp.float32)
+    chex.assert_rank(counts, 1)
     return counts / jnp.sum(counts)
 
 
@@ -37,11 +40,13 @@ def complementary_distribution(counts: jax.Array, alpha: float | None = None) ->
 
 def class_weights(gamma: jax.Array) -> jax.Array:
     """Class-dependent regulariser weights ``w_k = K * Gamma_k`` (mean 1 over classes)."""
+    chex.assert_rank(gamma, 1)
     return gamma.shape[0] * gamma
 
 
 def sample_ood_labels(key: jax.Array, gamma: jax.Array, num: int) -> jax.Array:
     """Dynamic complementary labels: ``num`` draws from ``Categorical(Gamma)`` with this step's key."""
+    chex.assert_rank(gamma, 1)
     return jax.random.categorical(key, jnp.log(jnp.maximum(gamma, 1e-30)), shape=(num,))
 
 
@@ -57,6 +62,8 @@ def balancing_weights(labels: jax.Array, num_classes: int) -> jax.Array:
     Every class present weighs the same in an objective that sums the weighted per-sample terms.
     """
     labels = jnp.asarray(labels)
+    chex.assert_rank(labels, 1)
+    chex.assert_type(labels, int)
     counts = jnp.bincount(labels, length=num_classes).astype(jnp.float32)
     w = 1.0 / jnp.maximum(counts[labels], 1.0)
     return w * labels.shape[0] / jnp.sum(w)

@@ -22,6 +22,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -41,6 +42,16 @@ from oefsmc_jax.training.parallel import AXIS, num_devices, replicated, shard_ba
 from oefsmc_jax.training.xla_cpu import mesh_platform
 
 BN_MODES = ("joint", "separate")
+
+
+def _no_trace_check(fn: Callable) -> Callable:
+    return fn
+
+
+#: applied to the Python bodies of the train step and of the eval forward before they are jitted, whenever one is
+#: built: the identity, except in tests that install ``chex.assert_max_traces`` here (tests/test_chex.py) to show
+#: that runs of one shape (seeds, arms) trace each body once
+trace_check: Callable[[Callable], Callable] = _no_trace_check
 
 
 @flax.struct.dataclass
@@ -98,6 +109,8 @@ LARGE_SET = 65536
 def draw_indices(key: jax.Array, n: int, b: int, probs: jax.Array | None = None) -> jax.Array:
     """``b`` indices into a set of ``n`` images: by ``probs`` (with replacement) when given; else uniform, without
     replacement when ``b <= n < LARGE_SET``, with replacement otherwise. Used by the step and :func:`host_draw`."""
+    if probs is not None:
+        chex.assert_shape(probs, (n,))
     if probs is not None or b > n:
         return jax.random.choice(key, n, (b,), replace=True, p=probs)
     if n >= LARGE_SET:
@@ -303,7 +316,8 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
     opts = xla_cpu.compiler_options(mesh_platform(mesh))
     per_device = cpu_conv.bind(per_device)  # the filter-gradient mode in use now, whenever the step is traced
     if not grouped:
-        step = jax.shard_map(per_device, mesh=mesh, in_specs=(rep,) * 5, out_specs=(rep, rep), check_vma=False)
+        step = jax.shard_map(trace_check(per_device), mesh=mesh, in_specs=(rep,) * 5, out_specs=(rep, rep),
+                             check_vma=False)
         return jax.jit(step, donate_argnums=(0,), compiler_options=opts)
 
     def per_run(state, data, teacher_vars, masks, mult, active):
@@ -328,7 +342,7 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
         outs = [one(jax.tree.map(lambda a, r=r: a[r], xs)) for r in range(n_runs)]
         return jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    step = jax.shard_map(over_runs, mesh=mesh, in_specs=(rep,) * 6, out_specs=(rep, rep), check_vma=False)
+    step = jax.shard_map(trace_check(over_runs), mesh=mesh, in_specs=(rep,) * 6, out_specs=(rep, rep), check_vma=False)
     return jax.jit(step, donate_argnums=(0,), compiler_options=opts)
 
 
@@ -364,10 +378,12 @@ def make_predict(mesh: Mesh, model: nn.Module, mean: tuple[float, ...], std: tup
 
     rep = replicated(mesh)
 
-    # logits come back replicated (an all-gather inside the program), so every process can read them all
-    @functools.partial(jax.jit, out_shardings=rep, compiler_options=xla_cpu.compiler_options(mesh_platform(mesh)))
     def forward(variables, x):
         return model.apply(variables, normalize(x, mean_a, std_a), train=False)["logits"]
+
+    # logits come back replicated (an all-gather inside the program), so every process can read them all
+    forward = jax.jit(trace_check(forward), out_shardings=rep,
+                      compiler_options=xla_cpu.compiler_options(mesh_platform(mesh)))
 
     def place(v):
         if isinstance(v, jax.Array) and v.sharding.is_equivalent_to(rep, v.ndim):
