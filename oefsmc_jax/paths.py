@@ -5,9 +5,9 @@ Paths are :class:`etils.epath.Path` (what Orbax and tfds use): a local path beha
 directory. Object stores have no atomic rename and no append, so the helpers here say what they do on each:
 
 - :func:`write_bytes_atomic` / :func:`write_text_atomic`: write a temporary sibling, then ``replace`` it over the
-  target (atomic on a local disk; on an object store the target appears whole once the copy finishes, as an
-  object upload does).
-- :func:`append_text`: ``open("a")`` locally; read, extend and rewrite the object elsewhere.
+  target (atomic on a local disk, with ``fsync`` of the file before and of the folder after; on an object store
+  the target appears whole once the copy finishes, as an object upload does).
+- :func:`append_text`: whole lines, appended and ``fsync``'ed locally; read, extend and rewrite the object elsewhere.
 - :func:`save_npy` / :func:`load_npy`: numpy arrays through the same layer (memory-mapped only from a local file).
 - :func:`check_output_dir` / :func:`replace_dir`: the rule for a command that writes a folder (an existing, non-empty
   one only with ``--overwrite``; never one that is, holds or lies inside what it reads), and the write-beside-then-swap
@@ -20,6 +20,7 @@ backends need their filesystem package at run time (``gcsfs`` for ``gs://`` with
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -70,13 +71,37 @@ def tmp_sibling(path: epath.Path, tag: str = "tmp") -> epath.Path:
     return path.with_name(f"{path.name}.{tag}{jax.process_index()}-{os.getpid()}-{threading.get_ident()}")
 
 
+def _fsync(name: str, directory: bool = False) -> None:
+    """Flush a local file (or a folder's entries) to the disk."""
+    fd = os.open(name, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if not (directory and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):  # some filesystems refuse
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_bytes_atomic(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (a temporary sibling replaced over it)."""
+    """Write ``data`` to ``path`` whole or not at all: a temporary sibling is written, flushed to the disk
+    (``fsync``) and renamed over ``path``; locally the folder is flushed too, so neither a crash nor a power cut
+    leaves an empty or torn file under the name. A failed write (a full disk) removes its temporary file."""
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_sibling(path)
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(data)
+        if not is_local(path):
+            tmp.replace(path)
+            return
+        _fsync(os.fspath(tmp))
+        os.replace(os.fspath(tmp), os.fspath(path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    _fsync(os.fspath(path.parent), directory=True)
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
@@ -85,14 +110,30 @@ def write_text_atomic(path: PathLike, text: str) -> None:
 
 
 def append_text(path: PathLike, text: str) -> None:
-    """Append ``text`` to ``path`` (created if missing): an append locally, a whole rewrite on an object store."""
+    """Append ``text`` as whole lines to ``path`` (created if missing): a newline is added at its end if it lacks
+    one, and before it if the file's last line was torn (left without its newline), so the torn bytes keep a line of
+    their own. Locally an append, flushed to the disk (``fsync``) before returning; on an object store a rewrite."""
     path = epath.Path(path)
-    if is_local(path):
-        with open(os.fspath(path), "a") as f:
-            f.write(text)
+    data = text.encode()
+    if data and not data.endswith(b"\n"):
+        data += b"\n"
+    if not is_local(path):
+        old = path.read_bytes() if path.exists() else b""
+        write_bytes_atomic(path, old + (b"\n" if old and not old.endswith(b"\n") else b"") + data)
         return
-    old = path.read_text() if path.exists() else ""
-    write_text_atomic(path, old + text)
+    fd = os.open(os.fspath(path), os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+    finally:
+        os.close(fd)
 
 
 def save_npy(path: PathLike, array: np.ndarray) -> None:
