@@ -40,20 +40,35 @@ def parse_config_flags(flags_obj: Any, argv: list[str]) -> list[str]:
 
 
 EXIT_USAGE, EXIT_IO = 2, 74
+#: the workdir is in use by another live process (``EX_CANTCREAT``); see :mod:`oefsmc_jax.workdir_lock`
+EXIT_LOCKED = 73
+
+
+def _exit_io(e: BaseException) -> None:
+    """Exit 74 with one line naming the path that a disk error (``OSError``, or tensorstore's wrapped one) hit."""
+    from oefsmc_jax import disk_errors
+
+    print(f"error: {disk_errors.line(e)}; nothing finished was lost: rerun the same command once the workdir is "
+          "writable", file=sys.stderr, flush=True)
+    disk_errors.ending()
+    sys.exit(EXIT_IO)
 
 
 def run_reporting_errors(fn: Any, *, debug_value_errors: bool = False) -> None:
     """Run ``fn()`` with SIGTERM turned into a checkpoint-and-stop, and every expected failure reported in one line
-    with its exit code: preempted 75, non-finite streak 3, bad config or data 2, a read-only or full workdir 74.
+    with its exit code: preempted 75, non-finite streak 3, bad config or data 2, a read-only or full workdir 74
+    (whichever writer or thread met it), a workdir in use by another process 73.
 
     With ``debug_value_errors`` a ``ValueError`` is re-raised with its traceback when ``$OEFSMC_DEBUG`` is set.
     """
     import os
 
+    from oefsmc_jax import disk_errors, workdir_lock
     from oefsmc_jax.config_validation import ConfigError
     from oefsmc_jax.data import DataOverlapError
     from oefsmc_jax.training import preemption
 
+    fn = disk_errors.quiet_background()(fn)  # a background thread's disk error prints no traceback of its own
     try:
         with preemption.handle_signals():
             fn()
@@ -63,14 +78,21 @@ def run_reporting_errors(fn: Any, *, debug_value_errors: bool = False) -> None:
     except preemption.NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(preemption.EXIT_NONFINITE)
+    except workdir_lock.WorkdirBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_LOCKED)
     except (ConfigError, DataOverlapError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     except OSError as e:  # a read-only or full workdir: every finished piece was written atomically and is kept
-        print(f"error: {e}; nothing finished was lost: rerun the same command once the workdir is writable",
-              file=sys.stderr)
-        sys.exit(EXIT_IO)
+        _exit_io(e)
+    except RuntimeError as e:  # tensorstore's disk errors arrive as (Xla)RuntimeError or ValueError
+        if disk_errors.as_os_error(e) is None:
+            raise
+        _exit_io(e)
     except ValueError as e:  # e.g. a class with fewer images than the subset asks for
+        if disk_errors.as_os_error(e) is not None:
+            _exit_io(e)
         if debug_value_errors and os.environ.get("OEFSMC_DEBUG"):
             raise
         hint = " (set OEFSMC_DEBUG=1 for the traceback)" if debug_value_errors else ""

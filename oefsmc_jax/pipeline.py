@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oefsmc_jax import __version__, paths
+from oefsmc_jax import __version__, paths, workdir_lock
 from oefsmc_jax.data import (
     ImageSet,
     Source,
@@ -522,6 +522,7 @@ def check_same_config(path: paths.Path, new: dict) -> None:
                           "delete this one, or rerun with the config it was made with")
 
 
+@workdir_lock.scope
 def run(config: Any, workdir: str | os.PathLike) -> dict:
     """Run every arm of ``config`` in ``workdir`` and write ``report.md`` and the per-class plot; returns results."""
     from oefsmc_jax.config_validation import validate
@@ -537,7 +538,7 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     validate(config, num_devices=mesh.shape["data"])
     # the filter-gradient kernel is a CPU kernel: built (or found in its cache) here, before any data loads
     cpu_conv.set_mode(config.get("cpu_wgrad", "") if mesh_platform(mesh) == "cpu" else "xla")
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir_lock.take(workdir)  # one process per workdir, before anything is written there; released on return
     check_same_config(workdir / "config.json", config.to_dict())
     write_json(workdir / "config.json", config.to_dict())
     log(f"run: {len(mesh.devices.flat)} device(s) ({jax.default_backend()}), workdir {workdir}, compilation "

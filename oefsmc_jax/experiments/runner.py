@@ -23,7 +23,7 @@ from typing import Any
 
 import ml_collections
 
-from oefsmc_jax import __version__, paths
+from oefsmc_jax import __version__, paths, workdir_lock
 from oefsmc_jax.provenance import code_version, portable, versions
 
 AXES = ("method", "arch", "per_class", "mode", "seed")
@@ -170,6 +170,7 @@ def _append(path: paths.Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+@workdir_lock.scope
 def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only: str | None = None,
              cell_id: str | None = None) -> list[dict]:
     """Run every unfinished cell of ``config`` (optionally only the group ``only`` or the cell ``cell_id``);
@@ -220,7 +221,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     from oefsmc_jax.experiments.primary import check_primary_contrasts
 
     check_primary_contrasts(config)  # the declared family must name settings this grid runs
-    workdir.mkdir(parents=True, exist_ok=True)  # only once the grid, its selection and every cell are valid
+    workdir_lock.take(workdir)  # only once the grid, its selection and every cell are valid; one grid process
     code = code_version()
     roots = {"data": _data_root(), "workdir": workdir}
     done = {(r["cell"], r["arm"]) for r in read_results(results)}
