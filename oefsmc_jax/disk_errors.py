@@ -27,8 +27,9 @@ DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG})
 _TEXT = [  # (pattern in an error's text, errno it stands for)
     (re.compile(r"Read-only file system|\bEROFS\b|\[Errno 30\]|errno[ =:]*30\b", re.I), errno.EROFS),
     (re.compile(r"Disk quota exceeded|\bEDQUOT\b", re.I), errno.EDQUOT),
-    (re.compile(r"No space left on device|\bENOSPC\b|RESOURCE_EXHAUSTED|\[Errno 28\]|errno[ =:]*28\b", re.I),
-     errno.ENOSPC),
+    (re.compile(r"No space left on device|\bENOSPC\b|\[Errno 28\]|errno[ =:]*28\b", re.I), errno.ENOSPC),
+    # tensorstore's status for a failed write; XLA uses the same code for device memory, which is no disk error
+    (re.compile(r"RESOURCE_EXHAUSTED(?!.*(memory|allocat))(?=.*(file|writ))", re.I | re.S), errno.ENOSPC),
 ]
 _PATH = re.compile(r"""["'](/[^"'\n]+|[a-z][a-z0-9+.-]*://[^"'\n]+)["']|directory: (\S+)""")
 

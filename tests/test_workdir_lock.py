@@ -236,6 +236,20 @@ def test_disk_errors_of_any_writer_and_thread_end_in_one_line_exit_74(kind, expe
     assert out.stderr.count("\n") == 1 and out.stderr.startswith(expected), out.stderr[-3000:]
 
 
+def test_which_errors_count_as_a_full_or_read_only_disk():
+    from jax.errors import JaxRuntimeError
+
+    from oefsmc_jax.disk_errors import as_os_error
+
+    e = as_os_error(ValueError('RESOURCE_EXHAUSTED: Error writing local file "/w/d/ab": [OS error 28]'))
+    assert (e.errno, e.filename) == (errno.ENOSPC, "/w/d/ab")
+    assert as_os_error(JaxRuntimeError("INTERNAL: open: Read-only file system")).errno == errno.EROFS
+    # the same status for device memory is no disk error; nor is a permission error (it exits 74 as an OSError)
+    assert as_os_error(JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8 bytes.")) is None
+    assert as_os_error(OSError(errno.EACCES, "Permission denied", "/x")) is None
+    assert as_os_error(ValueError("class 3 has 28 examples")) is None
+
+
 # ---------------------------------------------------------------------------------------- real tmpfs mounts
 
 
