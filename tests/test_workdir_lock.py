@@ -292,17 +292,18 @@ def _demo_cli(work):
 
 @pytest.mark.slow
 def test_real_full_disk_mid_run_is_one_line_exit_74_and_the_rerun_finishes(tmpfs):
-    mnt = tmpfs("600k")  # the teacher fits; the first student checkpoints (Orbax, tensorstore) do not
+    mnt = tmpfs("600k")  # fills up in the teacher's or the first student's checkpoints (Orbax, tensorstore)
     code, err, lines = _demo_cli(mnt / "w")
     assert "Traceback" not in err, err[-4000:]
     assert code == 74 and len(lines) == 1, err[-4000:]
     assert lines[0].startswith("error: [Errno 28] No space left on device") and str(mnt / "w") in lines[0]
     assert lines[0].endswith("nothing finished was lost: rerun the same command once the workdir is writable")
     assert not (mnt / "w" / ".lock").exists()
+    teacher_done = (mnt / "w" / "teacher" / "model").exists()  # where the disk fills up depends on timing
     _remount(mnt, "size=16m")
     code, err, lines = _demo_cli(mnt / "w")
     assert code == 0 and "Traceback" not in err, err[-4000:]
-    assert "teacher: reusing" in err and (mnt / "w" / "report.md").exists()
+    assert (mnt / "w" / "report.md").exists() and ("teacher: reusing" in err or not teacher_done)
 
 
 def test_real_read_only_workdir_is_one_line_exit_74_and_changes_nothing(tmpfs):
