@@ -25,6 +25,7 @@ import ml_collections
 
 from oefsmc_jax import __version__, paths, workdir_lock
 from oefsmc_jax.provenance import code_version, portable, versions
+from oefsmc_jax.training import preemption
 
 AXES = ("method", "arch", "per_class", "mode", "seed")
 #: cells run together when the grid config has no ``group_size``: their runs of equal shapes share one program
@@ -265,12 +266,16 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
         failed = None
         for (cell, c), out in zip(batch, outs):
             if isinstance(out, BaseException):
-                print(f"grid: cell {cell.id} failed: {type(out).__name__}: {out}", file=sys.stderr, flush=True)
+                if not isinstance(out, preemption.Preempted):  # a stop signal: one line below, not one per cell
+                    print(f"grid: cell {cell.id} failed: {type(out).__name__}: {out}", file=sys.stderr, flush=True)
                 failed = failed or out
                 continue
             _append(results, record(cell, c, out))  # finished cells are recorded before any failure is raised
             finished += 1
         if failed is not None:
+            if isinstance(failed, preemption.Preempted):
+                print("grid: stopped by a signal; rerun the same command to resume (finished cells are kept)",
+                      file=sys.stderr, flush=True)
             raise failed
         elapsed = time.time() - t0
         eta = elapsed / finished * (len(todo) - finished)
