@@ -1,9 +1,13 @@
-"""Command-line helpers shared by ``python -m oefsmc_jax`` and ``python -m oefsmc_jax.experiments``."""
+"""Command-line helpers shared by every subcommand of ``oefsmc`` (``python -m oefsmc_jax``), see
+:mod:`oefsmc_jax.main`."""
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 
 def one_line(e: BaseException) -> str:
@@ -24,19 +28,108 @@ def one_line(e: BaseException) -> str:
     return " ".join(lines[:2]) if len(lines) > 1 and len(lines[0]) < 40 else lines[0]
 
 
-def parse_config_flags(flags_obj: Any, argv: list[str]) -> list[str]:
-    """Parse flags and load ``--config``; a bad config file, argument or override exits with one line naming it."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (``error: ...``, exit 2) and no abbreviated flag names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+#: ``--config.FIELD[=VALUE]`` and ``--noconfig.FIELD``, with one or two dashes, as ml_collections matches them
+_OVERRIDE = re.compile(r"^--?(no)?config\.")
+_NEGATIVE_NUMBER = re.compile(r"^-\.?\d")
+
+
+def split_config_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` split into (the rest, the ``--config.FIELD`` overrides in order). An override without ``=`` takes
+    the next argument as its value unless that is a flag (``--config.train.steps 500`` as absl reads it)."""
+    rest, overrides = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if _OVERRIDE.match(arg):
+            overrides.append(arg)
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if "=" not in arg and nxt is not None and (not nxt.startswith("-") or _NEGATIVE_NUMBER.match(nxt)):
+                overrides.append(nxt)
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def load_config(config: str | None, overrides: Sequence[str], *, lock_config: bool = True) -> Any:
+    """The ConfigDict of ``--config FILE[:ARG]`` with ``--config.FIELD=VALUE`` ``overrides`` applied, parsed by
+    ml_collections' ``config_flags`` on a private absl ``FlagValues`` (its exact semantics; no global flags), or
+    None without ``config``. A bad file, argument or override exits 2 with one line naming it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["oefsmc", *([f"--config={config}"] if config is not None else []), *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "configs/NAME.py[:arg]", flag_values=fv,
+                                    lock_config=lock_config, sys_argv=argv)
     try:
-        rest = flags_obj(argv)
-        if flags_obj.config is not None:
-            flags_obj.config.keys()  # config_flags defers load errors to the first access
+        if overrides and config is None:
+            raise ValueError(f"{overrides[0]} overrides a field of --config FILE, which is not given")
+        rest = fv(argv)
+        if fv.config is not None:
+            fv.config.keys()  # config_flags defers load errors to the first access
     except AttributeError as e:  # an override names a field the config does not have
         print(f"error: unknown config field in an override: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     except Exception as e:  # noqa: BLE001 - any failure here is a user error in the command line
         print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    return rest
+        sys.exit(EXIT_USAGE)
+    if len(rest) > 1:  # a value that followed a boolean override (which takes none)
+        print(f"error: unexpected argument {rest[1]!r} after a --config override; write a boolean field as "
+              "--config.FIELD=true or false", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    return fv.config
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str], *, lock_config: bool = True
+               ) -> argparse.Namespace:
+    """Parse ``argv`` with ``parser`` (flags and positionals in any order); when the parser has ``--config``,
+    ``args.config`` becomes the loaded ConfigDict (see :func:`load_config`) with the ``--config.FIELD`` overrides
+    applied. Usage errors exit 2 with one line."""
+    has_config = "--config" in parser._option_string_actions
+    rest, overrides = split_config_overrides(argv) if has_config else (list(argv), [])
+    known = parser._option_string_actions  # argparse keeps no public index of its flags
+    flags_ = rest[:rest.index("--")] if "--" in rest else rest
+    unknown = [a for a in flags_ if a.startswith("-") and a != "-" and not _NEGATIVE_NUMBER.match(a)
+               and a.split("=", 1)[0] not in known]
+    if unknown:  # named before any missing required flag, which argparse would report first
+        parser.error(f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}")
+    args = parser.parse_intermixed_args(rest)
+    if has_config:
+        args.config = load_config(args.config, overrides, lock_config=lock_config)
+    return args
+
+
+def init_absl() -> None:
+    """What absl's ``app.run`` set up for a process, without its global flags: the global absl flags marked as
+    parsed at their defaults (so library logs carry no 'before flag parsing' notice), absl's log format at
+    WARNING (Orbax logs every checkpoint step at INFO), and faulthandler's tracebacks on a crash."""
+    import faulthandler
+
+    from absl import flags, logging
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.WARNING)
+    try:
+        if not faulthandler.is_enabled():
+            faulthandler.enable()
+    except Exception:  # noqa: BLE001 - a stderr without a file descriptor (a test capturing it): no crash dumps
+        pass
 
 
 EXIT_USAGE, EXIT_IO = 2, 74

@@ -21,7 +21,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -222,13 +222,6 @@ def load_compressed(out: str | os.PathLike, batch_size: int = 128) -> Compressed
 
 
 # ---------------------------------------------------------------------- command line
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _fmt_cost(params: int, macs: int, ref: Mapping[str, Any] | None = None) -> str:
     s = f"{params:,} params, {macs / 1e6:,.2f}M MACs"
     if ref:
@@ -237,28 +230,24 @@ def _fmt_cost(params: int, macs: int, ref: Mapping[str, Any] | None = None) -> s
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """``export --workdir DIR --arm ARM --out OUT``: export a run's student; prints what was written.
+    """``export --workdir DIR --arm ARM --out OUT`` (``argv`` without the program name, default
+    ``sys.argv[1:]``): parse with the ``oefsmc export`` parser, then :func:`run_cli`."""
+    from oefsmc_jax.main import parse_subcommand
+
+    return run_cli(parse_subcommand("export", argv, prog))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Export a run's student as ``args`` (``oefsmc export``'s flags) say; prints what was written.
 
     Returns 0; 2 after one ``error: ...`` line on stderr for bad input (missing run, arm or student, a file that
     does not parse, an OUT that exists or is, holds or lies inside the run directory); 74 (``cli_util.EXIT_IO``)
     after one line naming the path when writing fails (not a folder, read-only, disk full).
     """
-    p = _Parser(prog=prog or "python -m oefsmc_jax export",
-                description="Export the compressed student of one arm of a finished run as a physically smaller "
-                            "Orbax model with its preprocessing; load it with oefsmc_jax.load_compressed(OUT).")
-    p.add_argument("--workdir", required=True, help="run directory (holds config.json and one folder per arm)")
-    p.add_argument("--arm", required=True, help="arm to export, e.g. base or oe")
-    p.add_argument("--out", required=True, help="directory of the exported model to write (outside the run "
-                                                "directory)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT if it exists and is not empty (written beside it, then swapped in)")
-    args = p.parse_args(argv)
-    from absl import logging
-
     from oefsmc_jax import paths
-    from oefsmc_jax.cli_util import EXIT_IO, EXIT_USAGE
+    from oefsmc_jax.cli_util import EXIT_IO, EXIT_USAGE, init_absl
 
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    init_absl()  # Orbax logs every save at INFO: WARNING and up only
     try:
         meta = export_student(args.workdir, args.arm, args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -281,4 +270,6 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from oefsmc_jax.main import cli
+
+    cli(["export", *sys.argv[1:]])

@@ -31,7 +31,8 @@ PyTorch key                                     Flax variable
 ``num_batches_tracked`` entries (newer PyTorch) are accepted and ignored; the 'masks' collection is all ones.
 The teachers expect ``x / 255`` normalised with :data:`AKAMASTER_MEAN` / :data:`AKAMASTER_STD` (RGB).
 
-Command line (``python -m oefsmc_jax import-teacher`` is wired to :func:`main`; either family)::
+Command line (``oefsmc import-teacher``, i.e. ``python -m oefsmc_jax import-teacher``, runs :func:`run_cli`;
+either family; this module run as a script is an alias)::
 
     python -m oefsmc_jax.convert.akamaster SRC OUT_DIR [--depth N] [--check-npz CIFAR_NPZ]
 """
@@ -426,40 +427,28 @@ def evaluate_top1(spec: ArchSpec, variables: dict, x: np.ndarray, y: np.ndarray,
     return float(100.0 * np.mean(np.argmax(logits, -1) == np.asarray(y)))
 
 
-def _parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog or "python -m oefsmc_jax.convert.akamaster",
-        description="Import a pretrained ResNet teacher (CIFAR: akamaster/pytorch_resnet_cifar10 or "
-                    "chenyaofo/pytorch-cifar-models; ImageNet: torchvision resnet18/34/50; .npz or .safetensors, "
-                    "or the torch original with torch) as an Orbax model checkpoint that configs can name via "
-                    "teacher.checkpoint. The family is detected from the state-dict keys.")
-    p.add_argument("src", help="teacher file: .npz / .safetensors (no torch needed) or the original .th/.pth/.pt")
-    p.add_argument("out_dir", help="directory of the Orbax model checkpoint to write (new or empty, unless "
-                                   "--overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT_DIR if it exists and is not empty (written beside it, then swapped in)")
-    p.add_argument("--depth", type=int, default=None, help="expected depth (20, 32, 44, 56, ...; 18, 34, 50); checked")
-    p.add_argument("--check-npz", default=None, metavar="CIFAR_NPZ",
-                   help="also evaluate the written model on this npz (keys x, y) with the teacher family's "
-                        "normalisation and print top-1")
-    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size (default 500)")
-    return p
-
-
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
-    """Command line entry point: import a teacher, print what was written; returns the exit status.
+    """Command line entry point: parse ``argv`` (without the program name, default ``sys.argv[1:]``) with the
+    ``oefsmc import-teacher`` parser (``prog`` names the program in its usage), then :func:`run_cli`."""
+    from oefsmc_jax.main import parse_subcommand
 
-    ``argv`` excludes the program name (default ``sys.argv[1:]``); ``prog`` is the program name shown in the
-    usage (e.g. ``"python -m oefsmc_jax import-teacher"``). A bad teacher file (mismatched keys or shapes,
-    wrong depth, unknown family, missing file, torch missing for ``.th``) or a refused OUT_DIR (exists and is not
-    empty without ``--overwrite``, is a file, holds SRC) prints ``error: ...`` to stderr and returns 1; a failed
-    write (not a folder, read-only, disk full) prints one line naming the path and returns 74
-    (``cli_util.EXIT_IO``), leaving an existing OUT_DIR as it was.
+    return run_cli(parse_subcommand("import-teacher", argv, prog))
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Import a teacher as ``args`` (``oefsmc import-teacher``'s flags) say, print what was written; returns the
+    exit status.
+
+    A bad teacher file (mismatched keys or shapes, wrong depth, unknown family, missing file, torch missing for
+    ``.th``) or a refused OUT_DIR (exists and is not empty without ``--overwrite``, is a file, holds SRC) prints
+    ``error: ...`` to stderr and returns 1; a failed write (not a folder, read-only, disk full) prints one line
+    naming the path and returns 74 (``cli_util.EXIT_IO``), leaving an existing OUT_DIR as it was.
     """
-    args = _parser(prog).parse_args(argv)
     from oefsmc_jax import paths
-    from oefsmc_jax.cli_util import EXIT_IO
+    from oefsmc_jax.cli_util import EXIT_IO, init_absl
     from oefsmc_jax.training.checkpoint import load_model
+
+    init_absl()
 
     try:
         spec = import_teacher(args.src, args.out_dir, args.depth, overwrite=args.overwrite)

@@ -118,15 +118,21 @@ def plot(per_rule: dict[str, np.ndarray], group: np.ndarray, id_names: Sequence[
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``ood-classes`` with ``argv`` (without the program name, default ``sys.argv[1:]``): parse with the ``oefsmc
+    ood-classes`` parser, then :func:`run`; returns the record written to ``ood_classes.json``."""
+    from oefsmc_jax.main import parse_subcommand
+
+    return run(parse_subcommand("ood-classes", argv))
+
+
+def run_cli(a: argparse.Namespace) -> int:
+    """``oefsmc ood-classes``: :func:`run`, exit status 0."""
+    run(a)
+    return 0
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
     """Compute the teacher's pool probabilities, apply each rule at each budget, write tables, plots and JSON."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--data", default=None, help="shared data folder (default $OEFSMC_DATA or ../shared/data)")
-    ap.add_argument("--arch", default="resnet20", help="akamaster CIFAR-10 teacher")
-    ap.add_argument("--per-class", type=int, nargs="+", default=[10, 50])
-    ap.add_argument("--rho", type=float, default=10.0)
-    ap.add_argument("--factor", type=float, default=2.5, help="oe.selection_factor c of the teacher rules")
-    a = ap.parse_args(argv)
 
     import jax
 
@@ -200,4 +206,6 @@ def _agree(probs: np.ndarray, pool_y: np.ndarray, overlap: dict) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    from oefsmc_jax.main import cli
+
+    cli(["ood-classes", *sys.argv[1:]])

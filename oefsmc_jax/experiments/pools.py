@@ -56,27 +56,25 @@ def compare(pools: dict[str, list[dict]], group: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write ``pools.md`` and ``pools.png`` for the pools given on the command line."""
+    """``pools`` with ``argv`` (without the program name, default ``sys.argv[1:]``): parse with the ``oefsmc
+    pools`` parser, then :func:`run_cli`."""
+    from oefsmc_jax.main import parse_subcommand
+
+    return run_cli(parse_subcommand("pools", argv))
+
+
+def run_cli(a: argparse.Namespace) -> int:
+    """Write ``STEM.md`` and ``STEM.png`` for the pools that ``a`` (``oefsmc pools``'s flags) names; 2 after one
+    line when a results file has no records or no contrast has both arms."""
     from oefsmc_jax.experiments.runner import read_results
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", action="append", required=True, metavar="NAME=RESULTS.jsonl",
-                   help="a pool's name and its grid's results file (repeat per pool)")
-    p.add_argument("--group", default=None, help="only records of this group (e.g. factorial)")
-    p.add_argument("--out", required=True, help="folder for STEM.md and STEM.png")
-    p.add_argument("--stem", default="pools", help="file name of the table and figure (default pools)")
-    p.add_argument("--label", default="OOD pool",
-                   help="what the grids differ in: the first column's header (default 'OOD pool'; e.g. 'budget')")
-    p.add_argument("--title", default="The same arms on each OOD pool", help="heading of the table and figure")
-    a = p.parse_args(argv)
     pools = {}
     for item in a.results:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            p.error(f"--results {item!r}: expected NAME=PATH")
+        name, _, path = item.partition("=")  # the parser checked the form NAME=PATH
         pools[name] = read_results(path)
         if not pools[name]:
-            p.error(f"--results {item!r}: no records in {path}")
+            print(f"error: --results {item!r}: no records in {path}", file=sys.stderr)
+            return 2
     table, panels = compare(pools, a.group, a.label)
     if not table:
         print("error: no contrast has both of its arms in any pool", file=sys.stderr)
@@ -91,4 +89,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from oefsmc_jax.main import cli
+
+    cli(["pools", *sys.argv[1:]])
