@@ -42,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, {"steps": 200, "batch": 32, "pool": "tiny", "runlocal": False})
     c = deconfound_cifar10.get_config(f"pool={a['pool']},steps={a['steps']},batch={a['batch']},seeds=1,"
                                       f"runlocal={int(a['runlocal'])}")
-    b = c.base
+    b = c.base  # OE-FSMC's settings pinned as committed (paper_cifar10.pin_committed_settings)
     b.oe.selection_factor = 1.0
     b.oe.early_stopping = False
     b.subset.class_order = "random"

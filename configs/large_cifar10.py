@@ -28,6 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = paper_cifar10.get_config(f"steps={a['steps']},batch={a['batch']},seeds=1,runlocal={int(a['runlocal'])}")
     c.title = "OE-FSMC at a larger scale on real CIFAR-10 (JPEG q75): ResNet-56 teacher, 2,000 steps"
     c.base.oe.lambda_jd = 0.3  # the project default (chosen by the validation sweep of paper_cifar10)
+    # eta 0.1, BN joint, 1/count calibration weights, CD and FSKD as committed: pinned by
+    # paper_cifar10.pin_committed_settings, so that the committed records reproduce
     c.base.oe.selection_factor = 2.5  # c of the committed rows (default 1.0 since issue 9)
     c.base.train.log_every = 250
     c.base.train.ckpt_every = 500

@@ -50,6 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     b = c.base
     b.oe.selection_factor = 2.5  # c of the committed rows (default 1.0 since issue 9)
     b.oe.lambda_jd = 0.3  # the default chosen by the validation sweep of paper_cifar10
+    # eta 0.1, BN joint, 1/count calibration weights, CD and FSKD as committed: pinned by
+    # paper_cifar10.pin_committed_settings, so that the committed records reproduce
     b.optim = ml_collections.ConfigDict({**b.optim.to_dict(), "schedule": "step", "decay_at": (0.4, 0.8)})
     b.method.practise.k = 2
     b.method.practise.fit_steps = a["fit_steps"]

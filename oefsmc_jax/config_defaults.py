@@ -97,9 +97,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.oe.size_cap = 50000
     c.oe.alpha = -1.0  # -1 = max(beta) + min(beta); any alpha >= max(beta)
     c.oe.in_compression = True  # OOD images (with complementary labels) in the calibration set
-    c.oe.lambda_jd = 0.3  # joint distillation weight (0 = off) [choice; set from the sweep in docs/results]
-    c.oe.eta = 0.1  # class-dependent regulariser weight (0 = off) [choice]
-    c.oe.bn_mode = "joint"  # joint: BN sees ID and OOD together (Outlier Exposure) | separate [choice]
+    # The next four default to a sentinel meaning "the method's own default" (Method.oe_defaults in the method's
+    # file; resolved in one place, oefsmc_jax.methods.resolve_oe): -1 for the numbers, "method" for the strings.
+    # Today every method has lambda_jd 0.3 (the KD sweep of configs/paper_cifar10.py), eta 0.1 (0 for the
+    # label-free MiR and PRACTISE), bn_mode joint and calibration_ood_share count; configs/methods_sweep_cifar10.py
+    # declares the per-method validation sweep that is to set them.
+    c.oe.lambda_jd = -1.0  # joint distillation weight (0 = off; -1 = the method's default) [choice]
+    c.oe.eta = -1.0  # class-dependent regulariser R's weight (0 = off; -1 = the method's default) [choice]
+    c.oe.bn_mode = "method"  # joint: BN sees ID and OOD together (Outlier Exposure) | separate | method [choice]
+    # total weight of the OOD rows in every compression-stage objective (PRACTISE's fit and recoverability, FSKD's
+    # least squares, CD's layer terms): a fraction in [0, 1) written as a string ("0", "0.25": ID rows share 1 -
+    # it, each part class-balanced by 1 / count(label) within it; "0" drops the OOD rows), "count" (1 / count(label)
+    # over ID and OOD rows together) or "method" (the method's default) [choice]
+    c.oe.calibration_ood_share = "method"
     c.oe.early_stopping = True  # stop on held-out OOD student-teacher agreement [choice]
     c.oe.early_stopping_arms = "ood"  # ood: only the arms with OOD images stop early | all: every arm does
     c.oe.heldout = 1000  # size of the held-out OOD slice

@@ -9,7 +9,6 @@ from typing import Any
 from oefsmc_jax.data.subsets import COUNT_MODES
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.training.optim import OPTIMIZERS, SCHEDULES
-from oefsmc_jax.training.step import BN_MODES
 
 SOURCE_KINDS = ("npz", "tfds", "digits", "sklearn_photos")
 ARCHS = ("resnet<6n+2> (e.g. resnet20, resnet32, resnet44, resnet56, resnet110)", "vgg16",
@@ -133,7 +132,8 @@ def validate(config: Any, num_devices: int = 1) -> None:
     arms = arms_of(config)
     # the method's own hyper-parameters, and every arm against the method (e.g. no logit adjustment for a
     # label-free method); the teacher of a checkpoint has the architecture config.arch names
-    check_arms(arms, build_method(config.method, build_arch(config.arch, config.data.num_classes)))
+    method = build_method(config.method, build_arch(config.arch, config.data.num_classes))
+    check_arms(arms, method)
     sources = [("data.id", config.data.id), ("data.test", config.data.test)]
     uses_pool = any(a.uses_ood for a in arms) or (config.oe.early_stopping and
                                                    config.oe.get("early_stopping_arms", "ood") == "all")
@@ -162,13 +162,15 @@ def validate(config: Any, num_devices: int = 1) -> None:
         _fail("oe.selection_factor", f"must be > 0, got {oe.selection_factor}")
     if oe.get("early_stopping_arms", "ood") not in ("ood", "all"):
         _fail("oe.early_stopping_arms", f"must be 'ood' or 'all', got {oe.early_stopping_arms!r}")
-    if oe.bn_mode not in BN_MODES:
-        _fail("oe.bn_mode", f"must be one of {', '.join(BN_MODES)}, got {oe.bn_mode!r}")
+    from oefsmc_jax.methods import resolve_oe
+
+    settings = resolve_oe(config, method)  # lambda_jd, eta, bn_mode, calibration_ood_share: one line if bad
+    for a in arms:
+        if a.reg == "on" and settings.eta == 0:
+            _fail("oe.eta", f"arm {a.name!r} switches R on, but method {method.name!r} runs with eta 0 (its "
+                            "default for a label-free recipe, or set so); set oe.eta > 0 or drop the arm")
     if oe.alpha != -1 and not 0 < oe.alpha:
         _fail("oe.alpha", f"must be -1 (max(beta) + min(beta)) or a value >= max(beta), got {oe.alpha}")
-    for f in ("lambda_jd", "eta"):
-        if oe[f] < 0:
-            _fail(f"oe.{f}", f"must be >= 0 (0 switches the term off), got {oe[f]}")
     if oe.size < -1:
         _fail("oe.size", f"must be -1 (automatic) or >= 0, got {oe.size}")
     if oe.early_stopping and uses_pool and (oe.eval_every < 1 or oe.patience < 1 or oe.heldout < 1):

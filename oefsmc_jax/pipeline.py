@@ -42,7 +42,8 @@ from oefsmc_jax.data import (
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.evaluation import agreement, classification_metrics, side_by_side, write_report
 from oefsmc_jax.kernels import cpu_conv
-from oefsmc_jax.methods import CompressionContext, Method, Supervised, build_method
+from oefsmc_jax.methods import CompressionContext, Method, OESettings, Supervised, build_method, resolve_oe
+from oefsmc_jax.methods.fskd_solver import fold_corrections
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, count_params, shrink
 from oefsmc_jax.models.latency import measure_latency
 from oefsmc_jax.oe import complementary
@@ -268,15 +269,18 @@ def get_teacher(config: Any, workdir: paths.Path, mesh: Any, data: RunData) -> t
 
 
 def calibration_set(config: Any, data: RunData, oe_on: bool, gamma: np.ndarray, ood: ImageSet | None = None,
-                    ood_labels: np.ndarray | None = None) -> Calibration:
+                    ood_labels: np.ndarray | None = None, settings: OESettings | None = None) -> Calibration:
     """Calibration set of the compression stage (method.md §3) for one arm: ``D``, plus with OE (and
     ``oe.in_compression``) the OOD subset (``ood``, by default ``data.ood``) carrying ``ood_labels`` (by default
-    labels drawn once from Gamma), each sample weighted by ``1 / count(label)``."""
+    labels drawn once from Gamma), weighted by ``1 / count(label)`` or with the OOD rows at the share
+    ``settings.calibration_ood_share`` of the total (``settings``: the method's, :func:`resolve_oe`; by default
+    the base method's)."""
     ood = data.ood if ood is None else ood
     with_ood = oe_on and config.oe.in_compression and ood is not None and len(ood)
+    share = (settings or resolve_oe(config, Method)).calibration_ood_share
     return build_calibration(data.train.x, data.train.y, config.data.num_classes,
                              ood_x=ood.x if with_ood else None, ood_labels=ood_labels if with_ood else None,
-                             gamma=gamma, seed=config.seed + 2)
+                             gamma=gamma, seed=config.seed + 2, ood_share=share)
 
 def teacher_pool_probs(config: Any, workdir: paths.Path, mesh: Any, teacher: tuple[ArchSpec, dict],
                        pool: ImageSet | Source, chunk: int = 2048, hashes: np.ndarray | None = None) -> np.ndarray:
@@ -379,7 +383,8 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
     oe_on = spec_arm.uses_ood
     rule = spec_arm.selection(config)
     k = config.data.num_classes
-    ood_set, ood_labels, eta = data.ood, None, spec_arm.eta(config)
+    settings = resolve_oe(config, method)  # lambda_jd, eta, bn_mode, calibration share: the method's defaults
+    ood_set, ood_labels, eta = data.ood, None, spec_arm.eta(config, settings.eta)
     if oe_on and rule != "random":
         sel = select_ood(rule, pool_probs, data.counts, config.oe.selection_factor)
         if sel.short:
@@ -402,7 +407,7 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
         spec, variables, _ = load_model(adir / "compressed")
         log(f"[{arm}] reusing the compressed student in {adir / 'compressed'}")
     else:
-        calib = calibration_set(config, data, oe_on, gamma, ood_set, ood_labels)
+        calib = calibration_set(config, data, oe_on, gamma, ood_set, ood_labels, settings)
         ctx = CompressionContext(teacher_spec=t_spec, teacher_variables=t_vars, calibration=calib,
                                  mean=tuple(config.data.mean), std=tuple(config.data.std),
                                  key=jax.random.PRNGKey(config.seed + 3), mesh=mesh, workdir=adir,
@@ -421,7 +426,7 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
         es_on = oe_on or config.oe.get("early_stopping_arms", "ood") == "all"
         res = _finetune_arm(config, arm, adir, mesh, data, recipe, spec, variables, teacher, spec_arm, gamma, eta,
                             ood_set if use_ood else None, heldout_pred if es_on else None,
-                            ood_labels if use_ood and spec_arm.fixed_labels else None)
+                            ood_labels if use_ood and spec_arm.fixed_labels else None, settings)
         final_vars, steps_run = res.variables, res.steps_run
         es = {"best_step": res.best_step, "best_heldout_agreement": res.best_agreement,
               "stopped_early": res.stopped_early}
@@ -429,7 +434,7 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
         log(f"[{arm}] {method.name} does not fine-tune; evaluating the compressed student")
         final_vars, steps_run, es = variables, 0, {"best_step": 0, "best_heldout_agreement": None,
                                                    "stopped_early": False}
-    spec_x, vars_x = shrink(spec, final_vars)
+    spec_x, vars_x = shrink(*fold_corrections(spec, final_vars))  # FSKD's Q layers folded at export
     save_model(adir / "student", spec_x, vars_x, {"arm": arm, "method": method.name})
     predict = predict_fn(mesh, spec_x, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
     pred = np.argmax(predict(vars_x, data.test.x)["logits"], -1)
@@ -437,7 +442,7 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
     metrics["agreement"] = agreement(pred, teacher_test_pred)
     result = {"arm": arm, "method": method.describe(), "metrics": metrics, "steps": steps_run,
               "ood_selection": rule if oe_on else None, "ood_images": len(ood_set) if use_ood else 0,
-              "eta": eta if use_ood else None, **es,
+              "eta": eta if use_ood else None, "oe_settings": settings.describe() if oe_on else None, **es,
               "spec": spec_x.to_dict(),
               "params": count_params(spec_x), "flops": count_flops(spec_x, config.data.image_size),
               "wall_s": time.time() - t0, "version": __version__, "trained_commit": trained.get("git_commit"),
@@ -453,9 +458,12 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
 def _finetune_arm(config: Any, arm: str, adir: paths.Path, mesh: Any, data: RunData, recipe: Any,
                   spec: ArchSpec, variables: dict, teacher: tuple[ArchSpec, dict], spec_arm: Arm,
                   gamma: np.ndarray, eta: float, ood_set: ImageSet | None, heldout_pred: np.ndarray | None,
-                  ood_labels: np.ndarray | None = None) -> Any:
+                  ood_labels: np.ndarray | None = None, settings: OESettings | None = None) -> Any:
     """The fine-tuning stage of one arm (method.md §4): the recipe's loss on ID images, plus OE-FSMC's terms when
-    the arm has OOD images; early stopping on held-out OOD agreement for OE arms."""
+    the arm has OOD images (weights from ``settings``, the method's :func:`resolve_oe`); early stopping on held-out
+    OOD agreement for OE arms. A recipe with its own ``schedule`` (CD's official fine-tuning) replaces the steps,
+    ID batch, optimizer, augmentation and early stopping of ``train.*``/``optim.*``."""
+    settings = settings or OESettings()
     k = config.data.num_classes
     t_spec, t_vars = teacher
     id_probs = spec_arm.id_probs(data.train.y, k)
@@ -470,20 +478,28 @@ def _finetune_arm(config: Any, arm: str, adir: paths.Path, mesh: Any, data: RunD
     # host batches: the arrays stay on the host (training/feed.py gathers each step's images); else on every device
     step_data = host_data if host_batches else jax.tree.map(lambda a: replicate(a, mesh), host_data)
     tr = config.train
-    step_cfg = StepConfig(batch_id=tr.batch_id, batch_ood=tr.batch_ood if ood_set is not None else 0,
-                          pad=config.data.pad, flip=config.data.flip, mean=tuple(config.data.mean),
-                          std=tuple(config.data.std), lambda_jd=config.oe.lambda_jd, eta=eta, tau=config.method.tau,
-                          bn_mode=config.oe.bn_mode, host_batches=host_batches)
+    own = recipe.schedule
+    steps, batch_id, optim_cfg = tr.steps, tr.batch_id, config.optim.to_dict()
+    pad, flip = config.data.pad, config.data.flip
+    if own is not None:
+        steps, batch_id, optim_cfg = own.steps, own.batch(len(data.train), len(mesh.devices.flat)), own.optim(optim_cfg)
+        pad, flip = (pad, flip) if own.augment else (0, False)
+        log(f"[{arm}] the method's own fine-tuning: {steps} steps of {batch_id} ID images, lr {own.lr:g}, "
+            f"augmentation {'on' if own.augment else 'off'}")
+    step_cfg = StepConfig(batch_id=batch_id, batch_ood=tr.batch_ood if ood_set is not None else 0,
+                          pad=pad, flip=flip, mean=tuple(config.data.mean),
+                          std=tuple(config.data.std), lambda_jd=settings.lambda_jd, eta=eta, tau=config.method.tau,
+                          bn_mode=settings.bn_mode, host_batches=host_batches)
     # early stopping on held-out OOD agreement: OE arms (the default), or every arm (oe.early_stopping_arms=all)
     early = (config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
-             and heldout_pred is not None)
-    loop = LoopConfig(steps=tr.steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early else 0,
+             and heldout_pred is not None and (own is None or own.early_stopping))
+    loop = LoopConfig(steps=steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early else 0,
                       patience=config.oe.patience, ckpt_every=tr.ckpt_every,
                       max_nonfinite=tr.get("max_nonfinite", 10))
     heldout = (data.heldout.x, heldout_pred) if early else None
     return finetune(name=arm, workdir=adir, mesh=mesh, spec=spec, variables=variables, recipe=recipe,
                     teacher_spec=t_spec, teacher_variables=t_vars, data=step_data, step_cfg=step_cfg,
-                    optim_cfg=config.optim.to_dict(), loop=loop, seed=config.seed, heldout=heldout,
+                    optim_cfg=optim_cfg, loop=loop, seed=config.seed, heldout=heldout,
                     meta={"arm": arm, "spec": spec.to_dict(), "subset": data.subset})
 
 

@@ -29,6 +29,7 @@ import deconfound_cifar10  # noqa: E402
 import demo  # noqa: E402
 import large_cifar10  # noqa: E402
 import methods_cifar10  # noqa: E402
+import methods_sweep_cifar10  # noqa: E402
 import paper_cifar10  # noqa: E402
 import selection_cifar10  # noqa: E402
 
@@ -68,6 +69,45 @@ def test_selection_grid_validates():
     assert cells[0].arms == ("base", "oe", "oe_complement", "oe_confidence", "resample", "logit_adjust")
     for cell in cells:
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
+
+
+def test_methods_sweep_grid_validates_on_the_val_split_at_each_methods_defaults():
+    from oefsmc_jax.config_validation import validate
+    from oefsmc_jax.methods import METHODS, resolve_oe
+
+    grid = methods_sweep_cifar10.get_config()
+    cells = expand(grid.groups)
+    assert {c.method for c in cells} == {"bp", "kd", "mir", "practise", "fskd", "cd"}
+    assert {c.seed for c in cells} == {0, 1, 2} and len({c.id for c in cells}) == len(cells)
+    assert {c.group for c in cells if c.method == "mir"} == {f"sweep_mir_{g}" for g in ("default", "eta", "lambda",
+                                                                                         "bn")}
+    assert {"sweep_cd_share", "sweep_fskd_share", "sweep_practise_share", "sweep_fskd_target"} <= {c.group
+                                                                                                  for c in cells}
+    for cell in cells:
+        c = cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho)
+        assert c.eval.split == "val"
+        validate(c, num_devices=4)
+        if not cell.overrides:  # the reference cells run each method's own defaults and recipe
+            assert resolve_oe(c, METHODS[cell.method]) == METHODS[cell.method].oe_defaults
+            assert (c.method.cd.finetune, c.method.cd.batch_size, c.method.fskd.fold) == ("official", 0, "export")
+
+
+def test_committed_grids_pin_the_settings_they_ran_with():
+    """The committed records reproduce: eta 0.1 for every OOD arm (MiR and PRACTISE too), BN joint, 1/count
+    calibration weights, CD with the project's loop on a 128-row subset, FSKD folded at each solve."""
+    import confirm_cifar10
+
+    from oefsmc_jax.methods import METHODS, resolve_oe
+
+    for module in (paper_cifar10, selection_cifar10, methods_cifar10, deconfound_cifar10, large_cifar10,
+                   confirm_cifar10):
+        b = module.get_config().base
+        for cls in METHODS.values():
+            s = resolve_oe(b, cls)
+            assert (s.eta, s.bn_mode, s.calibration_ood_share) == (0.1, "joint", None), module.__name__
+        assert b.oe.lambda_jd == (1.0 if module is paper_cifar10 else 0.3), module.__name__
+        assert (b.method.cd.finetune, b.method.cd.batch_size, b.method.fskd.fold, b.method.fskd.target) == (
+            "ce", 128, "solve", "branch"), module.__name__
 
 
 def test_methods_grid_validates():

@@ -12,11 +12,14 @@ from typing import Any
 from oefsmc_jax.errors import fail
 from oefsmc_jax.methods.base import (
     CompressionContext,
+    FinetuneSchedule,
     Method,
+    OESettings,
     Recipe,
     Stage,
     chain,
     prune_ratios,
+    resolve_oe,
 )
 from oefsmc_jax.methods.cd import CD
 from oefsmc_jax.methods.fskd import FSKD
@@ -45,5 +48,6 @@ def build_method(cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
     return METHODS[name].from_config(cfg, spec)
 
 
-__all__ = ["BP", "CD", "FSKD", "KD", "METHODS", "PRACTISE", "Calibration", "CompressionContext", "Method", "MiR",
-           "Recipe", "Stage", "Supervised", "build_method", "chain", "prune_ratios"]
+__all__ = ["BP", "CD", "FSKD", "KD", "METHODS", "PRACTISE", "Calibration", "CompressionContext", "FinetuneSchedule",
+           "Method", "MiR", "OESettings", "Recipe", "Stage", "Supervised", "build_method", "chain", "prune_ratios",
+           "resolve_oe"]

@@ -36,6 +36,93 @@ from oefsmc_jax.oe.calibration import Calibration
 
 Stage = Callable[[ArchSpec, dict, "CompressionContext"], tuple[ArchSpec, dict]]
 DISTILL = ("logits", "features")
+BN_MODES = ("joint", "separate")
+#: the value of ``oe.lambda_jd``/``oe.eta`` (-1) and ``oe.bn_mode``/``oe.calibration_ood_share`` ("method") that
+#: means "the method's own default" (``Method.oe_defaults``); :func:`resolve_oe` replaces it
+METHOD_DEFAULT_NUMBER = -1.0
+METHOD_DEFAULT = "method"
+#: ``oe.calibration_ood_share`` value for the plain ``1 / count(label)`` weighting over ID and OOD rows together
+SHARE_COUNT = "count"
+
+
+@dataclasses.dataclass(frozen=True)
+class OESettings:
+    """OE-FSMC's settings for one method (method.md §3-§4): joint-distillation weight ``lambda_jd``, regulariser
+    weight ``eta`` (0 = R off), the student's BatchNorm mode on ID ∪ OOD (``bn_mode``), and the total weight of
+    the OOD rows in every compression-stage objective (``calibration_ood_share``: a fraction in [0, 1), or None
+    for ``1 / count(label)`` over ID and OOD rows together, which leaves the OOD share to the counts)."""
+
+    lambda_jd: float = 0.3
+    eta: float = 0.1
+    bn_mode: str = "joint"
+    calibration_ood_share: float | None = None
+
+    def __post_init__(self) -> None:
+        for f in ("lambda_jd", "eta"):
+            if not getattr(self, f) >= 0:
+                fail(f"oe.{f}", f"must be >= 0 (0 switches the term off) or -1 (the method's default), "
+                                f"got {getattr(self, f)}")
+        if self.bn_mode not in BN_MODES:
+            fail("oe.bn_mode", f"must be one of {', '.join(BN_MODES)} or '{METHOD_DEFAULT}' (the method's "
+                               f"default), got {self.bn_mode!r}")
+        s = self.calibration_ood_share
+        if s is not None and not 0.0 <= s < 1.0:
+            fail("oe.calibration_ood_share", f"must be a fraction in [0, 1), '{SHARE_COUNT}' or "
+                                             f"'{METHOD_DEFAULT}', got {s!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict (share None written as 'count')."""
+        d = dataclasses.asdict(self)
+        if d["calibration_ood_share"] is None:
+            d["calibration_ood_share"] = SHARE_COUNT
+        return d
+
+
+def parse_share(value: Any) -> float | None | str:
+    """``oe.calibration_ood_share`` as given: ``METHOD_DEFAULT``, None (``count``) or a float; a bad value fails
+    with one line naming the field."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in (METHOD_DEFAULT, ""):
+            return METHOD_DEFAULT
+        if v in (SHARE_COUNT, "as_now"):
+            return None
+        try:
+            value = float(v)
+        except ValueError:
+            fail("oe.calibration_ood_share", f"{value!r} is not allowed; a fraction in [0, 1) such as 0.25, "
+                                             f"'{SHARE_COUNT}' (1 / count(label) over all rows) or "
+                                             f"'{METHOD_DEFAULT}' (the method's default)")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail("oe.calibration_ood_share", f"{value!r} is not allowed; a fraction in [0, 1), '{SHARE_COUNT}' or "
+                                         f"'{METHOD_DEFAULT}'")
+    if not 0.0 <= float(value) < 1.0:
+        fail("oe.calibration_ood_share", f"must be a fraction in [0, 1), '{SHARE_COUNT}' or '{METHOD_DEFAULT}', "
+                                         f"got {value!r}")
+    return float(value)
+
+
+def resolve_oe(config: Any, method: Method | type[Method]) -> OESettings:
+    """OE-FSMC's settings of a run: ``config.oe.lambda_jd``, ``eta``, ``bn_mode`` and ``calibration_ood_share``,
+    each replaced by ``method.oe_defaults`` where it holds the sentinel (-1 / 'method'). The one place these
+    fields are read; a bad value fails with one line naming the field."""
+    oe = config.oe if hasattr(config, "oe") else config["oe"]
+    get = oe.get if hasattr(oe, "get") else (lambda k, d=None: oe[k] if k in oe else d)
+    d = method.oe_defaults
+
+    def number(field: str, default: float) -> float:
+        v = get(field, METHOD_DEFAULT_NUMBER)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            fail(f"oe.{field}", f"must be a number >= 0, or -1 for the method's default, got {v!r}")
+        return default if float(v) == METHOD_DEFAULT_NUMBER else float(v)
+
+    bn = str(get("bn_mode", METHOD_DEFAULT))
+    share = parse_share(get("calibration_ood_share", METHOD_DEFAULT))
+    return OESettings(lambda_jd=number("lambda_jd", d.lambda_jd), eta=number("eta", d.eta),
+                      bn_mode=d.bn_mode if bn == METHOD_DEFAULT else bn,
+                      calibration_ood_share=d.calibration_ood_share if share == METHOD_DEFAULT else share)
 
 
 def chain(*stages: Stage) -> Stage:
@@ -50,6 +137,39 @@ def chain(*stages: Stage) -> Stage:
 
 
 @dataclasses.dataclass(frozen=True)
+class FinetuneSchedule:
+    """A method's own fine-tuning loop, replacing ``train.steps``/``train.batch_id``/``optim.*``, the augmentation
+    and early stopping of the project's generic loop for this method (e.g. CD's official short fine-tuning).
+
+    ``batch_id = 0`` is full-batch: every ID image each step, at most ``max_batch`` (rounded down to a multiple of
+    the device count). SGD with momentum and coupled weight decay, lr x ``decay_factor`` at each ``decay_at``
+    fraction of ``steps``. OE-FSMC's terms, when the arm has them, are added in the same loop.
+    """
+
+    steps: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_at: tuple[float, ...] = (0.5, 0.75)
+    decay_factor: float = 0.1
+    batch_id: int = 0
+    max_batch: int = 128
+    augment: bool = False
+    early_stopping: bool = False
+
+    def optim(self, base: Mapping[str, Any]) -> dict[str, Any]:
+        """``base`` (``config.optim``) with this schedule's optimizer settings."""
+        return {**dict(base), "name": "sgd", "lr": self.lr, "momentum": self.momentum, "nesterov": False,
+                "weight_decay": self.weight_decay, "schedule": "step", "warmup_steps": 0,
+                "decay_at": tuple(self.decay_at), "decay_factor": self.decay_factor}
+
+    def batch(self, n: int, num_devices: int) -> int:
+        """The ID batch for a set of ``n`` images on ``num_devices`` devices."""
+        b = self.batch_id if self.batch_id > 0 else min(n, self.max_batch)
+        return max(num_devices, b - b % num_devices)
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     """How a method fine-tunes its student (method.md §4-5). Hashable, so equal recipes share a compiled step.
 
@@ -57,7 +177,8 @@ class Recipe:
     outputs have ``logits`` and ``features``; ``label_loss(logits, labels)`` is the supervised term, which the
     ``logit_adjust`` arm replaces). ``distill`` is the signal of OE-FSMC's joint distillation: ``logits``
     (``tau^2 KL``) or ``features`` (pre-GAP MSE). ``frozen`` names top-level parameter modules that get neither
-    updates nor weight decay (MiR's classifier).
+    updates nor weight decay (MiR's classifier). ``schedule``, when set, is the method's own fine-tuning loop
+    (:class:`FinetuneSchedule`) instead of the project's.
     """
 
     loss: Callable[..., Any]
@@ -67,6 +188,7 @@ class Recipe:
     needs_teacher: bool = True
     uses_labels: bool = True
     label_loss: Callable[[Any, Any], Any] = CrossEntropy()
+    schedule: FinetuneSchedule | None = None  # the method's own loop; None: the project's (train.*, optim.*)
 
     def __post_init__(self) -> None:
         if self.distill not in DISTILL:
@@ -174,6 +296,12 @@ class Method:
 
     name: ClassVar[str] = ""
     uses_calibration: ClassVar[bool] = False  # True if a compression stage reads the calibration set
+    #: OE-FSMC's settings for this method where the config leaves them at the sentinel (:func:`resolve_oe`). The
+    #: base values are the project's: lambda_jd 0.3 and eta 0.1 from the KD sweep of configs/paper_cifar10.py.
+    #: Per-method values are to be chosen by the validation sweep of configs/methods_sweep_cifar10.py (groups
+    #: ``sweep_<method>_*``), which has not been run: until then every method keeps these, except the label-free
+    #: recipes (MiR, PRACTISE), whose R is off.
+    oe_defaults: ClassVar[OESettings] = OESettings()
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> Method:

@@ -33,6 +33,8 @@ Deviations from the official code (each documented where it happens):
   more than k.  Here channels are ranked by (currently kept first, norm descending, lower channel index first) with
   a stable sort and exactly ``k_i`` are kept.  Identical to the official rule whenever the k-th and (k+1)-th
   largest norms differ; it also never revives a channel pruned earlier.
+* **Exactly k** [choice]: in the official code about a third of the projections keep k - 1 channels instead of k,
+  through float rounding in its top-k threshold; this port always keeps exactly ``k_i`` (the ranking below).
 * **Mask** [choice]: the official code rebuilds the mask from the non-zero columns at every step of the first
   third; here the mask is the selected top-k set.  The two agree unless a selected column is exactly zero
   (degenerate), in which case the official code would drop it and the kept count would fall below the target.

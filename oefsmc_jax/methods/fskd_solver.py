@@ -10,7 +10,8 @@ This module holds the pure pieces; the layer-by-layer loop over real activations
 
 * :func:`weighted_lstsq` -- ``Q = argmin ||sqrt(W) (Z Q - T)||_F^2`` (per-sample weights, no ridge/bias);
 * :func:`fold_bn_correction` -- rewrite ``conv -> BN -> Q`` as ``conv' -> identity BN`` (eval mode);
-* :func:`correction_points` -- the (conv, bn, width) positions where FSKD puts a ``Q``, in network order.
+* :func:`correction_points` -- the (conv, bn, width) positions where FSKD puts a ``Q``, in network order;
+* :func:`fold_corrections` -- fold every unfolded ``Q`` layer of a model (``spec.corrections``) at export.
 
 Orientation: activations are NHWC rows, the corrected activation is ``z @ Q`` with ``Q`` of shape
 ``[C_in, C_out]`` (the transpose of the official PyTorch 1x1 weight ``Xᵀ``).
@@ -18,6 +19,7 @@ Orientation: activations are NHWC rows, the corrected activation is ``z @ Q`` wi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -45,12 +47,11 @@ def weighted_lstsq(z: Any, t: Any, weights: Any = None) -> np.ndarray:
     sample ``i``'s squared error counts ``w_i`` times.  ``weights=None`` is the plain (official) problem;
     equal weights give the same solution; a zero weight removes the sample.
 
-    No ridge, no bias (as ``vggprune_pruning.py`` L240-248).  The solve runs on the host in float64 with
-    ``np.linalg.lstsq(rcond=None)`` (SVD based; the minimum-norm solution if ``Z`` is rank deficient), not in
-    float32 as the official code: ``Z`` holds post-BN activations of strongly correlated channels, so
-    ``Z^T Z`` can be badly conditioned and float32 loses digits there, while the cost is irrelevant --
-    this is a one-off compression stage on an ``(N*H*W) x C`` matrix, run once per layer outside any jit.
-    The corrected activation is ``z @ Q``.
+    No ridge, no bias (as ``vggprune_pruning.py`` L240-248).  The solve runs on the host with
+    ``np.linalg.lstsq(rcond=None)`` (SVD based; the minimum-norm solution if ``Z`` is rank deficient) on float64
+    inputs.  The official code passes float32 arrays to the same NumPy call, which computes in float64 as well
+    (NumPy's LAPACK wrappers solve real float32 problems in double precision and round the result back), so the
+    solves agree up to the rounding of the inputs and of the result.  The corrected activation is ``z @ Q``.
     """
     z = np.asarray(z, dtype=np.float64)
     t = np.asarray(t, dtype=np.float64)
@@ -191,4 +192,30 @@ def correction_points(spec: ArchSpec, block_output: bool = False) -> list[Correc
     return points
 
 
-__all__ = ["BN_EPSILON", "CorrectionPoint", "correction_points", "fold_bn_correction", "weighted_lstsq"]
+def correction_param(pt: CorrectionPoint) -> Path:
+    """The parameter path of the unfolded ``Q`` after ``pt.bn`` (``spec.corrections`` models)."""
+    return (*pt.bn[:-1], f"q_{pt.bn[-1]}")
+
+
+def fold_corrections(spec: ArchSpec, variables: Mapping[str, Any]) -> tuple[ArchSpec, dict[str, Any]]:
+    """Fold every unfolded 1x1 correction ``q_<bn>`` of a ``spec.corrections`` model into its conv + BN pair
+    (:func:`fold_bn_correction`: exact in eval mode) and drop it; a ``Q`` that is exactly the identity is dropped
+    without folding. Returns the model unchanged when ``spec.corrections`` is empty."""
+    if not spec.corrections:
+        return spec, dict(variables)
+    out = _copy(variables)
+    plain = dataclasses.replace(spec, corrections=())
+    for pt in correction_points(spec, block_output=True):
+        if pt.bn[-1] not in spec.corrections:
+            continue
+        path = correction_param(pt)
+        block = _get(out["params"], path[:-1])
+        q = np.asarray(block.pop(path[-1]))
+        if not np.array_equal(q, np.eye(q.shape[0], dtype=q.dtype)):
+            _, out = fold_bn_correction(plain, out, pt.conv, pt.bn, q)
+            out = _copy(out)
+    return plain, jax.tree.map(jnp.asarray, out)
+
+
+__all__ = ["BN_EPSILON", "CorrectionPoint", "correction_param", "correction_points", "fold_bn_correction",
+           "fold_corrections", "weighted_lstsq"]

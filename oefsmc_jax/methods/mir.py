@@ -8,7 +8,9 @@ of the optimizer). The official schedule is SGD lr 0.02, momentum 0.9, wd 1e-4, 
 at 40 % and 80 % (``optim.schedule=step``, ``optim.decay_at=(0.4, 0.8)``).
 
 MiR's compression is label-free, so OE-FSMC's calibration set does not change it; OE-FSMC enters through the
-fine-tuning stage (joint feature distillation on ID ∪ OOD and the regulariser, method.md §4). baselines.md §6 also
+fine-tuning stage (joint feature distillation on ID ∪ OOD, method.md §4). Its regulariser R is off by default
+(``MiR.oe_defaults``: eta 0): with the classifier frozen and no labels in the recipe, R's cross-entropy on random
+complementary labels can only move the backbone's features towards random classes. baselines.md §6 also
 suggests class-weighting MiR's own loss; this port keeps the base loss unweighted in every arm, like BP's and KD's,
 so that the arms differ only in OE-FSMC's terms.
 """
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
 from oefsmc_jax import losses
-from oefsmc_jax.methods.base import Method, Recipe, Stage, prune_ratios
+from oefsmc_jax.methods.base import Method, OESettings, Recipe, Stage, prune_ratios
 from oefsmc_jax.methods.l1 import l1_prune_stage
 from oefsmc_jax.models import ArchSpec
 
@@ -44,6 +46,9 @@ class MiR(Method):
 
     prune_ratio: tuple[float, ...] = (0.5,)
     name = "mir"
+    # R off: the recipe is label-free and the classifier frozen, so CE on random complementary labels can only
+    # push the backbone's features towards random classes (set oe.eta to switch it on)
+    oe_defaults: ClassVar[OESettings] = OESettings(eta=0.0)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> MiR:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ from jax import lax
 
 from oefsmc_jax.data.augment import augment_batch, normalize
 from oefsmc_jax.errors import fail
-from oefsmc_jax.methods.base import CompressionContext, Method, Recipe, Stage, hparams_from, sub_config
+from oefsmc_jax.methods.base import CompressionContext, Method, OESettings, Recipe, Stage, hparams_from, sub_config
 from oefsmc_jax.methods.fit import fit
 from oefsmc_jax.methods.mir import MIR_RECIPE
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, drop_blocks, droppable_blocks, shrink
@@ -387,6 +387,7 @@ class PRACTISE(Method):
 
     params: PractiseParams = PractiseParams(k=1)
     name = "practise"
+    oe_defaults: ClassVar[OESettings] = OESettings(eta=0.0)  # R off: the MiR recipe is label-free (see mir.py)
     uses_calibration = True
 
     def __post_init__(self) -> None:

@@ -45,6 +45,16 @@ def mask_variable(module: nn.Module, name: str, width: int) -> Array:
     return module.variable("masks", name, lambda: jnp.ones((width,), jnp.float32)).value
 
 
+def correction(module: nn.Module, bn_name: str, y: Array, corrections: tuple[str, ...]) -> Array:
+    """``y @ Q`` with the block's identity-initialised square parameter ``q_<bn_name>`` when ``bn_name`` is in
+    ``corrections`` (FSKD's unfolded 1x1 correction after that BN); else ``y`` unchanged."""
+    if bn_name not in corrections:
+        return y
+    w = y.shape[-1]
+    q = module.param(f"q_{bn_name}", lambda key, shape: jnp.eye(shape[0], dtype=jnp.float32), (w, w))
+    return jnp.einsum("...c,cd->...d", y, q.astype(y.dtype))
+
+
 class ResidualBlock(nn.Module):
     """Basic (conv3x3-conv3x3) or bottleneck (1x1-3x3-1x1, stride on the 3x3) residual block.
 
@@ -59,6 +69,7 @@ class ResidualBlock(nn.Module):
     shortcut: str
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    corrections: tuple[str, ...] = ()
 
     @property
     def identity(self) -> bool:
@@ -70,7 +81,11 @@ class ResidualBlock(nn.Module):
         """Apply the block to an NHWC map."""
         masks = [mask_variable(self, f"mask{j}", w) for j, w in enumerate(self.widths)]
         gate = self.variable("masks", "gate", lambda: jnp.ones((), jnp.float32)).value
-        bn = lambda name: batch_norm(train, self.bn_axis_name, name, self.dtype)
+        corr = self.corrections
+
+        def bn(name):
+            return lambda y: correction(self, name, batch_norm(train, self.bn_axis_name, name, self.dtype)(y), corr)
+
         if self.kind == "basic":
             y = conv(self.widths[0], 3, self.stride, "conv1", self.dtype)(x)
             y = nn.relu(bn("bn1")(y) * masks[0].astype(y.dtype))
@@ -131,6 +146,7 @@ class ResNet(nn.Module):
                 shortcut=spec.shortcut,
                 bn_axis_name=self.bn_axis_name,
                 dtype=self.dtype,
+                corrections=spec.corrections,
                 name=spec.block_name(s, b),
             )(x, train)
         features = x

@@ -57,6 +57,9 @@ class ArchSpec:
     kept: tuple[tuple[bool, ...], ...]
     shortcut: str = "A"
     vgg_classifier: tuple[int, ...] = ()
+    # BatchNorm modules of every block (e.g. ("bn1", "bn2"); VGG ("bn",)) followed by a square 1x1 correction
+    # ``q_<bn>`` (FSKD's Q kept as its own layer while fine-tuning; folded at export, then empty again)
+    corrections: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -66,6 +69,7 @@ class ArchSpec:
         set_("stage_widths", _int_tuple(self.stage_widths, "stage_widths"))
         set_("stage_strides", _int_tuple(self.stage_strides, "stage_strides"))
         set_("vgg_classifier", _int_tuple(self.vgg_classifier, "vgg_classifier"))
+        set_("corrections", tuple(str(c) for c in self.corrections))
         try:
             inner = tuple(tuple(_int_tuple(w, "inner_widths") for w in st) for st in self.inner_widths)
             kept = tuple(tuple(st) for st in self.kept)
@@ -206,8 +210,12 @@ class ArchSpec:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Plain-dict form (tuples stay tuples; json turns them into lists)."""
-        return dataclasses.asdict(self)
+        """Plain-dict form (tuples stay tuples; json turns them into lists); ``corrections`` only when set, so a
+        spec without them serialises as before the field existed."""
+        d = dataclasses.asdict(self)
+        if not d["corrections"]:
+            del d["corrections"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ArchSpec:

@@ -259,6 +259,9 @@ def shrink(spec: ArchSpec, variables: Variables) -> tuple[ArchSpec, dict[str, An
     and non-zero gates are folded into the BN scale/bias (mask) or the branch's last BN (gate), so the
     returned masks and gates are all ones.  Requires concrete (non-traced) variables.
     """
+    if spec.corrections and any(np.any(np.asarray(m) == 0) for m in jax.tree.leaves(variables["masks"])):
+        raise ValueError("shrink: a model with unfolded 1x1 corrections (spec.corrections) cannot drop masked "
+                         "channels or blocks; fold them first (methods.fskd_solver.fold_corrections)")
     out = _copy(variables)
     masks = out["masks"]
     kept = [list(st) for st in spec.kept]

@@ -11,7 +11,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from oefsmc_jax.models.resnet import batch_norm, conv, mask_variable
+from oefsmc_jax.models.resnet import batch_norm, conv, correction, mask_variable
 from oefsmc_jax.models.spec import ArchSpec
 
 Array = Any
@@ -24,13 +24,14 @@ class VGGLayer(nn.Module):
     width: int
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    corrections: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         """Apply the layer to an NHWC map."""
         mask = mask_variable(self, "mask0", self.width)
         y = conv(self.width, 3, 1, "conv", self.dtype)(x)
-        y = batch_norm(train, self.bn_axis_name, "bn", self.dtype)(y)
+        y = correction(self, "bn", batch_norm(train, self.bn_axis_name, "bn", self.dtype)(y), self.corrections)
         return nn.relu(y * mask.astype(y.dtype))
 
 
@@ -53,7 +54,8 @@ class VGG(nn.Module):
         for s in range(spec.num_stages):
             for i in range(len(spec.inner_widths[s])):
                 layer = VGGLayer(
-                    spec.inner_widths[s][i][0], self.bn_axis_name, self.dtype, name=spec.block_name(s, i)
+                    spec.inner_widths[s][i][0], self.bn_axis_name, self.dtype, spec.corrections,
+                    name=spec.block_name(s, i)
                 )
                 x = layer(x, train)
             if spec.stage_strides[s] == 2:

@@ -53,7 +53,7 @@ class Arm:
     id_sampling: str = "uniform"  # uniform | class_balanced
     logit_adjust: bool = False
     count: str = "rule"  # rule: the rule's own count; teacher_complement: as many as the teacher complement picks
-    reg: str = "rule"  # rule: R as the rule has it (oe.eta random, oe.selection_eta teacher-guided); on; off
+    reg: str = "rule"  # rule: R as the rule has it (the method's eta random, oe.selection_eta teacher-guided); on; off
     fixed_labels: bool = False  # R's labels: the class each image was chosen for (else drawn from Gamma each step)
 
     @property
@@ -61,13 +61,14 @@ class Arm:
         """Whether the arm needs the teacher's probabilities on the pool (its rule or its count)."""
         return self.uses_ood and (self.ood.startswith("teacher_") or self.count == "teacher_complement")
 
-    def eta(self, config: Any) -> float:
-        """The weight of OE-FSMC's regulariser R in this arm."""
+    def eta(self, config: Any, eta: float) -> float:
+        """The weight of OE-FSMC's regulariser R in this arm; ``eta`` is the method's (``methods.resolve_oe``:
+        ``oe.eta``, or the method's default where it is -1)."""
         if self.reg == "on":
-            return float(config.oe.eta)
+            return float(eta)
         if self.reg == "off":
             return 0.0
-        return float(config.oe.selection_eta if self.selection(config).startswith("teacher_") else config.oe.eta)
+        return float(config.oe.selection_eta if self.selection(config).startswith("teacher_") else eta)
 
     @property
     def uses_ood(self) -> bool:
