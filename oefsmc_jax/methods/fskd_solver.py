@@ -116,8 +116,8 @@ def fold_bn_correction(
 
     The fold is exact in EVAL mode only.  In train mode BN normalises with batch statistics, which
     re-standardise the new conv output and discard ``b @ Q`` and any mixing-induced shift/scale, so the
-    folded net is not the corrected net there; this is why FSKD's optional fine-tuning is off by default
-    (fine-tuning after FSKD should train ``Q`` as its own layer and fold at export).
+    folded net is not the corrected net there; this is why FSKD keeps ``Q`` as its own layer through fine-tuning
+    by default (``method.fskd.fold=export``, :func:`fold_corrections` at export).
 
     ``Q`` must be square ``[C, C]`` with ``C`` the BN's current width (on a pruned model: ``shrink`` first,
     the fold then works on the kept width only).  A BN whose channels are masked to 0 is refused, because
