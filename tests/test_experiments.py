@@ -406,11 +406,12 @@ def test_pools_compare_the_same_contrasts_per_pool_and_plot_them(tmp_path):
     def recs(offset, arms):
         base = {"base": [40, 42, 41], "oe": [45, 44, 46], "oe_random_matched": [47, 46, 45], "oe_complement": [50, 52,
                                                                                                               51]}
-        return [{"group": "factorial", "method": "kd", "arch": "r", "per_class": 10, "mode": "exp", "seed": s,
-                 "arm": a, "metrics": {"top1": base[a][s] + (offset if a == "oe_complement" else 0)}}
+        return [{"group": "factorial", "cell": f"kd-s{s}", "method": "kd", "arch": "r", "per_class": 10,
+                 "mode": "exp", "seed": s, "arm": a,
+                 "metrics": {"top1": base[a][s] + (offset if a == "oe_complement" else 0)}}
                 for a in arms for s in range(3)] + [
-            {"group": "sweep", "method": "kd", "arch": "r", "per_class": 10, "mode": "exp", "seed": 0, "arm": "oe",
-             "metrics": {"top1": 0.0}}]  # another group: left out by --group
+            {"group": "sweep", "cell": "kd-sweep-s0", "method": "kd", "arch": "r", "per_class": 10, "mode": "exp",
+             "seed": 0, "arm": "oe", "metrics": {"top1": 0.0}}]  # another group: left out by --group
 
     for name, offset, arms in [("tiny", 0, ("base", "oe", "oe_random_matched", "oe_complement")),
                                ("dtd", -6, ("base", "oe", "oe_complement"))]:
