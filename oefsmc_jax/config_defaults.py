@@ -21,39 +21,53 @@ def source(kind: str, image_size: int, **fields: Any) -> ml_collections.ConfigDi
     return ml_collections.ConfigDict({"kind": kind, "image_size": image_size, "channels": 3, **fields})
 
 
-def method_params() -> dict[str, dict[str, Any]]:
-    """The default sub-config of every method that has its own hyper-parameters (``config.method.NAME``)."""
-    import dataclasses
-
+def method_param_classes() -> dict[str, type]:
+    """The hyper-parameter dataclass of every method that has its own sub-config (``config.method.NAME``)."""
     from oefsmc_jax.methods.cd import CDParams
     from oefsmc_jax.methods.fskd import FSKDParams
     from oefsmc_jax.methods.practise import PractiseParams
 
-    return {"practise": dataclasses.asdict(PractiseParams()), "fskd": dataclasses.asdict(FSKDParams()),
-            "cd": dataclasses.asdict(CDParams())}
+    return {"practise": PractiseParams, "fskd": FSKDParams, "cd": CDParams}
+
+
+def method_params() -> dict[str, dict[str, Any]]:
+    """The default sub-config of every method that has its own hyper-parameters (``config.method.NAME``)."""
+    import dataclasses
+
+    return {name: dataclasses.asdict(cls()) for name, cls in method_param_classes().items()}
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default value."""
     c = ml_collections.ConfigDict()
-    c.title = "few-sample compression"
-    c.seed = 0
+    c.title = "few-sample compression"  # the heading of report.md
+    c.seed = 0  # seeds the subsets, the OOD draw, initialisation and the step keys
     c.num_devices = 0  # 0 = all visible devices
     c.compile_cache = ""  # persistent XLA cache: "" = $OEFSMC_COMPILE_CACHE or ~/.cache/oefsmc_jax/xla; "off"
-    c.cpu_fusion = ""  # XLA:CPU YNNPACK fusion (training/xla_cpu.py): "" = $OEFSMC_CPU_FUSION or exact; fast; off
+    c.cpu_fusion = ""  # XLA:CPU YNNPACK fusion (training/xla_cpu.py): "" = $OEFSMC_CPU_FUSION or exact; fast
+    # (changes the gradients: opt-in only); off (XLA's own emitters). Ignored off the CPU
     c.cpu_wgrad = ""  # 3x3 filter gradients on a CPU (kernels/cpu_conv.py): "" = $OEFSMC_CPU_WGRAD or xla; kernel
-    c.arms = "base,oe"  # comma-separated: base (method alone), oe (method + OE-FSMC), oe_complement and
-    # oe_confidence (OE-FSMC with teacher-guided OOD selection, method.md §4b), and the no-OOD rebalancing
-    # baselines resample (class-balanced sampling of the ID images) and logit_adjust (logit-adjusted CE)
+    # (a hand-written C++ kernel built on first use with the system compiler; its float32 rounding differs from
+    # xla's). Ignored off the CPU
+    c.arms = "base,oe"  # comma-separated, all on the same subset (the table ARMS in oe/arms.py): base (method
+    # alone), oe (method + OE-FSMC), oe_complement and oe_confidence (OE-FSMC with teacher-guided OOD selection,
+    # method.md §4b), oe_random_matched / oe_random_matched_r (random OOD images at the teacher complement's count,
+    # R off / on), oe_complement_r (teacher complement with R on, labels = the class each image was chosen for),
+    # and the no-OOD rebalancing baselines resample (class-balanced sampling of the ID images) and logit_adjust
+    # (logit-adjusted CE)
 
     c.data = ml_collections.ConfigDict()
     c.data.num_classes = 10
-    c.data.class_names = ()
-    c.data.image_size = 32
-    c.data.mean = IMAGENET_MEAN
+    c.data.class_names = ()  # names for the report (empty: class indices)
+    c.data.image_size = 32  # the model's input side; sources are resized to it
+    c.data.mean = IMAGENET_MEAN  # per-channel normalisation after x / 255
     c.data.std = IMAGENET_STD
     c.data.pad = 4  # random-crop padding (0 = off)
     c.data.flip = True  # random horizontal flip
+
+    # Each source is a kind and its fields (oefsmc_jax/data/sources.py): npz (path, x_key, y_key; exclude_classes
+    # with class_key leaves out the images of listed classes), tfds (name, split, data_dir, lazy, max_examples,
+    # center_crop_fraction), digits (split), sklearn_photos (num_images, seed, grayscale)
     c.data.id = source("npz", 32, path="", split="")  # training split the few-sample set is drawn from
     c.data.test = source("npz", 32, path="", split="")  # balanced evaluation split (never trained on)
     c.data.ood = source("npz", 32, path="", split="")  # OOD pool
@@ -67,13 +81,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.subset.seed = 0
 
     c.arch = ml_collections.ConfigDict()
-    c.arch.name = "resnet20"
+    c.arch.name = "resnet20"  # resnet<6n+2> (CIFAR) | vgg16 | imagenet_resnet18 / 34 / 50
     c.arch.shortcut = "A"  # CIFAR ResNets: A (zero-pad, as the pretrained teachers) | B (1x1 conv)
     c.arch.widths = (16, 32, 64)  # CIFAR ResNets: stage widths
 
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.checkpoint = ""  # Orbax model directory; empty = train one on data.id (cached in the workdir)
-    c.teacher.steps = 1000
+    c.teacher.checkpoint = ""  # Orbax model directory (import-teacher), or a pretrained .npz / .th / .pt of
+    # either CIFAR family (akamaster option A, chenyaofo option B; told apart by their keys); empty = train one on
+    # data.id (cached in the workdir). A teacher whose own normalisation differs from data.mean / data.std is refused
+    c.teacher.steps = 1000  # training a teacher from scratch, with teacher.batch_size and teacher.optim
     c.teacher.batch_size = 128
     c.teacher.optim = ml_collections.ConfigDict({"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True,
                                                  "weight_decay": 5e-4, "schedule": "cosine", "warmup_steps": 0,
@@ -81,10 +97,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.method = ml_collections.ConfigDict()
     c.method.name = "kd"  # bp | kd | mir | practise | fskd | cd (oefsmc_jax/methods/, one file each)
-    c.method.prune_ratio = 0.5  # fraction of each block's internal width pruned (float or one per stage)
-    c.method.kd_gamma = 0.9
-    c.method.tau = 4.0
-    c.method.latency = "macs"  # how compression stages get latency: measure (jitted forward) | macs (proxy)
+    c.method.prune_ratio = 0.5  # fraction of each block's internal width pruned (float or one per stage; CD keeps
+    # 1 - prune_ratio, one value)
+    c.method.kd_gamma = 0.9  # KD's mix: (1 - gamma) CE + gamma tau^2 KL
+    c.method.tau = 4.0  # KD temperature, also the temperature of OE-FSMC's joint distillation
+    c.method.latency = "macs"  # how compression stages get latency: measure (median of jitted forwards) | macs
+    # (the analytic MAC count, a deterministic proxy)
+
     # each method's own hyper-parameters, with the defaults of its dataclass (see the method's file)
     for name, params in method_params().items():
         c.method[name] = ml_collections.ConfigDict(params)
@@ -97,14 +116,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.oe.size_cap = 50000
     c.oe.alpha = -1.0  # -1 = max(beta) + min(beta); any alpha >= max(beta)
     c.oe.in_compression = True  # OOD images (with complementary labels) in the calibration set
-    # The next four default to a sentinel meaning "the method's own default" (Method.oe_defaults in the method's
-    # file; resolved in one place, oefsmc_jax.methods.resolve_oe): -1 for the numbers, "method" for the strings.
+
+    # This field and the three below default to a sentinel meaning "the method's own default" (Method.oe_defaults
+    # in the method's file; resolved in one place, oefsmc_jax.methods.resolve_oe): -1 for the numbers, "method"
+    # for the strings.
     # Today every method has lambda_jd 0.3 (the KD sweep of configs/paper_cifar10.py), eta 0.1 (0 for the
     # label-free MiR and PRACTISE), bn_mode joint and calibration_ood_share count; configs/methods_sweep_cifar10.py
     # declares the per-method validation sweep that is to set them.
     c.oe.lambda_jd = -1.0  # joint distillation weight (0 = off; -1 = the method's default) [choice]
     c.oe.eta = -1.0  # class-dependent regulariser R's weight (0 = off; -1 = the method's default) [choice]
-    c.oe.bn_mode = "method"  # joint: BN sees ID and OOD together (Outlier Exposure) | separate | method [choice]
+    c.oe.bn_mode = "method"  # joint: BN sees ID and OOD together (Outlier Exposure) | separate: BN statistics from
+    # ID only | method [choice]
+
     # total weight of the OOD rows in every compression-stage objective (PRACTISE's fit and recoverability, FSKD's
     # least squares, CD's layer terms): a fraction in [0, 1) written as a string ("0", "0.25": ID rows share 1 -
     # it, each part class-balanced by 1 / count(label) within it; "0" drops the OOD rows), "count" (1 / count(label)
@@ -113,9 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.oe.early_stopping = True  # stop on held-out OOD student-teacher agreement [choice]
     c.oe.early_stopping_arms = "ood"  # ood: only the arms with OOD images stop early | all: every arm does
     c.oe.heldout = 1000  # size of the held-out OOD slice
-    c.oe.eval_every = 50
-    c.oe.patience = 5
+    c.oe.eval_every = 50  # steps between two agreement checks
+    c.oe.patience = 5  # checks without improvement before the run stops (the best weights are kept)
     c.oe.selection = "random"  # the 'oe' arm's OOD subset: random (paper) | teacher_complement | teacher_confidence
+
     # c: ceil(c * (n_max - n_k)) images per class. Chosen on the validation split only (configs/deconfound_cifar10.py,
     # groups sweep_c*: KD, 10 per class, rho 10, 3 seeds, c in 1/2.5/5 x R off/on): the best mean validation top-1 was
     # c = 1 with R on (arm oe_complement_r), 62.0 %, against 60.4 % for c = 2.5 with R off, the earlier default that
@@ -125,23 +149,26 @@ def base_config() -> ml_collections.ConfigDict:
     c.oe.cache_dir = ""  # where the teacher's pool probabilities are cached ('' = WORKDIR/cache)
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 300
-    c.train.batch_id = 64  # B_id
-    c.train.batch_ood = 64  # B_ood [choice: B_id = B_ood]
+    c.train.steps = 300  # fine-tuning steps
+    c.train.batch_id = 64  # B_id, the global batch of ID images (divisible by the device count)
+    c.train.batch_ood = 64  # B_ood, the global batch of OOD images [choice: B_id = B_ood]
     c.train.log_every = 25
     c.train.ckpt_every = 100
-    c.train.max_nonfinite = 10  # consecutive non-finite (skipped) steps before the run stops, last good ckpt kept
+    c.train.max_nonfinite = 10  # consecutive non-finite (skipped) steps before the run stops with exit code 3, the
+    # last good checkpoint kept
     c.train.host_batches = "auto"  # on: gather each step's images on the host (training/feed.py); off: the ID set
     # and OOD pool live on every device; auto: on when they exceed train.device_pool_mb
-    c.train.device_pool_mb = 2048
+    c.train.device_pool_mb = 2048  # MiB, the threshold of host_batches=auto
 
+    # the fine-tuning optimizer: name sgd | adam | adamw; schedule cosine | step | constant; decay_at a fraction of
+    # the steps, or several (MiR's official (0.4, 0.8)), each multiplying lr by decay_factor (schedule step)
     c.optim = ml_collections.ConfigDict({"name": "sgd", "lr": 0.02, "momentum": 0.9, "nesterov": False,
                                          "weight_decay": 1e-4, "schedule": "cosine", "warmup_steps": 0,
                                          "decay_at": 0.4, "decay_factor": 0.1})
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 256
-    c.eval.latency = True
+    c.eval.latency = True  # measure teacher and student latency (median of jitted forwards)
     c.eval.split = "test"  # test: data.test | val: a balanced split of held-back ID training images (for tuning)
     c.eval.val_per_class = 100
     return c

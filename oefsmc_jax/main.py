@@ -30,7 +30,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="an ml_collections config file with get_config(arg), e.g. configs/cifar10.py:method=mir")
     p.add_argument("--config.FIELD=VALUE", dest="_override_help", action="store_true", default=argparse.SUPPRESS,
                    help="override any config field, e.g. --config.train.steps=500 --config.oe.lambda_jd=0.3 "
-                        "(repeatable; the README's configuration reference lists every field)")
+                        "(repeatable; docs/config.md lists every field)")
     p.add_argument("--workdir", required=True, metavar="DIR",
                    help="run directory: checkpoints, metrics, results.json per arm, report.md, per-class plot; "
                         "rerunning with the same workdir resumes")
@@ -272,7 +272,7 @@ run flags:
 examples:
 {examples}
 
-Every config field with its default: the README's configuration reference.
+Every config field with its default: docs/config.md.
 """
 
 
