@@ -151,24 +151,11 @@ def read_results(path: str | os.PathLike) -> list[dict]:
 
 
 def _append(path: paths.Path, records: list[dict]) -> None:
-    """Append ``records`` as whole lines (flushed and fsynced locally). A file that does not end in a newline (its
-    last append was torn) first gets one, so the torn bytes stay on their own line and the new records stay
-    readable; nothing that was there is removed."""
+    """Append ``records`` as whole lines through :func:`oefsmc_jax.paths.append_text` (fsynced locally; a torn last
+    line first gets its newline, so the torn bytes stay on their own line and nothing that was there is removed)."""
     text = "".join(json.dumps(r, default=str) + "\n" for r in records)
-    if not text:
-        return
-    if not paths.is_local(path):
-        old = path.read_bytes() if path.exists() else b""
-        paths.append_text(path, ("\n" if old and not old.endswith(b"\n") else "") + text)
-        return
-    with open(os.fspath(path), "a+b") as f:
-        if f.seek(0, os.SEEK_END) > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                text = "\n" + text
-        f.write(text.encode())
-        f.flush()
-        os.fsync(f.fileno())
+    if text:
+        paths.append_text(path, text)
 
 
 @workdir_lock.scope
