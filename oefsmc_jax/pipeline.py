@@ -176,7 +176,7 @@ def prepare_data(config: Any, workdir: paths.Path) -> RunData:
               "heldout_indices": held_idx.tolist(), "id_source": train.name, "test_source": test.name}
     previous = workdir / "subset.json"
     if previous.exists():
-        old = json.loads(previous.read_text())
+        old = paths.read_json(previous)  # a damaged file is named in one line
         if any(old.get(k) != subset[k] for k in ("counts", "id_indices", "id_source")) or (
                 uses_ood(config) and old.get("ood_indices") and old["ood_indices"] != subset["ood_indices"]):
             raise ConfigError(f"workdir {workdir} holds a run on a different few-sample or OOD subset (the data, "
@@ -297,8 +297,15 @@ def teacher_pool_probs(config: Any, workdir: paths.Path, mesh: Any, teacher: tup
     h.update(json.dumps([t_spec.to_dict(), list(config.data.mean), list(config.data.std)]).encode())
     cache = paths.as_path(config.oe.cache_dir or workdir / "cache") / f"pool_probs_{h.hexdigest()[:16]}.npy"
     if cache.exists():
-        log(f"teacher: reusing pool probabilities {cache}")
-        return paths.load_npy(cache, mmap=True)
+        try:
+            probs = paths.load_npy(cache, mmap=True)
+            if probs.shape == (len(pool), t_spec.num_classes):
+                log(f"teacher: reusing pool probabilities {cache}")
+                return probs
+            problem = f"shape {probs.shape}, expected {(len(pool), t_spec.num_classes)}"
+        except (ValueError, OSError, EOFError) as e:  # a damaged file: this run wrote it, so it is redone
+            problem = f"{type(e).__name__}: {str(e).strip()[:120]}"
+        log(f"teacher: the cached pool probabilities {cache} are unreadable ({problem}); computing them again")
     predict = predict_fn(mesh, t_spec, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
     # written into a local file as it is computed (the cache's sibling, or a temporary file when the cache is remote)
     if paths.is_local(cache):
@@ -321,6 +328,8 @@ def teacher_pool_probs(config: Any, workdir: paths.Path, mesh: Any, teacher: tup
     del out
     if jax.process_index() == 0:  # other processes computed the same values; only process 0 keeps a cache file
         if paths.is_local(cache):
+            with open(os.fspath(tmp), "rb+") as f:  # on the disk before the name points at it
+                os.fsync(f.fileno())
             tmp.replace(cache)
             return paths.load_npy(cache, mmap=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
