@@ -21,3 +21,11 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.exists():
         pytest.fail(f"shared data folder {SHARED_DATA} is missing; set OEFSMC_DATA")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """Mark every test that takes the ``shared_data`` fixture ``needs_data``, so ``-m "not needs_data"`` runs
+    without the real-data folder (tests that read it another way carry the marker themselves)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.needs_data)

@@ -18,11 +18,13 @@ import demo  # noqa: E402
 import imagenet  # noqa: E402
 
 
+# the cifar configs name files in the shared data folder, which validate() requires to exist
 @pytest.mark.parametrize("module,arg", [
-    (demo, None), (demo, "method=bp,per_class=3,rho=1,oe=1"), (cifar10, None),
-    (cifar10, "method=kd,arch=resnet56,per_class=10,rho=10,oe=1"), (cifar10, "runlocal=1,oe=0"),
-    (cifar10, "family=chenyaofo,method=cd,arch=resnet32"),
-    (cifar100, "teacher="), (imagenet, "runlocal=1"), (imagenet, None)])
+    (demo, None), (demo, "method=bp,per_class=3,rho=1,oe=1"),
+    *(pytest.param(cifar10, a, marks=pytest.mark.needs_data) for a in (
+        None, "method=kd,arch=resnet56,per_class=10,rho=10,oe=1", "runlocal=1,oe=0",
+        "family=chenyaofo,method=cd,arch=resnet32")),
+    pytest.param(cifar100, "teacher=", marks=pytest.mark.needs_data), (imagenet, "runlocal=1"), (imagenet, None)])
 def test_shipped_configs_validate(module, arg):
     c = module.get_config(arg)
     if module is cifar100 or module is imagenet:
@@ -32,6 +34,7 @@ def test_shipped_configs_validate(module, arg):
         validate(c, num_devices=4)
 
 
+@pytest.mark.needs_data
 def test_config_argument_parsing():
     c = cifar10.get_config("method=bp,arch=resnet56,per_class=20,rho=1,oe=0,seed=3")
     assert (c.method.name, c.arch.name, c.subset.per_class, c.subset.mode, c.arms, c.seed) == (
@@ -78,6 +81,7 @@ def test_bad_fields_fail_with_one_line_naming_the_field(mutate, field, allowed):
     assert allowed in msg, msg
 
 
+@pytest.mark.needs_data
 def test_missing_data_file_is_named(tmp_path):
     c = cifar10.get_config()
     c.data.test.path = str(tmp_path / "nope.npz")
@@ -108,19 +112,26 @@ def test_overlapping_ood_and_id_images_are_refused(tmp_path):
         prepare_data(c, tmp_path)
 
 
+# each case starts a process; the quick tier keeps one per kind of failure (a field, the config argument, an override)
 @pytest.mark.parametrize("args,expected", [
     (["--config", "configs/demo.py:method=nope"], "error: config.method.name: unknown method 'nope'"),
-    (["--config", "configs/demo.py", "--config.subset.rho=0.5"], "error: config.subset.rho: the imbalance ratio"),
+    pytest.param(["--config", "configs/demo.py", "--config.subset.rho=0.5"],
+                 "error: config.subset.rho: the imbalance ratio", marks=pytest.mark.slow),
     (["--config", "configs/demo.py:bogus=1"], "error: config argument: unknown key 'bogus'"),
     (["--config", "configs/demo.py", "--config.train.stepz=3"], "error: unknown config field in an override"),
-    (["--config", "configs/demo.py:per_class=200,rho=1"], "error: few_sample_indices: class 0 has"),
-    (["--config", "configs/demo.py:method=mir,oe=base", "--config.arms=base,logit_adjust"],
-     "error: config.arms: arm 'logit_adjust' adjusts the cross-entropy on labels, but method 'mir' is label-free"),
-    (["--config", "configs/demo.py:method=cd", "--config.method.cd.mu=1.5"], "error: config.method.cd.mu: must be"),
-    (["--config", "configs/demo.py:method=practise", "--config.method.practise.k=1",
-      "--config.method.practise.latency_target=10"], "error: config.method.practise.k: set at most one of"),
-    (["--config", "configs/demo.py:method=practise,arch=resnet8"],
-     "error: config.method.name: practise drops residual blocks 1..n-1 of a stage; this cifar_resnet has none"),
+    pytest.param(["--config", "configs/demo.py:per_class=200,rho=1"], "error: few_sample_indices: class 0 has",
+                 marks=pytest.mark.slow),
+    pytest.param(["--config", "configs/demo.py:method=mir,oe=base", "--config.arms=base,logit_adjust"],
+                 "error: config.arms: arm 'logit_adjust' adjusts the cross-entropy on labels, but method 'mir' is "
+                 "label-free", marks=pytest.mark.slow),
+    pytest.param(["--config", "configs/demo.py:method=cd", "--config.method.cd.mu=1.5"],
+                 "error: config.method.cd.mu: must be", marks=pytest.mark.slow),
+    pytest.param(["--config", "configs/demo.py:method=practise", "--config.method.practise.k=1",
+                  "--config.method.practise.latency_target=10"], "error: config.method.practise.k: set at most one of",
+                 marks=pytest.mark.slow),
+    pytest.param(["--config", "configs/demo.py:method=practise,arch=resnet8"],
+                 "error: config.method.name: practise drops residual blocks 1..n-1 of a stage; this cifar_resnet has "
+                 "none", marks=pytest.mark.slow),
 ])
 def test_cli_reports_bad_input_in_one_line(args, expected, tmp_path):
     out = subprocess.run([sys.executable, "-m", "oefsmc_jax", *args, "--workdir", str(tmp_path / "w")],

@@ -71,6 +71,7 @@ def imported(shared_data, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("depth", sorted(TEACHERS))
+@pytest.mark.slow
 def test_teacher_accuracy(depth, imported, eval_sets, mesh):
     """Each imported teacher (read back from its Orbax checkpoint) reproduces the README accuracies."""
     spec, out = imported(depth)
@@ -87,6 +88,7 @@ def test_teacher_accuracy(depth, imported, eval_sets, mesh):
     assert abs(acc["jpeg_test"] - TEACHERS[depth][1]) <= 0.3
 
 
+@pytest.mark.slow
 def test_import_round_trip(shared_data, imported):
     """import_teacher -> load_model gives back exactly the arrays of load_akamaster_npz, plus the meta."""
     src = teacher_file(shared_data, 20)

@@ -60,6 +60,7 @@ def jpeg_test(shared_data):
     return s.x, s.y
 
 
+@pytest.mark.slow
 def test_import_teacher_cli_resnet20_full_test(shared_data, tmp_path, monkeypatch, capsys):
     """`python -m oefsmc_jax import-teacher SRC OUT --check-npz TEST` detects the family, records its
     preprocessing in the meta and evaluates with it: exactly the README's 81.05% on the 10k JPEG test set."""
@@ -91,6 +92,7 @@ def test_import_teacher_cli_resnet20_full_test(shared_data, tmp_path, monkeypatc
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_resnet56_slice_from_checkpoint(shared_data, tmp_path, jpeg_test):
     """ResNet-56 written by import_teacher, read back, normalised as its meta says: on test images 0-1999 the
     figure measured once on the full set as the README's 83.67% (ResNet-20's full-set check is the CLI test)."""
@@ -106,6 +108,7 @@ def test_resnet56_slice_from_checkpoint(shared_data, tmp_path, jpeg_test):
 
 
 @pytest.mark.parametrize("depth", [32, 44])
+@pytest.mark.slow
 def test_slice_accuracy(shared_data, jpeg_test, depth):
     """ResNet-32/44 through load_pretrained_npz + teacher_preprocessing on test images 0-1999."""
     src = chen_file(shared_data, depth)
@@ -268,6 +271,7 @@ def test_pt_path_with_fake_torch(shared_data, tmp_path, monkeypatch):
     assert teacher_preprocessing(src) == (CHENYAOFO_MEAN, CHENYAOFO_STD)
 
 
+@pytest.mark.slow
 def test_practise_on_the_option_b_teacher_adapts_the_downsample_convs(shared_data, tmp_path):
     """PRACTISE's adaptor rule for downsample convs (baselines.md §2.3) on the real chenyaofo ResNet-20: the gaps in
     stages 0 and 1 put adaptors on the next stage's 1x1 projection; every candidate gets a finite score."""

@@ -78,7 +78,8 @@ def test_reference_file_matches_generator(reference):
         assert reference[f"logits_resnet{d}"].dtype == np.float32
 
 
-@pytest.mark.parametrize("depth", [18, 34, 50])
+@pytest.mark.parametrize("depth", [18, pytest.param(34, marks=pytest.mark.slow),
+                                   pytest.param(50, marks=pytest.mark.slow)])
 def test_imported_logits_match_pytorch(depth, reference, inputs, tmp_path, capsys):
     """`import-teacher X.npz OUT` and the `.safetensors` of the same weights give torchvision's logits."""
     sd = gen.state_dict(depth)

@@ -69,6 +69,7 @@ def _loss_and_grad():
     return jax.value_and_grad(loss), v["params"]
 
 
+@pytest.mark.slow
 def test_model_gradients_under_each_mode():
     f, params = _loss_and_grad()
     cpu_conv.set_mode("xla")

@@ -64,6 +64,7 @@ def _empty_npz(path, size=32, compressed=False, **extra):
     return path
 
 
+@pytest.mark.needs_data
 def test_an_empty_test_split_is_refused_before_any_work(tmp_path):
     """Before, it was found only after the teacher had trained ("attempt to get argmax of an empty sequence")."""
     empty = _empty_npz(tmp_path / "empty.npz")
@@ -78,6 +79,7 @@ def test_an_empty_test_split_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "w").exists() and time.time() - t0 < 60
 
 
+@pytest.mark.needs_data
 def test_empty_id_split_and_ood_sources_are_refused(tmp_path):
     import cifar10
     import demo

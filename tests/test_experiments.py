@@ -48,6 +48,7 @@ def test_expand_and_cell_config():
         expand([{"name": "x", "method": ["kd"]}])
 
 
+@pytest.mark.needs_data
 def test_paper_grid_validates():
     from oefsmc_jax.config_validation import validate
 
@@ -58,6 +59,7 @@ def test_paper_grid_validates():
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
 
 
+@pytest.mark.needs_data
 def test_selection_grid_validates():
     from oefsmc_jax.config_validation import validate
 
@@ -71,6 +73,7 @@ def test_selection_grid_validates():
         validate(cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho), num_devices=4)
 
 
+@pytest.mark.needs_data
 def test_methods_sweep_grid_validates_on_the_val_split_at_each_methods_defaults():
     from oefsmc_jax.config_validation import validate
     from oefsmc_jax.methods import METHODS, resolve_oe
@@ -110,6 +113,7 @@ def test_committed_grids_pin_the_settings_they_ran_with():
             "ce", 128, "solve", "branch"), module.__name__
 
 
+@pytest.mark.needs_data
 def test_methods_grid_validates():
     from oefsmc_jax.config_validation import validate
 
@@ -126,6 +130,7 @@ def test_methods_grid_validates():
 
 
 @pytest.mark.parametrize("pool", ["tiny", "tiny_disjoint", "dtd"])
+@pytest.mark.needs_data
 def test_deconfound_grid_validates(pool):
     from oefsmc_jax.config_validation import validate
 
@@ -151,6 +156,7 @@ def test_deconfound_grid_key_settings_and_bad_arguments():
         deconfound_cifar10.get_config("budgets=ten")
 
 
+@pytest.mark.needs_data
 def test_large_grid_runs_seed_by_seed_and_validates():
     from oefsmc_jax.config_validation import validate
 
@@ -199,7 +205,8 @@ def test_validation_split_is_balanced_and_disjoint_from_the_few_samples(tmp_path
 
 
 @pytest.fixture(scope="module")
-def tiny_grid(tmp_path_factory):
+def tiny_grid_config(tmp_path_factory):
+    """The tiny grid and its saved random teacher, not yet run."""
     root = tmp_path_factory.mktemp("grid")
     spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
     save_model(root / "teacher", spec, init_variables(spec, 8, 0))
@@ -221,10 +228,17 @@ def tiny_grid(tmp_path_factory):
                     "seed": [0, 1], "arms": "base,oe,logit_adjust"},
                    {"name": "h", "method": ["bp"], "arch": ["resnet8"], "per_class": [3], "mode": ["exp"],
                     "seed": [0], "arms": "oe_complement,oe_confidence,oe_random_matched,oe_complement_r"}]})
+    return root, grid
+
+
+@pytest.fixture(scope="module")
+def tiny_grid(tiny_grid_config):
+    root, grid = tiny_grid_config
     records = run_grid(grid, root / "w")
     return root, grid, records
 
 
+@pytest.mark.slow
 def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
     root, grid, records = tiny_grid
     assert sorted((r["cell"], r["arm"]) for r in records) == sorted(
@@ -255,6 +269,7 @@ def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
     assert ARMS["oe_complement_r"].fixed_labels and not ARMS["oe_complement"].fixed_labels
 
 
+@pytest.mark.slow
 def test_summary_reports_paired_differences(tiny_grid):
     root, grid, records = tiny_grid
     path = summarize(root / "w" / "results.jsonl", root / "summary", None, "tiny")
@@ -269,6 +284,7 @@ def test_summary_reports_paired_differences(tiny_grid):
     assert json.loads((root / "w" / "results.jsonl").read_text().splitlines()[0])["cell"].startswith("kd-")
 
 
+@pytest.mark.slow
 def test_torn_record_and_empty_result_json_resume_to_the_same_records(tiny_grid, tmp_path, capfd):
     """A grid killed while appending a cell's records, with one of that cell's result.json files left empty: the
     resumed grid names both, reruns that cell (only the empty arm trains; its checkpoints make it the same student)
@@ -440,6 +456,7 @@ def test_pools_compare_the_same_contrasts_per_pool_and_plot_them(tmp_path):
         main(["--results", "no-equals-sign", "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_grouped_grid_equals_one_cell_at_a_time(tiny_grid, tmp_path):
     """The tiny grid ran its two KD seeds together (default group size 8); one at a time gives the same students."""
     root, grid, records = tiny_grid
@@ -462,8 +479,8 @@ def test_grouped_grid_equals_one_cell_at_a_time(tiny_grid, tmp_path):
 @pytest.mark.parametrize("field,value,message", [
     ("group_size", 0, r"^config.group_size: 0 is not allowed; 1 \(one run at a time\) or more"),
     ("group_impl", "pmap", r"^config.group_impl: 'pmap' is not allowed; choose one of auto, vmap, map, unroll$")])
-def test_bad_group_settings_are_named(tiny_grid, tmp_path, field, value, message):
-    _, grid, _ = tiny_grid
+def test_bad_group_settings_are_named(tiny_grid_config, tmp_path, field, value, message):
+    _, grid = tiny_grid_config
     bad = ml_collections.ConfigDict(grid.to_dict())
     bad[field] = value
     with pytest.raises(ConfigError, match=message):

@@ -153,6 +153,7 @@ def test_latency_cost_and_flop_counts(run_dir):
     assert 2 * by_hand < flops < 1.2 * 2 * by_hand
 
 
+@pytest.mark.slow
 def test_save_model_replaces_a_model_left_by_a_killed_run(tmp_path):
     """A run killed after saving its student but before writing its result saves the student again on resume."""
     from oefsmc_jax.pipeline import init_variables

@@ -59,6 +59,7 @@ def _run(parts, tmp, ndev, host_batches, **data_changes):
 
 
 @pytest.mark.parametrize("ndev,weighted", [(1, False), (4, False), (1, True)])
+@pytest.mark.slow
 def test_host_batches_train_exactly_like_device_data(parts, tmp_path, ndev, weighted):
     extra = {}
     if weighted:  # the resample arm's class-balanced ID sampling is drawn on the host the same way
@@ -97,6 +98,7 @@ def test_host_draw_and_feeder_batches(parts):
     assert pool_bytes(host) == host.x_id.nbytes + 500 * SIZE * SIZE * 3
 
 
+@pytest.mark.slow
 def test_pipeline_streams_when_the_pool_exceeds_the_device_budget(tmp_path, capfd):
     """``train.device_pool_mb = 0`` (auto mode): every fine-tuning is host-fed, and ends where the device-data run
     ends; a bad ``train.host_batches`` value is named."""

@@ -202,6 +202,7 @@ def test_fold_is_exact_in_eval_mode(model_vars, images):
     print(f"max fold error {err:.2e}")
 
 
+@pytest.mark.slow
 def test_fold_on_vgg(images):
     spec = vgg_spec([4, "M", 6], num_classes=3)
     variables = _perturb_bn(init_variables(spec, SIZE, 4), 5)

@@ -79,6 +79,7 @@ def solo(parts, tmp_path_factory):
 
 
 @pytest.mark.parametrize("ndev,impl", [(4, "unroll")])
+@pytest.mark.slow
 def test_group_with_the_cpu_filter_gradient_kernel(parts, solo, tmp_path, monkeypatch, ndev, impl):
     """``cpu_wgrad=kernel``: the group's runs end where each run trained alone under XLA's gradient ends."""
     traced = []
@@ -93,6 +94,7 @@ def test_group_with_the_cpu_filter_gradient_kernel(parts, solo, tmp_path, monkey
 
 
 @pytest.mark.parametrize("ndev,impl", [(1, "vmap"), (4, "vmap"), (1, "map"), (4, "map"), (1, "unroll")])
+@pytest.mark.slow
 def test_group_of_three_equals_each_run_alone(parts, solo, tmp_path, ndev, impl):
     group = finetune_group(_jobs(parts, ndev, tmp_path, heldout_run=1), impl=impl)
     # run 1 stops early (its held-out agreement never improves); runs 0 and 2 train on, undisturbed
@@ -105,6 +107,7 @@ def test_group_of_three_equals_each_run_alone(parts, solo, tmp_path, ndev, impl)
     assert not np.allclose(p0, p2, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_killed_group_resumes_alone_or_grouped(parts, tmp_path):
     full = finetune_group(_jobs(parts, 1, tmp_path / "full"))
     preemption.request()
@@ -121,6 +124,7 @@ def test_killed_group_resumes_alone_or_grouped(parts, tmp_path):
         _assert_same(a, b)
 
 
+@pytest.mark.slow
 def test_stop_at_a_regular_checkpoint_step_saves_it_once(parts, tmp_path):
     """A stop requested during the step that ends on ``ckpt_every`` (e.g. the signal arrives while that save is
     being written) keeps that save: no second save of the same step, which Orbax refuses."""
@@ -136,6 +140,7 @@ def test_stop_at_a_regular_checkpoint_step_saves_it_once(parts, tmp_path):
         assert sorted(p.name for p in (j.workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
 
 
+@pytest.mark.slow
 def test_nonfinite_run_stops_alone(parts, tmp_path):
     loop = dataclasses.replace(LOOP, max_nonfinite=2)
     jobs = [dataclasses.replace(j, loop=loop) for j in _jobs(parts, 1, tmp_path)]
@@ -148,6 +153,7 @@ def test_nonfinite_run_stops_alone(parts, tmp_path):
     _assert_same(solo, out[0])
 
 
+@pytest.mark.slow
 def test_scheduler_groups_runs_of_equal_shapes(parts, tmp_path):
     jobs = _jobs(parts, 1, tmp_path / "sched")
     odd = dataclasses.replace(jobs[2], step_cfg=dataclasses.replace(CFG, batch_id=4))  # another shape: own group

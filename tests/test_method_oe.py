@@ -210,6 +210,7 @@ def _logits(spec, variables, x, train=False):
 
 
 @pytest.mark.parametrize("target", ["branch", "block"])
+@pytest.mark.slow
 def test_fskd_keeps_q_as_a_layer_and_folds_it_at_export(teacher, tiny_data, target):
     ctx = _fskd_ctx(teacher, tiny_data)
     fskd = build_method({"name": "fskd", "prune_ratio": 0.5, "fskd": {"target": target, "finetune": True}}, SPEC)

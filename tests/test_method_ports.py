@@ -75,6 +75,7 @@ def test_mir_recipe_is_label_free_feature_distillation_with_the_classifier_froze
         check_arms([ARMS["logit_adjust"]], MiR())
 
 
+@pytest.mark.slow
 def test_mir_fine_tuning_never_touches_the_classifier(teacher, data, tmp_path):
     x, y, ood = data
     mesh = make_mesh(1)
@@ -96,6 +97,7 @@ def test_mir_fine_tuning_never_touches_the_classifier(teacher, data, tmp_path):
                               student["params"]["s0b0"]["conv1"]["kernel"])
 
 
+@pytest.mark.slow
 def test_feature_methods_keep_vgg_feature_width(data):
     spec = vgg_spec([4, "M", 6, 8, "M"], K)
     x, y, _ = data
@@ -110,6 +112,7 @@ def test_feature_methods_keep_vgg_feature_width(data):
 
 
 # ------------------------------------------------------------------------------------------------ FSKD
+@pytest.mark.slow
 def test_fskd_corrections_bring_the_student_closer_to_the_teacher(teacher, data):
     x, y, _ = data
     cal = calibration_set(x, y, K)
@@ -125,6 +128,7 @@ def test_fskd_corrections_bring_the_student_closer_to_the_teacher(teacher, data)
         {"prune_ratio": 0.5, "fskd": {"finetune": True}}, SPEC).recipe().finetunes is True
 
 
+@pytest.mark.slow
 def test_oe_calibration_changes_fskd_and_cd_compression(teacher, data):
     plain, with_oe = _cals(data)
     assert with_oe.is_ood.sum() == 30 and not np.allclose(with_oe.weights[:28], 1.0)
@@ -175,6 +179,7 @@ def _method(name, spec):
 
 
 @pytest.mark.parametrize("name", ["bp", "kd", "mir", "practise", "fskd", "cd"])
+@pytest.mark.slow
 def test_every_method_exports_a_smaller_model_with_the_same_logits(name, data, tmp_path):
     import json
 
@@ -197,6 +202,7 @@ def test_every_method_exports_a_smaller_model_with_the_same_logits(name, data, t
 
 
 @pytest.mark.parametrize("name", ["bp", "kd", "mir", "practise", "fskd", "cd"])
+@pytest.mark.slow
 def test_every_method_compresses_vgg_and_imagenet_resnet34(name):
     from oefsmc_jax.models import imagenet_resnet_spec
 

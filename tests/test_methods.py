@@ -116,8 +116,9 @@ def test_calibration_set_takes_the_selected_ood_images_with_their_teacher_classe
     np.testing.assert_allclose(totals[totals > 0], totals[totals > 0][0], rtol=1e-5)
 
 
-@pytest.mark.parametrize("lambda_jd,eta,expected", [(0.0, 0.1, {"base", "reg"}), (1.0, 0.0, {"base", "jd"}),
-                                                    (0.0, 0.0, {"base"})])
+@pytest.mark.parametrize("lambda_jd,eta,expected", [(0.0, 0.1, {"base", "reg"}),
+                                                     pytest.param(1.0, 0.0, {"base", "jd"}, marks=pytest.mark.slow),
+                                                     pytest.param(0.0, 0.0, {"base"}, marks=pytest.mark.slow)])
 def test_each_oe_loss_term_switches_off(teacher, tiny_data, lambda_jd, eta, expected):
     mesh = make_mesh(1)
     cfg = StepConfig(batch_id=8, batch_ood=8, pad=1, lambda_jd=lambda_jd, eta=eta)
@@ -134,6 +135,7 @@ def test_each_oe_loss_term_switches_off(teacher, tiny_data, lambda_jd, eta, expe
     assert float(metrics["loss"]) == pytest.approx(total, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
     mesh = make_mesh(1)
     d = tiny_data
@@ -160,6 +162,7 @@ def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
     assert min(e["step"] for e in evals if e["heldout_agreement"] == best) == res.best_step
 
 
+@pytest.mark.slow
 def test_fixed_ood_labels_replace_the_gamma_draw(teacher, tiny_data):
     """R with labels fixed per OOD image (the teacher-complement arm with R on): with Gamma all on class 0, fixed
     labels 0 give exactly the step of dynamic labels; fixed labels 3 change R and only R."""
@@ -183,6 +186,7 @@ def test_fixed_ood_labels_replace_the_gamma_draw(teacher, tiny_data):
     assert float(threes["reg"]) != float(zeros["reg"])
 
 
+@pytest.mark.slow
 def test_the_steps_own_ood_labels_follow_gamma(teacher, tiny_data):
     """The labels the train step itself draws for OOD images follow Gamma (method.md §2), read through R: with a
     zero classifier every CE is log K, so with class weights one-hot on class c, R / log K is the share of the
@@ -246,6 +250,7 @@ def test_nonfinite_step_skips_the_update_everywhere(teacher, tiny_data):
                                                          jax.tree.leaves(state2.params)))
 
 
+@pytest.mark.slow
 def test_preemption_then_nan_streak_keep_the_last_good_checkpoint(teacher, tiny_data, tmp_path):
     from oefsmc_jax.training import preemption
 
@@ -266,6 +271,7 @@ def test_preemption_then_nan_streak_keep_the_last_good_checkpoint(teacher, tiny_
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_to_the_previous(teacher, tiny_data, tmp_path, capfd):
     ref = _robust_run(teacher, tiny_data, tmp_path / "ref", 4)
     work = tmp_path / "run"

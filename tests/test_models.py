@@ -409,6 +409,7 @@ def test_shrink_basic_equivalence(tiny):
     assert count_params(small) < count_params(TINY)
 
 
+@pytest.mark.slow
 def test_shrink_bottleneck_equivalence_with_folding():
     spec = resnet_spec(
         family="imagenet_resnet", block="bottleneck", blocks_per_stage=(2, 1), planes=(4, 6),

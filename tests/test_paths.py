@@ -114,6 +114,7 @@ def test_a_gs_workdir_goes_through_the_layer(tmp_path, monkeypatch):
     assert local != str(base / "cache" / "p.npy") and np.load(local).tolist() == [[1, 0], [0, 1]]
 
 
+@pytest.mark.slow
 def test_teacher_pool_cache_on_a_gs_workdir(tmp_path, monkeypatch):
     import ml_collections
 

@@ -18,6 +18,8 @@ from oefsmc_jax.training.checkpoint import load_model
 from oefsmc_jax.training.parallel import make_mesh
 from oefsmc_jax.training.step import make_predict
 
+pytestmark = pytest.mark.slow  # every test here is an end-to-end run
+
 REPO = tiny_demo.REPO
 OVERRIDES = tiny_demo.OVERRIDES
 tiny_config = tiny_demo.config

@@ -237,6 +237,7 @@ def test_latency_target_picks_the_smallest_k(teacher, calib, weighted_run, tmp_p
     assert sorted(n for n, m in out["masks"].items() if float(m["gate"]) == 0.0) == sorted(rec["chosen"])
 
 
+@pytest.mark.slow
 def test_option_b_fit_runs(calib, tmp_path):
     t = _teacher(SPEC_B, 2)
     _, out, rec = _run(SPEC_B, t, calib, tmp_path, k=1, pad=1, flip=True, weight_decay=1e-4)  # augmented
@@ -314,6 +315,7 @@ def _loss(params, batch, keys, consts):
     return jnp.sum(batch["w"] * per), jnp.sum(batch["w"])
 
 
+@pytest.mark.slow
 def test_fit_same_result_on_1_and_4_devices_and_equals_full_batch_descent():
     data = _regression()
     p0 = {"W": jnp.ones((3, 2)), "b": jnp.zeros((2,))}

@@ -136,6 +136,7 @@ def test_old_grids_declare_their_key_contrasts_after_the_fact(module, arg, n):
         assert grid.primary_declared_after_results is True
 
 
+@pytest.mark.needs_data
 def test_confirmatory_grid_is_declared_before_it_runs():
     from oefsmc_jax.config_validation import validate
     from oefsmc_jax.data import class_counts, class_order_permutation

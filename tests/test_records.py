@@ -138,6 +138,7 @@ def test_cli_unknown_group_or_cell_is_one_line_before_anything_is_written(tmp_pa
     assert not w.exists()
 
 
+@pytest.mark.slow
 def test_cli_summarize_without_records_or_with_a_missing_also_file(tmp_path):
     (tmp_path / "results.jsonl").write_text("")
     p = _cli("summarize", "--workdir", str(tmp_path))

@@ -129,6 +129,7 @@ def test_cli_corrupt_data_file_exits_2_in_one_line(tmp_path):
         "(BadZipFile: File is not a zip file) (set OEFSMC_DEBUG=1 for the traceback)"]
 
 
+@pytest.mark.needs_data  # reads the shared teachers
 def test_import_teacher_with_a_corrupt_check_file_exits_1_in_one_line(tmp_path, capsys):
     from oefsmc_jax.convert import main
     from oefsmc_jax.training.checkpoint import load_model
@@ -232,6 +233,7 @@ def test_pool_smaller_than_the_ood_subset_is_refused(tmp_path):
 # teachers
 
 
+@pytest.mark.needs_data  # reads the shared teachers
 def test_teacher_of_another_architecture(tmp_path, capfd):
     # a teacher file of another depth than config.arch: the file's own architecture is what runs (config.arch
     # only shapes a teacher trained from scratch), and a note says so; result.json's "spec" names what ran
@@ -429,7 +431,7 @@ def test_cli_nonfinite_streak_exits_3_in_one_line(tmp_path):
     assert "the newest checkpoint is step 10 in CKPT, untouched" in lines[0]
 
 
-@pytest.mark.parametrize("code", [errno.EACCES, errno.ENOSPC])
+@pytest.mark.parametrize("code", [errno.EACCES, pytest.param(errno.ENOSPC, marks=pytest.mark.slow)])
 def test_cli_unwritable_workdir_is_one_line(tmp_path, code):
     guard = tmp_path / "guard.py"
     guard.write_text(GUARD)

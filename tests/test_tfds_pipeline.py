@@ -18,6 +18,8 @@ from oefsmc_jax.models import imagenet_resnet_spec
 from oefsmc_jax.pipeline import init_variables, run
 from oefsmc_jax.training.checkpoint import save_model
 
+pytestmark = pytest.mark.slow  # every test here is an end-to-end run
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))
 import cifar10  # noqa: E402
