@@ -40,3 +40,15 @@ def test_second_process_hits_the_persistent_cache(tmp_path):
     assert _counts(_run(env)) == (misses, 0)  # every executable of the first process is loaded, none compiled
     off = _run({**env, "OEFSMC_COMPILE_CACHE": "off"})
     assert "dir None" in off and "hits 0 misses 0" in off
+
+
+def test_default_is_off_on_the_cpu_and_a_user_folder_on_an_accelerator(monkeypatch, tmp_path):
+    from oefsmc_jax.training.compile_cache import default_dir, enable
+
+    monkeypatch.delenv("OEFSMC_COMPILE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_dir("cpu") == "off"
+    assert default_dir("gpu") == default_dir("tpu") == str(tmp_path / "oefsmc_jax" / "xla")
+    assert enable("") is None  # these tests run on the CPU
+    monkeypatch.setenv("OEFSMC_COMPILE_CACHE", str(tmp_path / "named"))
+    assert default_dir("cpu") == str(tmp_path / "named")  # a named folder is used on every platform

@@ -2,8 +2,10 @@
 checkpoint, an atomic JSON write or a record append is under way), rerun the same command, and check that the
 finished result equals the uninterrupted one and that no record is missing or duplicated.
 
-``$OEFSMC_FAULT_TRIALS`` sets the number of trials per test (default 20). Every trial prints one line; the summary
-line of each test gives trials, interruptions and equal results.
+``$OEFSMC_FAULT_TRIALS`` sets the number of trials per test: the default, 4, keeps CI short and still covers every
+kind of interruption once (the first trials cycle through them: a random moment, a checkpoint, an atomic JSON write, a
+record append); a soak run sets it to 20 or more. Every trial prints one line; the summary line of each test gives
+trials, interruptions and equal results.
 """
 
 import concurrent.futures
@@ -28,7 +30,7 @@ from oefsmc_jax.training.checkpoint import load_model, save_model
 pytestmark = pytest.mark.slow
 
 REPO = tiny_demo.REPO
-TRIALS = int(os.environ.get("OEFSMC_FAULT_TRIALS", "20"))
+TRIALS = int(os.environ.get("OEFSMC_FAULT_TRIALS", "4"))
 PARALLEL = 2  # trials are independent processes in their own folders: two at a time use both cores
 INJECT = str(REPO / "tests" / "fault_inject.py")
 FAST = {**tiny_demo.OVERRIDES, "train.steps": 40, "train.ckpt_every": 10, "train.log_every": 20,
@@ -37,11 +39,12 @@ FAST = {**tiny_demo.OVERRIDES, "train.steps": 40, "train.ckpt_every": 10, "train
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A saved random teacher (so no trial trains one) and one compilation cache for every process."""
+    """A saved random teacher (so no trial trains one); no persistent compilation cache (a crash in jaxlib's CPU
+    cache would read as a failed trial)."""
     root = tmp_path_factory.mktemp("faults")
     spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
     save_model(root / "teacher", spec, init_variables(spec, 8, 0))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OEFSMC_COMPILE_CACHE": str(root / "xla"),
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OEFSMC_COMPILE_CACHE": "off",
            "OEFSMC_TCMALLOC": "0"}
     return root, env
 
@@ -98,9 +101,11 @@ def _kill_after(args, env, delay):
     return proc.returncode
 
 
-def _interrupt(rng, kinds, counts, args, module, env, wall):
-    """One seeded interruption: ('time', seconds) or (point, n); returns (what, killed?)."""
-    kind = rng.choice([k for k in kinds if k == "time" or counts[k] > 0])
+def _interrupt(t, rng, kinds, counts, args, module, env, wall):
+    """Trial ``t``'s seeded interruption: ('time', seconds) or (point, n); returns (what, killed?). Trial ``t`` takes
+    the kind ``t`` modulo their number, so the first trials cover every kind; the moment within it is random."""
+    usable = [k for k in kinds if k == "time" or counts[k] > 0]
+    kind = usable[t % len(usable)]
     if kind == "time":
         delay = rng.uniform(0.2 * wall, 0.95 * wall)
         rc = _kill_after(["-m", module, *args], env, delay)
@@ -157,7 +162,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(setup, tmp_path):
     def trial(t, rng):
         work = tmp_path / f"t{t}"
         args = _run_args(work, root / "teacher")
-        what, was_killed = _interrupt(rng, ("time", "ckpt", "json"), counts, args, "oefsmc_jax", env, wall)
+        what, was_killed = _interrupt(t, rng, ("time", "ckpt", "json"), counts, args, "oefsmc_jax", env, wall)
         again, _ = _python(["-m", "oefsmc_jax", *args], env)
         assert again.returncode == 0, (what, again.stderr[-3000:])
         assert "Traceback" not in again.stderr, (what, again.stderr[-3000:])
@@ -188,7 +193,7 @@ def test_killed_grids_resume_with_every_record_once(setup, tmp_path):
 
     def trial(t, rng):
         work = tmp_path / f"t{t}"
-        what, was_killed = _interrupt(rng, ("time", "ckpt", "json", "append"), counts, args(work),
+        what, was_killed = _interrupt(t, rng, ("time", "ckpt", "json", "append"), counts, args(work),
                                       "oefsmc_jax.experiments", env, wall)
         again, _ = _python(["-m", "oefsmc_jax.experiments", *args(work)], env)
         assert again.returncode == 0, (what, again.stderr[-3000:])
@@ -214,7 +219,7 @@ def test_killed_exports_leave_the_run_and_rerun_to_the_same_model(setup, tmp_pat
 
     def trial(t, rng):
         out = tmp_path / f"e{t}"
-        if rng.random() < 0.5:
+        if t % 2:
             what = "ckpt:1"
             d, _ = _python([INJECT, what, "oefsmc_jax", *export(out)[2:]], env)
             was_killed = d.returncode == -signal.SIGKILL
