@@ -34,8 +34,6 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from oefsmc_jax.models import (  # noqa: E402
     build_model,
     count_flops,

@@ -31,7 +31,6 @@ try:
 except ImportError:  # pragma: no cover - the message is the point
     sys.exit("this benchmark needs PyTorch: pip install -r benchmarks/requirements.txt")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from step_throughput import split_variant  # noqa: E402  (this folder: the same FUSION[+kernel] variants)
 

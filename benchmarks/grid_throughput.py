@@ -21,16 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from workload import Workload, make_host_data, make_teacher_and_student  # noqa: E402
 
 from oefsmc_jax.methods import KD  # noqa: E402

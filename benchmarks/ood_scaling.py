@@ -35,8 +35,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def make_pool(path: pathlib.Path, n: int, res: int, seed: int = 0) -> None:
     """An ``[n, res, res, 3]`` uint8 .npy file: random bytes at 32x32, a sparse file of zeros otherwise."""
@@ -92,8 +90,10 @@ def worker_pipeline(args: argparse.Namespace) -> dict:
     import jax.numpy as jnp
     import ml_collections
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-    import cifar10
+    from oefsmc_jax.config_defaults import sibling
+
+    cifar10 = sibling(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                   "cifar10.py"), "cifar10")
 
     from oefsmc_jax.models import build_model, cifar_resnet_spec
     from oefsmc_jax.oe.selection import select

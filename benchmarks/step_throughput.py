@@ -45,8 +45,6 @@ try:
 except ImportError:  # pragma: no cover - the message is the point
     sys.exit("this benchmark needs PyTorch: pip install -r benchmarks/requirements.txt")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from workload import NUM_CLASSES, Workload, make_host_data, make_teacher_and_student  # noqa: E402
 

@@ -7,14 +7,10 @@ PyTorch.
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from oefsmc_jax.models import ArchSpec, build_model, cifar_resnet_spec, l1_prune, shrink  # noqa: E402
 from oefsmc_jax.oe import complementary  # noqa: E402

@@ -21,15 +21,11 @@ Argument keys: steps, batch, pool (as in ``deconfound_cifar10.py``), runlocal (a
 ``python -m oefsmc_jax.experiments --config configs/confirm_cifar10.py --workdir DIR``.
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import deconfound_cifar10  # noqa: E402
+from oefsmc_jax.config_defaults import parse_arg, sibling
 
-from oefsmc_jax.config_defaults import parse_arg  # noqa: E402
+deconfound_cifar10 = sibling(__file__, "deconfound_cifar10")
 
 ARMS = "base,oe,oe_random_matched,oe_confidence,oe_complement,oe_complement_r"
 SEEDS = list(range(5, 15))

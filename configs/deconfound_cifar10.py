@@ -24,16 +24,12 @@ settings ``base+oe+oe_random_matched+oe_complement`` on the class-disjoint pools
 ``python -m oefsmc_jax.experiments --config configs/deconfound_cifar10.py:pool=tiny --workdir DIR``.
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import cifar10  # noqa: E402
-import paper_cifar10  # noqa: E402
+from oefsmc_jax.config_defaults import parse_arg, sibling
 
-from oefsmc_jax.config_defaults import parse_arg  # noqa: E402
+cifar10 = sibling(__file__, "cifar10")
+paper_cifar10 = sibling(__file__, "paper_cifar10")
 
 ARMS = "base,oe,oe_random_matched,oe_random_matched_r,oe_complement,oe_complement_r,oe_confidence"
 C_SWEEP = (1.0, 2.5, 5.0)

@@ -9,15 +9,11 @@ minute. Argument keys: steps, batch, seeds, methods (e.g. ``kd`` or ``kd+bp``), 
 Run: ``python -m oefsmc_jax.experiments --config configs/large_cifar10.py --workdir DIR``.
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import paper_cifar10  # noqa: E402
+from oefsmc_jax.config_defaults import parse_arg, sibling
 
-from oefsmc_jax.config_defaults import parse_arg  # noqa: E402
+paper_cifar10 = sibling(__file__, "paper_cifar10")
 
 BUDGETS = (10, 20, 50, 100)
 

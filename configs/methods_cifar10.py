@@ -23,15 +23,11 @@ per hour on a 2-core CPU than one process on both cores; concatenate their ``res
 Run: ``python -m oefsmc_jax.experiments --config configs/methods_cifar10.py --workdir DIR``.
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import paper_cifar10  # noqa: E402
+from oefsmc_jax.config_defaults import parse_arg, sibling
 
-from oefsmc_jax.config_defaults import parse_arg  # noqa: E402
+paper_cifar10 = sibling(__file__, "paper_cifar10")
 
 METHODS = ["mir", "practise", "fskd", "cd"]
 

@@ -25,16 +25,12 @@ twice. Argument keys: steps, batch, seeds, methods (``+``-separated subset), run
 Run: ``python -m oefsmc_jax.experiments --config configs/methods_sweep_cifar10.py --workdir DIR``.
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import methods_cifar10  # noqa: E402
+from oefsmc_jax.config_defaults import base_config, parse_arg, sibling
+from oefsmc_jax.methods import METHODS, resolve_oe
 
-from oefsmc_jax.config_defaults import base_config, parse_arg  # noqa: E402
-from oefsmc_jax.methods import METHODS, resolve_oe  # noqa: E402
+methods_cifar10 = sibling(__file__, "methods_cifar10")
 
 SWEEP_METHODS = ["bp", "kd", "mir", "practise", "fskd", "cd"]
 SWEEP_ETA = (0.0, 0.01, 0.1)

@@ -14,15 +14,12 @@ grid to check the set-up). Run: ``python -m oefsmc_jax.experiments --config conf
 """
 
 import itertools
-import pathlib
-import sys
 
 import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import cifar10  # noqa: E402
+from oefsmc_jax.config_defaults import parse_arg, sibling
 
-from oefsmc_jax.config_defaults import parse_arg  # noqa: E402
+cifar10 = sibling(__file__, "cifar10")
 
 SWEEP_LAMBDA = (0.3, 1.0, 3.0)
 SWEEP_ETA = (0.0, 0.1, 0.3)

@@ -8,15 +8,11 @@ c in (1, 2.5, 5) for KD at 10 per class, scored on a validation split of the tra
 Argument keys as in ``paper_cifar10.py`` (steps, batch, seeds, runlocal).
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import paper_cifar10  # noqa: E402
+from oefsmc_jax.config_defaults import parse_arg, sibling
 
-from oefsmc_jax.config_defaults import parse_arg  # noqa: E402
+paper_cifar10 = sibling(__file__, "paper_cifar10")
 
 C_SWEEP = (1.0, 2.5, 5.0)
 

@@ -7,13 +7,40 @@ can be overridden on the command line with ``--config.FIELD=VALUE``. Fields mark
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import sys
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sibling(here: str, name: str) -> ModuleType:
+    """The config file ``NAME.py`` in the folder of ``here`` (a config's ``__file__``), loaded once per process.
+
+    Grid configs build on each other (``from oefsmc_jax.config_defaults import sibling``;
+    ``paper = sibling(__file__, "paper_cifar10")``). ml_collections loads the config named on the command line by
+    path, so its folder is not importable; this loads a neighbour by path too, without changing ``sys.path``."""
+    path = pathlib.Path(here).resolve().parent / f"{name}.py"
+    key = f"oefsmc_config_file:{path}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, path)
+    if spec is None or not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found (asked for by {here})")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[key]
+        raise
+    return module
 
 
 def source(kind: str, image_size: int, **fields: Any) -> ml_collections.ConfigDict:

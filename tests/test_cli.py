@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from helpers import config_import
 
 from oefsmc_jax.main import SUBCOMMANDS, cli, parse
 
@@ -121,10 +122,8 @@ def test_config_overrides_keep_ml_collections_semantics(capsys):
 
 
 GRID = f"""
-import sys
-sys.path.insert(0, {str(ROOT / "configs")!r})
-import demo
 import ml_collections
+{config_import("demo")}
 
 
 def get_config():

@@ -7,15 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import config
 
 from oefsmc_jax.config_validation import ConfigError, validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import cifar10  # noqa: E402
-import cifar100  # noqa: E402
-import demo  # noqa: E402
-import imagenet  # noqa: E402
+cifar10, cifar100, demo, imagenet = config("cifar10"), config("cifar100"), config("demo"), config("imagenet")
 
 
 # the cifar configs name files in the shared data folder, which validate() requires to exist

@@ -22,6 +22,7 @@ import types
 import jax
 import numpy as np
 import pytest
+from helpers import config, module_at
 
 from oefsmc_jax.convert import (
     TORCHVISION_INPUT,
@@ -41,8 +42,7 @@ from oefsmc_jax.models import build_model, imagenet_resnet_spec
 from oefsmc_jax.training.checkpoint import load_model
 
 DATA = pathlib.Path(__file__).with_name("data")
-sys.path.insert(0, str(DATA))
-import make_torchvision_reference as gen  # noqa: E402
+gen = module_at(DATA / "make_torchvision_reference.py")
 
 REL_TOL = 1e-5
 
@@ -265,8 +265,7 @@ def test_bad_safetensors(tmp_path, capsys, content, message):
 def test_imagenet_config_runs_with_imported_teacher(tmp_path):
     """configs/imagenet.py:teacher=DIR: the config validates and get_teacher accepts the teacher's normalisation
     and input size (a torchvision ResNet-18 with 1000 classes, imported from .safetensors)."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
-    import imagenet
+    imagenet = config("imagenet")
 
     from oefsmc_jax.config_validation import ConfigError, validate
     from oefsmc_jax.pipeline import get_teacher

@@ -7,7 +7,8 @@ import time
 
 import numpy as np
 import pytest
-import tiny_demo  # noqa: E402
+import tiny_demo
+from helpers import config
 
 from oefsmc_jax.config_validation import ConfigError, validate
 from oefsmc_jax.methods import METHODS
@@ -33,7 +34,7 @@ def test_every_method_validates_with_its_defaults(method):
 
 
 def test_demo_argument_picks_an_architecture_practise_can_compress():
-    import demo
+    demo = config("demo")
 
     assert demo.get_config("method=practise").arch.name == "resnet14"
     assert demo.get_config("method=kd").arch.name == "resnet8"
@@ -81,8 +82,7 @@ def test_an_empty_test_split_is_refused_before_any_work(tmp_path):
 
 @pytest.mark.needs_data
 def test_empty_id_split_and_ood_sources_are_refused(tmp_path):
-    import cifar10
-    import demo
+    cifar10, demo = config("cifar10"), config("demo")
 
     def refused(c, match):
         with pytest.raises(ConfigError, match=match):

@@ -5,13 +5,13 @@ import math
 import pathlib
 import re
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import config
 
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.evaluation import paired_difference
@@ -24,14 +24,13 @@ from oefsmc_jax.pipeline import init_variables, prepare_data
 from oefsmc_jax.training.checkpoint import load_model, save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import deconfound_cifar10  # noqa: E402
-import demo  # noqa: E402
-import large_cifar10  # noqa: E402
-import methods_cifar10  # noqa: E402
-import methods_sweep_cifar10  # noqa: E402
-import paper_cifar10  # noqa: E402
-import selection_cifar10  # noqa: E402
+deconfound_cifar10 = config("deconfound_cifar10")
+demo = config("demo")
+large_cifar10 = config("large_cifar10")
+methods_cifar10 = config("methods_cifar10")
+methods_sweep_cifar10 = config("methods_sweep_cifar10")
+paper_cifar10 = config("paper_cifar10")
+selection_cifar10 = config("selection_cifar10")
 
 
 def test_expand_and_cell_config():
@@ -98,9 +97,9 @@ def test_methods_sweep_grid_validates_on_the_val_split_at_each_methods_defaults(
 def test_committed_grids_pin_the_settings_they_ran_with():
     """The committed records reproduce: eta 0.1 for every OOD arm (MiR and PRACTISE too), BN joint, 1/count
     calibration weights, CD with the project's loop on a 128-row subset, FSKD folded at each solve."""
-    import confirm_cifar10
-
     from oefsmc_jax.methods import METHODS, resolve_oe
+
+    confirm_cifar10 = config("confirm_cifar10")
 
     for module in (paper_cifar10, selection_cifar10, methods_cifar10, deconfound_cifar10, large_cifar10,
                    confirm_cifar10):

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 import tiny_demo
+from helpers import config_import
 
 from oefsmc_jax.models import cifar_resnet_spec
 from oefsmc_jax.pipeline import init_variables
@@ -57,10 +58,8 @@ def _run_args(workdir, teacher):
 def _grid_file(root, teacher):
     path = root / "grid_config.py"
     path.write_text(f"""
-import sys
-sys.path.insert(0, {str(REPO / 'configs')!r})
-import demo
 import ml_collections
+{config_import("demo")}
 
 def get_config():
     base = demo.get_config("per_class=5")

@@ -4,7 +4,6 @@ device, from a pool on disk that is never loaded whole."""
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -102,14 +101,12 @@ def test_host_draw_and_feeder_batches(parts):
 def test_pipeline_streams_when_the_pool_exceeds_the_device_budget(tmp_path, capfd):
     """``train.device_pool_mb = 0`` (auto mode): every fine-tuning is host-fed, and ends where the device-data run
     ends; a bad ``train.host_batches`` value is named."""
-    import sys
+
+    import tiny_demo
 
     from oefsmc_jax.config_validation import validate
     from oefsmc_jax.errors import ConfigError
     from oefsmc_jax.pipeline import run
-
-    sys.path.insert(0, str(pathlib.Path(__file__).parent))
-    import tiny_demo
 
     small = {**tiny_demo.OVERRIDES, "teacher.steps": 10, "train.steps": 6, "train.log_every": 3, "oe.eval_every": 3,
              "arms": "oe"}

@@ -121,13 +121,12 @@ def test_r_is_off_for_mir_by_default_and_on_when_eta_is_set(teacher, tiny_data):
 
 
 def test_r_on_arm_with_r_off_method_is_refused():
-    import pathlib
-    import sys
+
+    from helpers import config
 
     from oefsmc_jax.config_validation import validate
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
-    import demo
+    demo = config("demo")
 
     c = demo.get_config()
     c.method.name = "mir"

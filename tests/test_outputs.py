@@ -7,17 +7,14 @@ from __future__ import annotations
 import errno
 import pathlib
 import shutil
-import sys
 
 import pytest
+import test_export  # a test module beside this one
 
 from oefsmc_jax import export, paths
 from oefsmc_jax.export import export_student, load_compressed
 from oefsmc_jax.training import checkpoint
 from oefsmc_jax.training.checkpoint import load_model
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import test_export  # noqa: E402
 
 run_dir = test_export.run_dir  # the fake finished run of test_export (a pytest fixture), built once here
 

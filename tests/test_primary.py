@@ -2,10 +2,10 @@
 
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
+from helpers import config
 from scipy import stats
 
 from oefsmc_jax.errors import ConfigError
@@ -13,12 +13,11 @@ from oefsmc_jax.experiments import cell_config, expand
 from oefsmc_jax.experiments.primary import check_primary_contrasts, holm, paired_t_pvalue, primary_contrasts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import confirm_cifar10  # noqa: E402
-import deconfound_cifar10  # noqa: E402
-import methods_cifar10  # noqa: E402
-import paper_cifar10  # noqa: E402
-import selection_cifar10  # noqa: E402
+confirm_cifar10 = config("confirm_cifar10")
+deconfound_cifar10 = config("deconfound_cifar10")
+methods_cifar10 = config("methods_cifar10")
+paper_cifar10 = config("paper_cifar10")
+selection_cifar10 = config("selection_cifar10")
 
 # a hand-made grid: three arms on four seeds at 10 per class, two arms on three seeds at 50
 TOP1 = {10: {"base": [50.0, 48.0, 47.0, 52.0], "oe": [51.0, 50.0, 46.0, 53.5],

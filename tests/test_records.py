@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import config_import
+from test_paths import BUCKET, fake_bucket  # a test module beside this one
 
 from oefsmc_jax import paths
 from oefsmc_jax.experiments import read_results, summarize
@@ -17,8 +19,6 @@ from oefsmc_jax.experiments.runner import _append
 from oefsmc_jax.pipeline import finished_result
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from test_paths import BUCKET, fake_bucket  # noqa: E402
 
 A = {"cell": "a", "arm": "base", "metrics": {"top1": 50.0}}
 B_BASE = {"cell": "b", "arm": "base", "metrics": {"top1": 41.5}}
@@ -109,10 +109,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 GRID = f"""
-import sys
-sys.path.insert(0, {str(REPO / "configs")!r})
-import demo
 import ml_collections
+{config_import("demo")}
 
 
 def get_config():

@@ -7,6 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from helpers import config
 
 from oefsmc_jax.evaluation import paired_difference
 
@@ -200,13 +201,10 @@ def test_claims_without_committed_data_are_gone_and_the_heading_is_narrow():
                                                                             "oe_random_matched+oe_complement,budgets=10"),
                  marks=pytest.mark.needs_data)])
 def test_committed_summaries_open_with_their_primary_contrasts_declared_after_the_results(folder, arg):
-    import importlib
-    import sys
 
     from oefsmc_jax.experiments.primary import primary_contrasts, primary_table
 
-    sys.path.insert(0, str(REPO / "configs"))
-    grid = importlib.import_module(arg[0]).get_config(arg[1])
+    grid = config(arg[0]).get_config(arg[1])
     assert grid.primary_declared_after_results is True and grid.primary_contrasts
     table = primary_table(_records(folder), grid.primary_contrasts, True)
     rows = primary_contrasts(_records(folder), grid.primary_contrasts)

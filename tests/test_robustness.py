@@ -15,15 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import config, config_import
 
 from oefsmc_jax.config_validation import ConfigError, validate
 from oefsmc_jax.data import load_source, open_source
 from oefsmc_jax.pipeline import get_teacher, prepare_data, write_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import cifar10  # noqa: E402
-import demo  # noqa: E402
+cifar10 = config("cifar10")
+demo = config("demo")
 
 SHARED = cifar10.shared_data()
 AKA20 = SHARED / "teachers" / "akamaster_cifar10_resnet" / "resnet20-12fca82f.npz"
@@ -64,7 +64,7 @@ def _cli(args, tmp_path, *, runner=None, timeout=180):
 def _config_file(tmp_path, body):
     """A config file around the demo config (``--config`` takes any file with ``get_config``)."""
     path = tmp_path / "bad_config.py"
-    path.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'configs')!r})\nimport demo\n"
+    path.write_text(f"{config_import('demo')}"
                     "from oefsmc_jax.config_defaults import source\n\n\n"
                     f"def get_config(arg=None):\n    c = demo.get_config()\n    {body}\n    return c\n")
     return path

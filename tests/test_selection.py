@@ -63,11 +63,10 @@ def test_confidence_takes_the_most_confident_images_of_any_class():
 
 
 def _demo_config(arms):
-    import pathlib
-    import sys
 
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
-    import demo
+    from helpers import config
+
+    demo = config("demo")
 
     c = demo.get_config("per_class=3")
     c.arms = arms

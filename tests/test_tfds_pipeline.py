@@ -6,13 +6,13 @@ which the pipeline rightly refuses as an overlap between training and evaluation
 
 import json
 import pathlib
-import sys
 import zlib
 
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from helpers import config
 
 from oefsmc_jax.models import imagenet_resnet_spec
 from oefsmc_jax.pipeline import init_variables, run
@@ -21,9 +21,8 @@ from oefsmc_jax.training.checkpoint import save_model
 pytestmark = pytest.mark.slow  # every test here is an end-to-end run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import cifar10  # noqa: E402
-import imagenet  # noqa: E402
+cifar10 = config("cifar10")
+imagenet = config("imagenet")
 
 
 class FakeSource:

@@ -14,15 +14,15 @@ import threading
 
 import ml_collections
 import pytest
+from helpers import config
 
 from oefsmc_jax import paths, workdir_lock
 from oefsmc_jax.workdir_lock import WorkdirBusy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "configs"))
-import demo  # noqa: E402
 import tiny_demo  # noqa: E402
+
+demo = config("demo")
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 

@@ -1,12 +1,9 @@
 """The demo config shrunk to a tiny model and 8x8 images, in-process or as command-line overrides (shared by the
 end-to-end tests)."""
 
-import pathlib
-import sys
+from helpers import REPO, config  # noqa: F401 (tiny_demo.REPO is used by the end-to-end tests)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "configs"))
-import demo  # noqa: E402
+demo = config("demo")
 
 OVERRIDES = {
     "data.image_size": 8, "data.id.image_size": 8, "data.test.image_size": 8, "data.ood.image_size": 8,
