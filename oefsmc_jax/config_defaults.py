@@ -169,9 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.oe.selection = "random"  # the 'oe' arm's OOD subset: random (paper) | teacher_complement | teacher_confidence
 
     # c: ceil(c * (n_max - n_k)) images per class. Chosen on the validation split only (configs/deconfound_cifar10.py,
-    # groups sweep_c*: KD, 10 per class, rho 10, 3 seeds, c in 1/2.5/5 x R off/on): the best mean validation top-1 was
-    # c = 1 with R on (arm oe_complement_r), 62.0 %, against 60.4 % for c = 2.5 with R off, the earlier default that
-    # came from a pilot scored on test images; the margin is inside the 3-seed noise (docs/results/README.md).
+    # groups sweep_c*: KD, 10 per class, rho 10, 3 seeds, c in 1/2.5/5 x R off/on): c = 1 with R on (arm
+    # oe_complement_r) had the best mean validation top-1, by a margin inside the 3-seed noise
+    # (docs/results/README.md has the figures).
     c.oe.selection_factor = 1.0
     c.oe.selection_eta = 0.0  # eta of the teacher-guided arms (method.md §4b: R off by default)
     c.oe.cache_dir = ""  # where the teacher's pool probabilities are cached ('' = WORKDIR/cache)

@@ -1,4 +1,4 @@
-"""Which pool classes each OOD selection rule picks, per CIFAR-10 class (issue 9, item 2).
+"""Which pool classes each OOD selection rule picks, per CIFAR-10 class.
 
 The Tiny-ImageNet pool is partly in-distribution: about 30 of its 200 classes are CIFAR-10 classes in meaning
 (``shared/data/tinyimagenet_cifar10_overlap.json``: ``strict`` and ``near`` lists). This tool shows what each rule

@@ -6,7 +6,7 @@
 
 For each pool (``name=results.jsonl``) and each setting of the group (method, budget, set), every contrast of
 :data:`POOL_CONTRASTS` whose two arms were run is paired by seed with a 95 % t-interval; ``pools.md`` has the table,
-``pools.png`` one panel per pool and setting. Used for issue 9's class-disjoint controls (``deconfound_cifar10``),
+``pools.png`` one panel per pool and setting. Used for the class-disjoint controls (``deconfound_cifar10``),
 and, with ``--stem budgets --label steps``, to set the same grid at two step budgets side by side.
 """
 

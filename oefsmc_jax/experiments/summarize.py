@@ -162,7 +162,7 @@ def plot_budget(records: list[dict], path: paths.Path) -> paths.Path | None:
     return path
 
 
-# What the teacher arm's gain over the paper's rule is made of (issue 9): each contrast changes one thing.
+# What the teacher arm's gain over the paper's rule is made of: each contrast changes one thing.
 FACTORS = (
     ("choice of images (same count, R off)", "oe_complement", "oe_random_matched"),
     ("R, on teacher-chosen images (labels: the chosen class)", "oe_complement_r", "oe_complement"),

@@ -1,8 +1,8 @@
 """A hand-written CPU kernel for the filter gradient of 3x3 convolutions, called from JAX through XLA's FFI.
 
-XLA:CPU runs the filter-gradient convolutions of a pruned CIFAR ResNet (8-64 channels) at 10-30 GFLOP/s, about
-4x slower than PyTorch's oneDNN (``benchmarks/README.md``); they were the largest part of the CPU train step that
-the YNNPACK fusion modes of :mod:`oefsmc_jax.training.xla_cpu` could not speed up. ``wgrad3x3.cc`` computes that
+XLA:CPU runs the filter-gradient convolutions of a pruned CIFAR ResNet (8-64 channels) well below PyTorch's
+oneDNN (``benchmarks/README.md`` has the figures); they are the largest part of the CPU train step that the YNNPACK
+fusion modes of :mod:`oefsmc_jax.training.xla_cpu` do not speed up. ``wgrad3x3.cc`` computes that
 gradient directly (register-tiled outer products over the output positions, one chunk of images per thread of
 XLA's intra-op pool). It is compiled on first use with the system C++ compiler (``$CXX``, else ``g++``,
 ``c++`` or ``clang++``; ``-O3 -march=native``) into a cache keyed by the source, jaxlib, compiler and CPU
@@ -10,8 +10,8 @@ XLA's intra-op pool). It is compiled on first use with the system C++ compiler (
 
 Modes (``config.cpu_wgrad``, or ``$OEFSMC_CPU_WGRAD`` before the config is read):
 
-* ``xla`` (default): the models call ``lax.conv_general_dilated`` exactly as before (the same program, so the
-  same numbers as every committed result);
+* ``xla`` (default): the models call ``lax.conv_general_dilated`` with XLA's own gradient (the program every
+  committed result ran);
 * ``kernel``: every float32 3x3 convolution with padding 1, equal strides and no dilation or groups gets a custom
   VJP whose filter gradient is the kernel's on the CPU (``lax.platform_dependent``: XLA's own gradient on a GPU
   or TPU); the forward pass and the input gradient stay XLA's. Sums run in another order, so results differ

@@ -109,7 +109,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("oe", "{M} + OE-FSMC", "+ OE-FSMC", ood="config"),
     Arm("oe_complement", "{M} + OOD by teacher complement", "+ OOD teacher complement", ood="teacher_complement"),
     Arm("oe_confidence", "{M} + OOD by teacher confidence", "+ OOD teacher confidence", ood="teacher_confidence"),
-    # arms that separate the causes of the teacher arm's gain (issue 9): same count as the teacher complement with
+    # arms that separate the causes of the teacher arm's gain: same count as the teacher complement with
     # random images, R on or off; the teacher complement with R on (labels: the class each image was chosen for)
     Arm("oe_random_matched", "{M} + random OOD at the teacher count, R off", "+ random OOD, teacher count, R off",
         ood="random", count="teacher_complement", reg="off"),

@@ -1,6 +1,6 @@
 """Per-step batches gathered on the host, for ID sets and OOD pools too large to replicate on every device.
 
-With ``StepConfig.host_batches`` the train step no longer receives the whole ID set and OOD pool: a background
+With ``StepConfig.host_batches`` the train step does not receive the whole ID set and OOD pool: a background
 thread of :class:`HostFeeder` draws each step's global indices with :func:`oefsmc_jax.training.step.host_draw` (the
 same keys and calls as the step's own draw, so the images are exactly those of a run with the data on the device),
 gathers those images from host arrays (``np.memmap`` files, or any array that supports fancy indexing on its first

@@ -348,12 +348,12 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
 
 #: how a grouped step runs its runs: ``vmap`` (one batched program: parallel on an accelerator), ``map``
 #: (``lax.map``: one run after another inside a loop of the program) or ``unroll`` (one copy of the step per run,
-#: which XLA may overlap); ``auto`` = ``vmap`` on GPU/TPU and ``unroll`` on CPU. Measured on the 2-core CPU
-#: (benchmarks/grid_throughput.py, ResNet-20, 64 + 64 images per run): against one run at a time, ``unroll`` 1.07x
-#: at 2 runs and 1.22x at 4, ``vmap`` 0.34x at 2 and 0.23x at 8 (XLA:CPU's batched-weight convolutions), ``map``
-#: 15x slower even for one run (the step inside a loop loses the YNNPACK fusion)
+#: which XLA may overlap); ``auto`` = ``vmap`` on GPU/TPU and ``unroll`` on CPU, where XLA's batched-weight
+#: convolutions make ``vmap`` slower than one run at a time and ``map`` loses the YNNPACK fusion inside its loop
+#: (``benchmarks/grid_throughput.py`` measures each; the figures are in ``benchmarks/README.md``)
 GROUP_IMPLS = ("auto", "vmap", "map", "unroll")
-#: on a CPU, ``unroll`` compiles one copy per run (40 s for 4 ResNet-20 runs): groups there hold at most this many
+#: on a CPU, ``unroll`` compiles one copy per run, so compile time grows with the group: groups there hold at most
+#: this many
 CPU_UNROLL_MAX = 4
 
 

@@ -5,9 +5,8 @@ On a CPU, XLA can hand whole operations to the YNNPACK library instead of its ow
 ``jax.jit(..., compiler_options=...)``, never through a global ``XLA_FLAGS``, so other JAX code in the same process
 is not affected. Modes (``config.cpu_fusion``, or ``$OEFSMC_CPU_FUSION`` before the config is read):
 
-* ``exact`` (default): dots, convolutions, element-wise ops and reductions each as one YNNPACK call. On the
-  2-core dev machine the ResNet train step is 1.3-1.4x faster with the same gradients (see
-  ``benchmarks/README.md`` for the figures and the equivalence check).
+* ``exact`` (default): dots, convolutions, element-wise ops and reductions each as one YNNPACK call: a faster
+  CPU train step with the same gradients (``benchmarks/README.md`` has the figures and the equivalence check).
 * ``fast``: the same without ``individual_convolution`` (XLA fuses convolutions with their neighbours). Faster
   still, but it changes the gradients by far more than float32 rounding for a reason not understood: opt-in only.
 * ``off``: XLA's own CPU emitters (the behaviour of jaxlib without the option).
