@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from oefsmc_jax.config_validation import ConfigError, validate
+from oefsmc_jax.config_validation import validate
+from oefsmc_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "configs"))

@@ -268,7 +268,8 @@ def test_imagenet_config_runs_with_imported_teacher(tmp_path):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "configs"))
     import imagenet
 
-    from oefsmc_jax.config_validation import ConfigError, validate
+    from oefsmc_jax.config_validation import validate
+    from oefsmc_jax.errors import ConfigError
     from oefsmc_jax.pipeline import get_teacher
 
     src, out = tmp_path / "resnet18.safetensors", tmp_path / "r18"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tiny_demo  # noqa: E402
 
-from oefsmc_jax.config_validation import ConfigError, validate
+from oefsmc_jax.config_validation import validate
+from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.methods import METHODS
 
 REPO = tiny_demo.REPO

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oefsmc_jax.config_validation import ConfigError, validate
+from oefsmc_jax.config_validation import validate
 from oefsmc_jax.data import load_source, open_source
+from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.pipeline import get_teacher, prepare_data, write_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -444,7 +445,7 @@ def test_cli_unwritable_workdir_is_one_line(tmp_path, code):
 
 
 def test_workdir_of_another_config_is_refused_and_harmless_fields_resume(tmp_path):
-    from oefsmc_jax.config_validation import ConfigError
+    from oefsmc_jax.errors import ConfigError
     from oefsmc_jax.pipeline import check_same_config
 
     old = {"method": {"name": "kd", "prune_ratio": (0.5, 0.5)}, "train": {"steps": 300, "log_every": 25},
