@@ -132,13 +132,13 @@ def test_cli_corrupt_data_file_exits_2_in_one_line(tmp_path):
 
 @pytest.mark.needs_data  # reads the shared teachers
 def test_import_teacher_with_a_corrupt_check_file_exits_1_in_one_line(tmp_path, capsys):
-    from oefsmc_jax.convert import main
+    from oefsmc_jax.main import run_subcommand
     from oefsmc_jax.training.checkpoint import load_model
 
     bad = tmp_path / "check.npz"
     bad.write_bytes(b"")
     out = tmp_path / "teacher"
-    assert main([str(AKA20), str(out), "--check-npz", str(bad)]) == 1
+    assert run_subcommand("import-teacher", [str(AKA20), str(out), "--check-npz", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err == (f"error: --check-npz: {bad}: cannot read this .npz file; is it truncated or corrupt, or not an "
                    f"npz of plain arrays? (EOFError: No data left in file) (the model was written to {out})\n")
