@@ -30,11 +30,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, mask_multipliers
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.parallel import replicate, replicated
+from oefsmc_jax.training.recipe import Recipe
 from oefsmc_jax.training.step import (
     CPU_UNROLL_MAX,
     StepConfig,

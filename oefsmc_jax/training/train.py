@@ -22,7 +22,6 @@ from jax.sharding import Mesh
 
 from oefsmc_jax import paths
 from oefsmc_jax.kernels import cpu_conv
-from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
 from oefsmc_jax.training import preemption, xla_cpu
 from oefsmc_jax.training.checkpoint import Checkpointer
@@ -32,6 +31,7 @@ from oefsmc_jax.training.group import RunJob, current_scheduler
 from oefsmc_jax.training.optim import make_optimizer
 from oefsmc_jax.training.parallel import replicate
 from oefsmc_jax.training.preemption import NonFiniteError
+from oefsmc_jax.training.recipe import Recipe
 from oefsmc_jax.training.step import StepConfig, StepData, init_state, make_predict, make_train_step
 
 
