@@ -388,7 +388,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, 
 
     def save(self, step, *a, **k):
         if step >= 2:
-            self.wait()  # Orbax finishes the previous save before it writes the next one
+            self.manager.wait_until_finished()  # Orbax finishes the previous save before it writes the next one
             raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(self.directory / str(step)))
         return real_save(self, step, *a, **k)
 

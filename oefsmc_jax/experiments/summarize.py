@@ -411,10 +411,3 @@ def _counts_of(record: dict) -> list[int]:
 
         order = class_order_permutation(k, s["seed"])
     return class_counts(k, s["mode"], s["per_class"], s["rho"], s["equal_total"], order).tolist()
-
-
-def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Convenience: the records of a results file."""
-    from oefsmc_jax.experiments.runner import read_results
-
-    return read_results(path)

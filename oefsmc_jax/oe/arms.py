@@ -147,11 +147,6 @@ def arm_selection(config: Any, arm: str) -> str:
     return get_arm(arm).selection(config)
 
 
-def short_label(arm: str) -> str:
-    """The summary label of ``arm`` (the name itself for arms this version no longer has)."""
-    return ARMS[arm].short if arm in ARMS else arm
-
-
 def check_arms(arms: Sequence[Arm], method: Any) -> None:
     """Validate every arm against ``method``."""
     for a in arms:
