@@ -32,10 +32,7 @@ from oefsmc_jax.models import mask_multipliers
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.parallel import replicate, replicated
-from oefsmc_jax.training.step import (
-    CPU_UNROLL_MAX,
-    resolve_group_impl,
-)
+from oefsmc_jax.training.step import CPU_UNROLL_MAX, resolve_group_impl
 from oefsmc_jax.training.train import (
     MetricWriter,
     RunJob,
