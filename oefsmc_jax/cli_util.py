@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from oefsmc_jax.errors import ConfigError
+
 
 def one_line(e: BaseException) -> str:
     """The useful last line of an error whose text may carry a traceback (as config_flags' errors do)."""
@@ -133,7 +135,7 @@ def init_absl() -> None:
 
 
 EXIT_USAGE, EXIT_IO = 2, 74
-#: the workdir is in use by another live process (``EX_CANTCREAT``); see :mod:`oefsmc_jax.workdir_lock`
+#: the workdir is in use by another live process (``EX_CANTCREAT``): :class:`oefsmc_jax.workdir_lock.WorkdirBusy`
 EXIT_LOCKED = 73
 
 
@@ -157,7 +159,6 @@ def run_reporting_errors(fn: Any, *, debug_value_errors: bool = False) -> None:
     import os
 
     from oefsmc_jax import disk_errors, workdir_lock
-    from oefsmc_jax.config_validation import ConfigError
     from oefsmc_jax.data import DataOverlapError
     from oefsmc_jax.training import preemption
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from oefsmc_jax.data.subsets import COUNT_MODES
 from oefsmc_jax.errors import ConfigError
+from oefsmc_jax.models.spec import build_arch, check_arch_name
 from oefsmc_jax.training.optim import OPTIMIZERS, SCHEDULES
 
 SOURCE_KINDS = ("npz", "tfds", "digits", "sklearn_photos")
-ARCHS = ("resnet<6n+2> (e.g. resnet20, resnet32, resnet44, resnet56, resnet110)", "vgg16",
-         "imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50")
 CLASS_ORDERS = ("index", "random")
 
 
@@ -21,16 +19,10 @@ def _fail(field: str, msg: str) -> None:
 
 
 def _check_arch(name: str) -> None:
-    m = re.fullmatch(r"resnet(\d+)", name)
-    if m:
-        depth = int(m.group(1))
-        if depth < 8 or (depth - 2) % 6:
-            _fail("arch.name", f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110...), "
-                               f"got {depth}")
-        return
-    if name in ("vgg16", "imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50"):
-        return
-    _fail("arch.name", f"unknown architecture {name!r}; allowed: {', '.join(ARCHS)}")
+    try:
+        check_arch_name(name)
+    except ValueError as e:
+        raise ConfigError(f"config.arch.name: {e}") from None
 
 
 def _source_key(cfg: Any) -> tuple:
@@ -125,7 +117,6 @@ def validate(config: Any, num_devices: int = 1) -> None:
 
     from oefsmc_jax.methods import build_method
     from oefsmc_jax.oe.arms import arms_of, check_arms
-    from oefsmc_jax.pipeline import build_arch
 
     if config.method.get("latency", "macs") not in ("measure", "macs"):
         _fail("method.latency", f"must be 'measure' or 'macs', got {config.method.latency!r}")

@@ -7,6 +7,9 @@ with chex at the boundaries (at trace time under ``jit``: free in the compiled s
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -82,3 +85,21 @@ def logit_adjusted_cross_entropy(logits: jax.Array, labels: jax.Array, prior: ja
     chex.assert_rank(prior, 1)
     chex.assert_equal_shape_suffix([logits, prior], 1)
     return cross_entropy(logits + tau * jnp.log(jnp.maximum(prior, 1e-12)), labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy:
+    """The plain supervised term ``CE(logits, labels)`` (hashable, so compiled steps are shared)."""
+
+    def __call__(self, logits: Any, labels: Any) -> Any:
+        return cross_entropy(logits, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitAdjusted:
+    """Logit-adjusted CE with a fixed class ``prior`` (a tuple, so equal priors share a compiled step)."""
+
+    prior: tuple[float, ...]
+
+    def __call__(self, logits: Any, labels: Any) -> Any:
+        return logit_adjusted_cross_entropy(logits, labels, jnp.asarray(self.prior, jnp.float32))

@@ -174,6 +174,60 @@ def _experiments_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_teacher_command(args: argparse.Namespace) -> int:
+    """Import a teacher as ``args`` (``oefsmc import-teacher``'s flags) say and print what was written; returns the
+    exit status.
+
+    A bad teacher file (mismatched keys or shapes, wrong depth, unknown family, missing file, torch missing for
+    ``.th``) or a refused OUT_DIR (exists and is not empty without ``--overwrite``, is a file, holds SRC) prints
+    ``error: ...`` to stderr and returns 1; a failed write (not a folder, read-only, disk full) prints one line
+    naming the path and returns 74 (``cli_util.EXIT_IO``), leaving an existing OUT_DIR as it was.
+    """
+    import pathlib
+    import time
+
+    import jax
+    import numpy as np
+
+    from oefsmc_jax import paths
+    from oefsmc_jax.convert.layout import resnet_depth
+    from oefsmc_jax.convert.teachers import evaluate_top1, import_teacher
+    from oefsmc_jax.training.checkpoint import load_model
+
+    cli_util.init_absl()
+
+    try:
+        spec = import_teacher(args.src, args.out_dir, args.depth, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {paths.os_error_line(e, args.out_dir)}", file=sys.stderr)
+        return cli_util.EXIT_IO
+    out = pathlib.Path(args.out_dir).absolute()
+    spec2, variables, meta = load_model(out)
+    depth = resnet_depth(spec)
+    n_params = sum(int(np.prod(np.shape(a))) for a in jax.tree.leaves(variables["params"]))
+    mean, std = meta["preprocessing"]["mean"], meta["preprocessing"]["std"]
+    print(f"wrote {out}: {meta['family']} resnet{depth} ({spec.num_classes} classes, {n_params:,} parameters, "
+          f"shortcut {spec.shortcut}) from {args.src}")
+    print(f"preprocessing: x/255, mean {tuple(mean)}, std {tuple(std)}")
+    print(f"use it with teacher.checkpoint={out}")
+    if args.check_npz:
+        from oefsmc_jax.data import load_source
+
+        try:
+            data = load_source({"kind": "npz", "path": args.check_npz, "image_size": 32})
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: --check-npz: {e} (the model was written to {out})", file=sys.stderr)
+            return 1
+        t0 = time.perf_counter()
+        acc = evaluate_top1(spec2, variables, data.x, data.y, batch_size=args.batch_size, mean=mean, std=std)
+        print(f"top-1 on {args.check_npz} ({len(data)} images): {acc:.2f}% "
+              f"[{time.perf_counter() - t0:.1f}s]")
+    return 0
+
+
 def _lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
     """``module:function``, imported when the subcommand runs (``--help`` imports no JAX)."""
     def call(args: argparse.Namespace) -> int | None:
@@ -227,7 +281,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "original with torch) as an Orbax model checkpoint that configs can name via teacher.checkpoint. The family "
         "is detected from the state-dict keys. Exit 1 for a bad teacher file or a refused OUT_DIR, 74 when a write "
         "fails.",
-        _import_teacher_flags, _lazy("oefsmc_jax.convert.akamaster:run_cli"),
+        _import_teacher_flags, _import_teacher_command,
         ("oefsmc import-teacher resnet20-12fca82f.npz teachers/r20 --depth 20 --check-npz cifar10_test.npz",)),
     "pools": Subcommand(
         "the same arms of several grids (OOD pools, budgets) side by side: a table and a figure",
@@ -303,6 +357,12 @@ def parse_subcommand(name: str, argv: Sequence[str] | None = None, prog: str | N
     if name == "experiments" and args.command != "summarize" and args.config is None:
         p.error("--config is required to run a grid (`summarize` needs only --workdir)")
     return args
+
+
+def run_subcommand(name: str, argv: Sequence[str]) -> int:
+    """Parse ``argv`` as the flags of subcommand ``name`` and run it in this process (nothing is re-executed);
+    returns its exit status. A usage error exits 2 in one line, as in :func:`parse_subcommand`."""
+    return SUBCOMMANDS[name].run(parse_subcommand(name, argv)) or 0
 
 
 def parse(argv: Sequence[str]) -> tuple[str, argparse.Namespace]:

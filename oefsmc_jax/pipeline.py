@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oefsmc_jax import __version__, paths, workdir_lock
+from oefsmc_jax.config_validation import validate
 from oefsmc_jax.data import (
     ImageSet,
     Source,
@@ -44,7 +45,7 @@ from oefsmc_jax.evaluation import agreement, classification_metrics, side_by_sid
 from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.methods import CompressionContext, Method, OESettings, Supervised, build_method, resolve_oe
 from oefsmc_jax.methods.fskd_solver import fold_corrections
-from oefsmc_jax.models import ArchSpec, build_model, count_flops, count_params, shrink
+from oefsmc_jax.models import ArchSpec, build_arch, build_model, count_flops, count_params, shrink
 from oefsmc_jax.models.latency import measure_latency
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.oe.arms import (
@@ -183,21 +184,6 @@ def prepare_data(config: Any, workdir: paths.Path) -> RunData:
                               "subset or seed settings changed); use a new --workdir, or delete this one")
     write_json(previous, subset)
     return RunData(train, counts, ood, heldout, test, full_train, subset, candidates, cand_hashes)
-
-
-def build_arch(arch: Any, num_classes: int) -> ArchSpec:
-    """The ``ArchSpec`` for ``config.arch`` (see ``config_validation.ARCHS`` for the names)."""
-    from oefsmc_jax.models import cifar_resnet_spec, imagenet_resnet_spec, vgg16_spec
-
-    name = arch.name
-    if name.startswith("imagenet_resnet"):
-        return imagenet_resnet_spec(int(name[len("imagenet_resnet"):]), num_classes)
-    if name == "vgg16":
-        return vgg16_spec(num_classes)
-    if name.startswith("resnet"):
-        return cifar_resnet_spec(int(name[len("resnet"):]), num_classes, shortcut=arch.shortcut,
-                                 widths=tuple(arch.widths))
-    raise ValueError(f"arch.name: unknown architecture {name!r}")
 
 
 def init_variables(spec: ArchSpec, image_size: int, seed: int) -> dict:
@@ -550,8 +536,6 @@ def check_same_config(path: paths.Path, new: dict) -> None:
 @workdir_lock.scope
 def run(config: Any, workdir: str | os.PathLike) -> dict:
     """Run every arm of ``config`` in ``workdir`` and write ``report.md`` and the per-class plot; returns results."""
-    from oefsmc_jax.config_validation import validate
-
     paths.check_reachable(workdir, "--workdir")
     workdir = paths.as_path(workdir)
     cache = compile_cache.enable(config.get("compile_cache", ""))

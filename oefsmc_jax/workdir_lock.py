@@ -2,7 +2,7 @@
 
 A scheduler that requeues a job while the old one still runs would otherwise start a second writer on the same
 checkpoints, results and ``metrics.jsonl``. The second run is refused in one line that names the holder
-(:class:`WorkdirBusy`; the command line exits with :data:`EXIT_LOCKED`, 73: ``EX_CANTCREAT``).
+(:class:`WorkdirBusy`; the command line exits with 73, ``EX_CANTCREAT``: :data:`oefsmc_jax.cli_util.EXIT_LOCKED`).
 
 - **Local (and mounted) workdirs**: :func:`fcntl.flock` on ``.lock``. The kernel drops the lock when its process
   dies (crash, ``kill -9``, a lost node's NFS lease), so a lock file left by a dead process is taken over without
@@ -37,9 +37,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from oefsmc_jax import paths
-from oefsmc_jax.cli_util import EXIT_LOCKED
 
-__all__ = ["EXIT_LOCKED", "LOCK_NAME", "WorkdirBusy", "scope", "take"]
+__all__ = ["LOCK_NAME", "WorkdirBusy", "scope", "take"]
 
 LOCK_NAME = ".lock"
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from helpers import config
 
-from oefsmc_jax.config_validation import ConfigError, validate
+from oefsmc_jax.config_validation import validate
+from oefsmc_jax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 cifar10, cifar100, demo, imagenet = config("cifar10"), config("cifar100"), config("demo"), config("imagenet")

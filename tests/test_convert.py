@@ -18,9 +18,9 @@ from oefsmc_jax.convert import (
     import_teacher,
     load_akamaster_npz,
     load_akamaster_th,
-    main,
 )
 from oefsmc_jax.data import load_source
+from oefsmc_jax.main import run_subcommand
 from oefsmc_jax.models import build_model, cifar_resnet_spec
 from oefsmc_jax.training.checkpoint import load_model
 from oefsmc_jax.training.parallel import make_mesh
@@ -250,14 +250,14 @@ def test_not_a_state_dict():
 
 
 def test_cli(shared_data, tmp_path, capsys):
-    """`python -m oefsmc_jax.convert.akamaster SRC OUT --depth 20 --check-npz ...` writes and evaluates."""
+    """`oefsmc import-teacher SRC OUT --depth 20 --check-npz ...` writes and evaluates."""
     s = load_source({"kind": "npz", "path": str(shared_data / "cifar10_train_lossless_first4000.npz"),
                      "image_size": 32})
     small = tmp_path / "small.npz"
     np.savez(small, x=s.x[:500], y=s.y[:500])
     out = tmp_path / "teacher"
     argv = [str(teacher_file(shared_data, 20)), str(out), "--depth", "20", "--check-npz", str(small)]
-    assert main(argv) == 0
+    assert run_subcommand("import-teacher", argv) == 0
     text = capsys.readouterr().out
     assert f"wrote {out}" in text and "resnet20" in text
     top1 = float(text.split("top-1 on ")[1].split(": ")[1].split("%")[0])
@@ -267,6 +267,6 @@ def test_cli(shared_data, tmp_path, capsys):
 
 def test_cli_error(shared_data, tmp_path, capsys):
     argv = [str(teacher_file(shared_data, 56)), str(tmp_path / "out"), "--depth", "20"]
-    assert main(argv) == 1
+    assert run_subcommand("import-teacher", argv) == 1
     assert "error: " in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

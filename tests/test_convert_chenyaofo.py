@@ -31,11 +31,11 @@ from oefsmc_jax.convert import (
     load_pretrained,
     load_pretrained_npz,
     load_pretrained_th,
-    main,
     teacher_family,
     teacher_preprocessing,
 )
 from oefsmc_jax.data import load_source
+from oefsmc_jax.main import run_subcommand
 from oefsmc_jax.models import build_model, cifar_resnet_spec
 from oefsmc_jax.training.checkpoint import load_model
 
@@ -226,7 +226,8 @@ def test_wrong_depth_and_family(shared_data, tmp_path, capsys):
         load_akamaster_npz(chen_file(shared_data, 20))
     with pytest.raises(ValueError, match="missing key 'fc.weight'"):
         load_chenyaofo_npz(aka_file(shared_data))
-    assert main([str(chen_file(shared_data, 32)), str(tmp_path / "out"), "--depth", "20"]) == 1
+    argv = [str(chen_file(shared_data, 32)), str(tmp_path / "out"), "--depth", "20"]
+    assert run_subcommand("import-teacher", argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "resnet32" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()

@@ -32,12 +32,12 @@ from oefsmc_jax.convert import (
     detect_family,
     import_teacher,
     load_pretrained,
-    main,
     read_safetensors_state,
     teacher_family,
     teacher_preprocessing,
     write_safetensors,
 )
+from oefsmc_jax.main import run_subcommand
 from oefsmc_jax.models import build_model, imagenet_resnet_spec
 from oefsmc_jax.training.checkpoint import load_model
 
@@ -87,7 +87,7 @@ def test_imported_logits_match_pytorch(depth, reference, inputs, tmp_path, capsy
     np.savez(npz, **sd)
     write_safetensors(st, sd, metadata={"format": "pt"})
     out = tmp_path / "model"
-    assert main([str(npz), str(out)]) == 0
+    assert run_subcommand("import-teacher", [str(npz), str(out)]) == 0
     assert f"torchvision resnet{depth} ({gen.NUM_CLASSES} classes" in capsys.readouterr().out
     spec, variables, meta = load_model(out)
     assert spec == imagenet_resnet_spec(depth, num_classes=gen.NUM_CLASSES)
@@ -162,11 +162,11 @@ def test_wrong_depth_and_cli_error(r18, tmp_path, capsys):
         convert_torchvision_state_dict(r18, depth=50, source="x")
     src = tmp_path / "r18.safetensors"
     write_safetensors(src, _edited(r18, drop=["layer3.1.bn2.weight"]))
-    assert main([str(src), str(tmp_path / "out")]) == 1
+    assert run_subcommand("import-teacher", [str(src), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert err == f"error: {src}: missing key 'layer3.1.bn2.weight'\n"
     assert not (tmp_path / "out").exists()
-    assert main([str(tmp_path / "r18.h5"), str(tmp_path / "out")]) == 1
+    assert run_subcommand("import-teacher", [str(tmp_path / "r18.h5"), str(tmp_path / "out")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -257,7 +257,7 @@ def test_bad_safetensors(tmp_path, capsys, content, message):
     with pytest.raises(ValueError) as e:
         read_safetensors_state(src)
     assert str(e.value).startswith(f"{src}: ") and message in str(e.value) and "\n" not in str(e.value)
-    assert main([str(src), str(tmp_path / "out")]) == 1
+    assert run_subcommand("import-teacher", [str(src), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err == f"error: {e.value}\n"
     assert not (tmp_path / "out").exists()
 
@@ -267,7 +267,8 @@ def test_imagenet_config_runs_with_imported_teacher(tmp_path):
     and input size (a torchvision ResNet-18 with 1000 classes, imported from .safetensors)."""
     imagenet = config("imagenet")
 
-    from oefsmc_jax.config_validation import ConfigError, validate
+    from oefsmc_jax.config_validation import validate
+    from oefsmc_jax.errors import ConfigError
     from oefsmc_jax.pipeline import get_teacher
 
     src, out = tmp_path / "resnet18.safetensors", tmp_path / "r18"

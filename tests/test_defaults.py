@@ -10,7 +10,8 @@ import pytest
 import tiny_demo
 from helpers import config
 
-from oefsmc_jax.config_validation import ConfigError, validate
+from oefsmc_jax.config_validation import validate
+from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.methods import METHODS
 
 REPO = tiny_demo.REPO

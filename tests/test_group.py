@@ -14,10 +14,10 @@ from oefsmc_jax.methods import KD
 from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.training import preemption
-from oefsmc_jax.training.group import GroupScheduler, RunJob, finetune_group
+from oefsmc_jax.training.group import GroupScheduler, finetune_group
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData
-from oefsmc_jax.training.train import LoopConfig, finetune, finetune_one
+from oefsmc_jax.training.train import LoopConfig, RunJob, finetune, finetune_one
 
 SIZE, K, STEPS = 8, 10, 4
 OPTIM = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}

@@ -242,11 +242,11 @@ def test_json_and_model_files_that_do_not_parse_are_named(run_dir, tmp_path, cap
 
 # ---------------------------------------------------------------------- import-teacher
 def test_import_teacher_keeps_what_it_did_not_write(shared_data, tmp_path, foreign, capsys, monkeypatch):
-    from oefsmc_jax.convert import main
+    from oefsmc_jax.main import run_subcommand
 
     src = shared_data.joinpath(*TEACHER)
     before = snapshot(foreign)
-    assert main([str(src), str(foreign)]) == 1
+    assert run_subcommand("import-teacher", [str(src), str(foreign)]) == 1
     assert one_line(capsys.readouterr().err).startswith(f"error: OUT_DIR {foreign} already exists and is not empty")
     assert snapshot(foreign) == before
 
@@ -254,20 +254,20 @@ def test_import_teacher_keeps_what_it_did_not_write(shared_data, tmp_path, forei
     own = tmp_path / "teachers"
     own.mkdir()
     shutil.copy(src, own / "t.npz")
-    assert main([str(own / "t.npz"), str(own), "--overwrite"]) == 1
+    assert run_subcommand("import-teacher", [str(own / "t.npz"), str(own), "--overwrite"]) == 1
     assert "contains the teacher file" in one_line(capsys.readouterr().err)
     assert (own / "t.npz").read_bytes() == src.read_bytes()
 
-    assert main([str(src), str(own / "t.npz" / "out")]) == 1
+    assert run_subcommand("import-teacher", [str(src), str(own / "t.npz" / "out")]) == 1
     assert "t.npz is a file, not a folder" in one_line(capsys.readouterr().err)
 
     monkeypatch.setattr(checkpoint.Checkpointer, "__init__", read_only_for_writes(checkpoint.Checkpointer.__init__))
-    assert main([str(src), str(foreign), "--overwrite"]) == 74
+    assert run_subcommand("import-teacher", [str(src), str(foreign), "--overwrite"]) == 74
     assert one_line(capsys.readouterr().err).startswith(f"error: Read-only file system: {foreign}.tmp")
     monkeypatch.undo()
     assert snapshot(foreign) == before
 
-    assert main([str(src), str(foreign), "--overwrite"]) == 0
+    assert run_subcommand("import-teacher", [str(src), str(foreign), "--overwrite"]) == 0
     assert f"wrote {foreign}" in capsys.readouterr().out
     assert load_model(foreign)[2]["family"] == "akamaster" and not (foreign / "notes.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "teachers"]

@@ -152,7 +152,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_to_identical_parameters(finish
 
 
 def test_workdir_of_a_different_subset_is_refused(finished_run):
-    from oefsmc_jax.config_validation import ConfigError
+    from oefsmc_jax.errors import ConfigError
     from oefsmc_jax.pipeline import run
 
     workdir, _ = finished_run

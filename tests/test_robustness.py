@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from helpers import config, config_import
 
-from oefsmc_jax.config_validation import ConfigError, validate
+from oefsmc_jax.config_validation import validate
 from oefsmc_jax.data import load_source, open_source
+from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.pipeline import get_teacher, prepare_data, write_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -131,13 +132,13 @@ def test_cli_corrupt_data_file_exits_2_in_one_line(tmp_path):
 
 @pytest.mark.needs_data  # reads the shared teachers
 def test_import_teacher_with_a_corrupt_check_file_exits_1_in_one_line(tmp_path, capsys):
-    from oefsmc_jax.convert import main
+    from oefsmc_jax.main import run_subcommand
     from oefsmc_jax.training.checkpoint import load_model
 
     bad = tmp_path / "check.npz"
     bad.write_bytes(b"")
     out = tmp_path / "teacher"
-    assert main([str(AKA20), str(out), "--check-npz", str(bad)]) == 1
+    assert run_subcommand("import-teacher", [str(AKA20), str(out), "--check-npz", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err == (f"error: --check-npz: {bad}: cannot read this .npz file; is it truncated or corrupt, or not an "
                    f"npz of plain arrays? (EOFError: No data left in file) (the model was written to {out})\n")
@@ -387,7 +388,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, 
 
     def save(self, step, *a, **k):
         if step >= 2:
-            self.wait()  # Orbax finishes the previous save before it writes the next one
+            self.manager.wait_until_finished()  # Orbax finishes the previous save before it writes the next one
             raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(self.directory / str(step)))
         return real_save(self, step, *a, **k)
 
@@ -444,7 +445,7 @@ def test_cli_unwritable_workdir_is_one_line(tmp_path, code):
 
 
 def test_workdir_of_another_config_is_refused_and_harmless_fields_resume(tmp_path):
-    from oefsmc_jax.config_validation import ConfigError
+    from oefsmc_jax.errors import ConfigError
     from oefsmc_jax.pipeline import check_same_config
 
     old = {"method": {"name": "kd", "prune_ratio": (0.5, 0.5)}, "train": {"steps": 300, "log_every": 25},

@@ -16,7 +16,7 @@ import ml_collections
 import pytest
 from helpers import config
 
-from oefsmc_jax import paths, workdir_lock
+from oefsmc_jax import cli_util, paths, workdir_lock
 from oefsmc_jax.workdir_lock import WorkdirBusy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_second_run_on_a_locked_workdir_is_refused_with_exit_73_naming_the_holde
         holder.stdin.close()
         holder.wait(timeout=30)
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert out.returncode == workdir_lock.EXIT_LOCKED == 73, out.stderr[-2000:]
+    assert out.returncode == cli_util.EXIT_LOCKED == 73, out.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert lines[0].startswith(f"error: workdir {work} is in use by PID {holder.pid} on ")
     assert lines[0].endswith("; wait for it or stop it (a lock left by a dead process is taken over)")

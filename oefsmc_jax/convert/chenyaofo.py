@@ -4,7 +4,7 @@ The network is the CIFAR ResNet-(6n+2) of He et al. (16/32/64 channels, basic bl
 shortcuts: where the shape changes (first block of stages 2 and 3) the shortcut is a stride-2 1x1 conv (no bias)
 followed by BN, ``layer{s}.0.downsample.{0,1}``; elsewhere the identity. That is exactly
 ``cifar_resnet_spec(depth, num_classes, shortcut='B')``, and the key mapping is the akamaster one
-(:mod:`.akamaster`) with
+(:func:`~oefsmc_jax.convert.layout.resnet_key_map`) with
 
 ==============================================  ===================================================
 PyTorch key                                     Flax variable
@@ -18,9 +18,8 @@ The release files are plain ``state_dict`` pickles (``.pt``, no prefix; reading 
 ``.npz`` exports hold the same arrays under the same keys. The teachers expect ``x / 255`` normalised with the
 CIFAR-10 statistics :data:`CHENYAOFO_MEAN` / :data:`CHENYAOFO_STD` (RGB).
 
-``python -m oefsmc_jax import-teacher SRC OUT`` (:func:`oefsmc_jax.convert.akamaster.main`) detects this family
-from the keys, as do :func:`~oefsmc_jax.convert.akamaster.load_pretrained` and
-:func:`~oefsmc_jax.convert.akamaster.teacher_preprocessing`.
+``python -m oefsmc_jax import-teacher SRC OUT`` detects this family from the keys, as do
+:func:`~oefsmc_jax.convert.teachers.load_pretrained` and :func:`~oefsmc_jax.convert.teachers.teacher_preprocessing`.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from oefsmc_jax.convert.akamaster import convert_resnet_state_dict, resnet_key_map
+from oefsmc_jax.convert.layout import convert_resnet_state_dict, resnet_key_map
 from oefsmc_jax.convert.readers import read_npz_state, read_torch_state
 from oefsmc_jax.models import ArchSpec
 

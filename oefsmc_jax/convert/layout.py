@@ -3,18 +3,21 @@
 A key map sends each PyTorch key to ``(collection, flax path inside the collection, transform)``, where
 ``transform`` is ``'conv'`` (OIHW -> HWIO), ``'linear'`` (``[out, in]`` -> ``[in, out]``) or ``'none'``.
 :func:`convert_with_key_map` applies it and names every missing, unexpected, mis-shaped or non-float entry in one
-line. This module imports no converter, so every family's converter can use it without an import cycle.
+line. :func:`resnet_key_map` and :func:`convert_resnet_state_dict` are the key map and the converter of the basic-block
+CIFAR ResNets that the akamaster (option A) and chenyaofo (option B) families share. This module imports no family's
+module, so every family's converter can use it without an import cycle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oefsmc_jax.models import ArchSpec, build_model
+from oefsmc_jax.models import ArchSpec, build_model, cifar_resnet_spec
 
 __all__ = [
     "BN_FIELDS",
@@ -23,9 +26,11 @@ __all__ = [
     "abstract_variables",
     "add_bn",
     "check_same_tree",
+    "convert_resnet_state_dict",
     "convert_with_key_map",
     "fmt_shape",
     "resnet_depth",
+    "resnet_key_map",
     "to_flax",
     "to_torch_shape",
 ]
@@ -37,6 +42,7 @@ IGNORED_SUFFIX = ".num_batches_tracked"  # newer PyTorch BN counters: accepted, 
 
 # one entry of a key map: (collection, flax path inside the collection, layout transform name)
 Target = tuple[str, tuple[str, ...], str]
+_CIFAR_LAYER_RE = re.compile(r"^layer([1-3])\.(\d+)\.")
 
 
 def add_bn(out: dict[str, Target], prefix: str, path: tuple[str, ...]) -> None:
@@ -135,3 +141,73 @@ def convert_with_key_map(arrays: Mapping[str, np.ndarray], kmap: Mapping[str, Ta
     }
     check_same_tree(variables, abstract, source)
     return variables
+
+
+def resnet_key_map(spec: ArchSpec, head: str, projection: str | None) -> dict[str, Target]:
+    """PyTorch key -> ``(collection, flax path, transform)`` for a basic-block CIFAR ResNet ``spec``.
+
+    ``head`` is the name of the final linear layer (``'linear'``, ``'fc'``); ``projection`` the name of the
+    option-B shortcut ``Sequential(conv1x1, BN)`` (``'downsample'``), mapped to ``proj_conv``/``proj_bn`` of
+    every block without an identity shortcut, or None for option A. ``transform`` is ``'conv'`` (OIHW ->
+    HWIO), ``'linear'`` (``[out, in]`` -> ``[in, out]``) or ``'none'``.
+    """
+    if spec.family != "cifar_resnet" or spec.block != "basic":
+        raise ValueError(f"expected a basic-block CIFAR ResNet spec, got {spec.family}/{spec.block}")
+    if (projection is None) != (spec.shortcut == "A"):
+        raise ValueError(f"projection={projection!r} does not fit a spec with option-{spec.shortcut} shortcuts")
+    out: dict[str, Target] = {}
+    out["conv1.weight"] = ("params", ("stem_conv", "kernel"), "conv")
+    add_bn(out, "bn1", ("stem_bn",))
+    for s, b in spec.blocks():
+        prefix, name = f"layer{s + 1}.{b}", spec.block_name(s, b)
+        for j in (1, 2):
+            out[f"{prefix}.conv{j}.weight"] = ("params", (name, f"conv{j}", "kernel"), "conv")
+            add_bn(out, f"{prefix}.bn{j}", (name, f"bn{j}"))
+        if projection is not None and not spec.identity_shortcut(s, b):
+            out[f"{prefix}.{projection}.0.weight"] = ("params", (name, "proj_conv", "kernel"), "conv")
+            add_bn(out, f"{prefix}.{projection}.1", (name, "proj_bn"))
+    out[f"{head}.weight"] = ("params", ("head", "kernel"), "linear")
+    out[f"{head}.bias"] = ("params", ("head", "bias"), "none")
+    return out
+
+
+def _blocks_per_stage(keys: Sequence[str]) -> int:
+    n = [0, 0, 0]
+    for k in keys:
+        m = _CIFAR_LAYER_RE.match(k)
+        if m:
+            s, b = int(m.group(1)) - 1, int(m.group(2))
+            n[s] = max(n[s], b + 1)
+    return max(n)
+
+
+def convert_resnet_state_dict(
+    arrays: Mapping[str, np.ndarray], depth: int | None, source: str, *, family: str, shortcut: str,
+    head: str, key_map: Callable[[ArchSpec], dict[str, Target]],
+) -> tuple[ArchSpec, dict]:
+    """Shared converter of a CIFAR ResNet-(6n+2) ``state_dict`` (numpy arrays) into ``(spec, variables)``.
+
+    The depth comes from the ``layer{1,2,3}.<i>.*`` keys (n blocks per stage -> 6n + 2) and must equal
+    ``depth`` when that is given; the number of classes comes from ``{head}.weight``; the spec is
+    ``cifar_resnet_spec(depth, num_classes, shortcut=shortcut)`` and ``key_map(spec)`` maps the keys. Missing,
+    unexpected, non-float or mis-shaped entries raise one :class:`ValueError` (one line) naming every
+    offending key, prefixed by ``source``; ``family`` names the teacher family in messages.
+    """
+    keys = [k for k in arrays if not k.endswith(IGNORED_SUFFIX)]
+    n = _blocks_per_stage(keys)
+    if n == 0:
+        raise ValueError(f"{source}: no 'layer{{1,2,3}}.<i>.*' keys; not a {family} CIFAR ResNet state "
+                         f"dict (keys: {sorted(keys)[:8]}{' ...' if len(keys) > 8 else ''})")
+    file_depth = 6 * n + 2
+    if depth is not None and int(depth) != file_depth:
+        raise ValueError(f"{source}: file has {n} blocks per stage (resnet{file_depth}) but "
+                         f"depth={depth} was asked")
+    head_key = f"{head}.weight"
+    if head_key not in arrays:
+        raise ValueError(f"{source}: missing key {head_key!r}")
+    lw = np.shape(arrays[head_key])
+    if len(lw) != 2 or lw[0] < 1:
+        raise ValueError(f"{source}: key {head_key!r} has shape {fmt_shape(lw)}, expected (num_classes,64)")
+    spec = cifar_resnet_spec(file_depth, num_classes=int(lw[0]), shortcut=shortcut)
+
+    return spec, convert_with_key_map(arrays, key_map(spec), spec, source)

@@ -23,6 +23,7 @@ import numpy as np
 
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.evaluation import format_table, paired_difference
+from oefsmc_jax.experiments.grid import expand, setting_key
 from oefsmc_jax.oe.arms import ARMS
 
 FILTERS = ("group", "method", "arch", "per_class", "mode")
@@ -102,8 +103,6 @@ def check_primary_contrasts(config: Any) -> None:
     """Check a grid config's ``primary_contrasts`` (and ``primary_declared_after_results``) against its groups:
     each entry names two arms and picks exactly one setting of the grid in which both arms run. Raises
     :class:`ConfigError` with one line naming the entry."""
-    from oefsmc_jax.experiments.runner import expand
-
     after = config.get("primary_declared_after_results", False)
     if not isinstance(after, bool):
         raise ConfigError(f"config.primary_declared_after_results: True or False, got {after!r}")
@@ -129,10 +128,8 @@ def contrast_label(entry: Mapping) -> str:
     """The entry's ``label``, else ``A - B`` in the summary's arm names."""
     if entry.get("label"):
         return str(entry["label"])
-    from oefsmc_jax.experiments.summarize import ARM_NAMES
-
     def name(arm: str) -> str:
-        return ARM_NAMES.get(arm, arm).removeprefix("+ ")
+        return (ARMS[arm].short if arm in ARMS else arm).removeprefix("+ ")
 
     return f"{name(entry['a'])} − {name(entry['b'])}"
 
@@ -142,12 +139,10 @@ def primary_contrasts(records: list[dict], entries: Any, metric: str = "top1") -
     None), ``status`` (``ok``, ``not run`` or ``ambiguous: N settings``), ``d`` (:func:`paired_difference` of
     ``a - b`` over the seeds where both arms have ``metric``), ``p`` (two-sided paired t-test) and ``p_holm``
     (Holm over all entries; an entry without a p counts as p = 1)."""
-    from oefsmc_jax.experiments.summarize import _key
-
     entries = _entries(entries)
     by = collections.defaultdict(dict)
     for r in records:
-        by[_key(r)].setdefault(r["seed"], {})[r["arm"]] = r["metrics"].get(metric)
+        by[setting_key(r)].setdefault(r["seed"], {})[r["arm"]] = r["metrics"].get(metric)
     out = []
     for e in entries:
         pairs_by_setting = {}

@@ -10,70 +10,25 @@ never run again, and a killed cell resumes from its own checkpoints (its finishe
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import itertools
 import json
 import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
 from oefsmc_jax import __version__, paths, workdir_lock
+from oefsmc_jax.experiments.grid import Cell, expand
+from oefsmc_jax.experiments.primary import check_primary_contrasts
 from oefsmc_jax.provenance import code_version, portable, versions
 from oefsmc_jax.training import preemption
 
-AXES = ("method", "arch", "per_class", "mode", "seed")
 #: cells run together when the grid config has no ``group_size``: their runs of equal shapes share one program
 DEFAULT_GROUP_SIZE = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """One point of the grid."""
-
-    id: str
-    group: str
-    method: str
-    arch: str
-    per_class: int
-    mode: str
-    seed: int
-    arms: tuple[str, ...]
-    overrides: tuple[tuple[str, Any], ...]
-
-    def settings(self) -> dict:
-        """The cell's grid coordinates and overrides, for records and tables."""
-        return {"group": self.group, "method": self.method, "arch": self.arch, "per_class": self.per_class,
-                "mode": self.mode, "seed": self.seed, "overrides": dict(self.overrides)}
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def expand(groups: Iterable[Mapping[str, Any]]) -> list[Cell]:
-    """All cells of all groups, in order (groups in order, then the product of their axes)."""
-    cells, seen = [], set()
-    for g in groups:
-        missing = [a for a in AXES if a not in g]
-        if missing:
-            raise ValueError(f"grid group {g.get('name', '?')!r} lacks the axes {missing}; each group needs {AXES}")
-        overrides = tuple(sorted(dict(g.get("overrides", {})).items()))
-        arms = tuple(a.strip() for a in str(g.get("arms", "base,oe")).split(",") if a.strip())
-        for method, arch, per_class, mode, seed in itertools.product(*(list(g[a]) for a in AXES)):
-            tag = "".join(f"-{k.split('.')[-1]}{_fmt(v)}" for k, v in overrides)
-            cid = f"{method}-{arch}-n{per_class}-{mode}{tag}-s{seed}"
-            if cid in seen:
-                continue
-            seen.add(cid)
-            cells.append(Cell(cid, str(g.get("name", "grid")), method, arch, int(per_class), mode, int(seed), arms,
-                              overrides))
-    return cells
 
 
 def cell_config(base: ml_collections.ConfigDict, cell: Cell, teacher_for_arch: Mapping[str, str],
@@ -206,8 +161,6 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
             validate(c, num_devices=n_dev)
         except ValueError as e:
             raise type(e)(f"grid cell {cell.id}: {e}") from None
-    from oefsmc_jax.experiments.primary import check_primary_contrasts
-
     check_primary_contrasts(config)  # the declared family must name settings this grid runs
     workdir_lock.take(workdir)  # only once the grid, its selection and every cell are valid; one grid process
     code = code_version()

@@ -12,15 +12,13 @@ import numpy as np
 
 from oefsmc_jax import paths
 from oefsmc_jax.evaluation import format_table, paired_difference, plot_per_class
+from oefsmc_jax.experiments.grid import setting_key
+from oefsmc_jax.experiments.primary import primary_table
+from oefsmc_jax.experiments.runner import read_results
 from oefsmc_jax.oe.arms import ARMS
 
 ARM_NAMES = {name: arm.short for name, arm in ARMS.items()}  # the arms table of oefsmc_jax.oe.arms
 METRICS = (("top1", "Top-1"), ("balanced", "Balanced"), ("few", "Few-shot"))
-
-
-def _key(r: dict) -> tuple:
-    ov = json.dumps(r.get("overrides", {}), sort_keys=True)
-    return (r["group"], r["method"], r["arch"], r["per_class"], r["mode"], ov)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -39,7 +37,7 @@ def summary_table(records: list[dict]) -> str:
     """Mean ± std over seeds of top-1, balanced and few-shot accuracy, one row per (setting, arm)."""
     groups: dict = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in records:
-        groups[_key(r)][r["arm"]].append(r)
+        groups[setting_key(r)][r["arm"]].append(r)
     rows = []
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "balanced", k[5])):
         g, method, arch, n, mode, ov = key
@@ -66,7 +64,7 @@ def paired_table(records: list[dict], metric: str = "top1", reference: str = "ba
     mean paired difference to ``reference`` (same seed, same subset) with its 95 % t-interval; '' if none."""
     by = collections.defaultdict(dict)
     for r in records:
-        by[_key(r) + (r["seed"],)][r["arm"]] = r["metrics"].get(metric)
+        by[setting_key(r) + (r["seed"],)][r["arm"]] = r["metrics"].get(metric)
     diffs = collections.defaultdict(lambda: ([], []))
     for key, by_arm in by.items():
         if reference not in by_arm or by_arm[reference] is None:
@@ -178,7 +176,7 @@ def contrasts(records: list[dict], factors: tuple = FACTORS, metric: str = "top1
     setting and contrast with the setting's key, ``label``, and :func:`paired_difference` of ``a - b``."""
     by = collections.defaultdict(dict)
     for r in records:
-        by[_key(r) + (r["seed"],)][r["arm"]] = r["metrics"].get(metric)
+        by[setting_key(r) + (r["seed"],)][r["arm"]] = r["metrics"].get(metric)
     out = []
     settings = sorted({k[:-1] for k in by}, key=lambda k: (k[0], k[1], k[2], k[3], k[4] != "balanced", k[5]))
     for key in settings:
@@ -304,8 +302,6 @@ def _short(path: str | os.PathLike) -> str:
 def join_results(results: str | os.PathLike, also: tuple = ()) -> tuple[list[dict], list[tuple[str, int]]]:
     """The records of ``results`` plus those of each file in ``also`` whose (group, cell, arm) is not already there
     (the first file that has a record wins), and per file its short name and how many records it gave."""
-    from oefsmc_jax.experiments.runner import read_results
-
     records, seen, sources = [], set(), []
     for f in (results, *also):
         n = 0
@@ -353,8 +349,6 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
     if devices:
         parts += [f"Run on: {'; '.join(devices)}.", ""]
     parts += ["## All settings", "", summary_table(records), ""]
-    from oefsmc_jax.experiments.primary import primary_table
-
     declared = primary_table(records, primary, primary_after_results)
     if declared:
         parts += ["## Primary contrasts (declared in the grid config, Holm-corrected)", "", declared, "",
@@ -417,10 +411,3 @@ def _counts_of(record: dict) -> list[int]:
 
         order = class_order_permutation(k, s["seed"])
     return class_counts(k, s["mode"], s["per_class"], s["rho"], s["equal_total"], order).tolist()
-
-
-def load_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Convenience: the records of a results file."""
-    from oefsmc_jax.experiments.runner import read_results
-
-    return read_results(path)

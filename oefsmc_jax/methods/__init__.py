@@ -12,10 +12,8 @@ from typing import Any
 from oefsmc_jax.errors import fail
 from oefsmc_jax.methods.base import (
     CompressionContext,
-    FinetuneSchedule,
     Method,
     OESettings,
-    Recipe,
     Stage,
     chain,
     prune_ratios,
@@ -48,6 +46,5 @@ def build_method(cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
     return METHODS[name].from_config(cfg, spec)
 
 
-__all__ = ["BP", "CD", "FSKD", "KD", "METHODS", "PRACTISE", "Calibration", "CompressionContext", "FinetuneSchedule",
-           "Method", "MiR", "OESettings", "Recipe", "Stage", "Supervised", "build_method", "chain", "prune_ratios",
-           "resolve_oe"]
+__all__ = ["BP", "CD", "FSKD", "KD", "METHODS", "PRACTISE", "Calibration", "CompressionContext", "Method", "MiR",
+           "OESettings", "Stage", "Supervised", "build_method", "chain", "prune_ratios", "resolve_oe"]

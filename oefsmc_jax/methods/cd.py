@@ -36,21 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from oefsmc_jax.errors import fail
-from oefsmc_jax.methods.base import (
-    CompressionContext,
-    FinetuneSchedule,
-    Method,
-    Recipe,
-    Stage,
-    hparams_from,
-    prune_ratios,
-    sub_config,
-)
+from oefsmc_jax.methods.base import CompressionContext, Method, Stage, hparams_from, prune_ratios, sub_config
 from oefsmc_jax.methods.cd_solver import cd_plan, cd_solve_layer
 from oefsmc_jax.methods.l1 import KD
 from oefsmc_jax.models import ArchSpec, set_masks
 from oefsmc_jax.models.surgery import _copy, _get, _set
 from oefsmc_jax.training import preemption
+from oefsmc_jax.training.recipe import FinetuneSchedule, Recipe
 
 
 @dataclasses.dataclass(frozen=True)

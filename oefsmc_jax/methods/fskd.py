@@ -31,7 +31,7 @@ import numpy as np
 
 from oefsmc_jax import losses
 from oefsmc_jax.errors import fail
-from oefsmc_jax.methods.base import CompressionContext, Method, Recipe, Stage, hparams_from, prune_ratios, sub_config
+from oefsmc_jax.methods.base import CompressionContext, Method, Stage, hparams_from, prune_ratios, sub_config
 from oefsmc_jax.methods.fskd_solver import (
     CorrectionPoint,
     correction_param,
@@ -43,6 +43,7 @@ from oefsmc_jax.methods.l1 import l1_prune_stage
 from oefsmc_jax.models import ArchSpec, shrink, width_links
 from oefsmc_jax.models.surgery import _copy, _set
 from oefsmc_jax.training import preemption
+from oefsmc_jax.training.recipe import Recipe
 
 
 @dataclasses.dataclass(frozen=True)

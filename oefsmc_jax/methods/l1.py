@@ -10,8 +10,9 @@ import jax
 
 from oefsmc_jax import losses
 from oefsmc_jax.errors import fail
-from oefsmc_jax.methods.base import CompressionContext, Method, Recipe, Stage, prune_ratios
+from oefsmc_jax.methods.base import CompressionContext, Method, Stage, prune_ratios
 from oefsmc_jax.models import ArchSpec, l1_prune, width_links
+from oefsmc_jax.training.recipe import Recipe
 
 
 def l1_prune_stage(ratios: tuple[float, ...], keep_feature_width: bool = False) -> Stage:

@@ -24,9 +24,10 @@ from typing import Any, ClassVar
 import jax
 
 from oefsmc_jax import losses
-from oefsmc_jax.methods.base import Method, OESettings, Recipe, Stage, prune_ratios
+from oefsmc_jax.methods.base import Method, OESettings, Stage, prune_ratios
 from oefsmc_jax.methods.l1 import l1_prune_stage
 from oefsmc_jax.models import ArchSpec
+from oefsmc_jax.training.recipe import Recipe
 
 # The classifier's top-level modules (ResNets: head; VGG: fc0, fc1, ... and head); absent names are ignored.
 CLASSIFIER = ("head",) + tuple(f"fc{i}" for i in range(8))

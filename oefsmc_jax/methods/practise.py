@@ -49,7 +49,7 @@ from jax import lax
 
 from oefsmc_jax.data.augment import augment_batch, normalize
 from oefsmc_jax.errors import fail
-from oefsmc_jax.methods.base import CompressionContext, Method, OESettings, Recipe, Stage, hparams_from, sub_config
+from oefsmc_jax.methods.base import CompressionContext, Method, OESettings, Stage, hparams_from, sub_config
 from oefsmc_jax.methods.fit import fit
 from oefsmc_jax.methods.mir import MIR_RECIPE
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, drop_blocks, droppable_blocks, shrink
@@ -57,6 +57,7 @@ from oefsmc_jax.models.latency import LATENCY_MODES, latency_cost
 from oefsmc_jax.models.probe import forward, points
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.parallel import make_mesh, num_devices
+from oefsmc_jax.training.recipe import Recipe
 
 FIELD = "method.practise"
 # The latency reduction (%) PRACTISE reaches when neither k nor latency_target is set: the ResNet-34 setting of the

@@ -16,6 +16,7 @@ from oefsmc_jax.models.flops import count_flops, count_params
 from oefsmc_jax.models.resnet import ResidualBlock, ResNet
 from oefsmc_jax.models.spec import (
     ArchSpec,
+    build_arch,
     cifar_resnet_spec,
     imagenet_resnet_spec,
     resnet_spec,
@@ -52,6 +53,7 @@ __all__ = [
     "ResidualBlock",
     "VGGLayer",
     "WidthLink",
+    "build_arch",
     "build_model",
     "cifar_resnet_spec",
     "count_flops",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -355,3 +356,38 @@ def vgg16_spec(num_classes: int = 10, widths: Sequence[int] = (64, 128, 256, 512
     for w, r in zip(widths, reps):
         cfg += [w] * r + ["M"]
     return vgg_spec(cfg, num_classes=num_classes)
+
+
+# ---------------------------------------------------------------------- architecture names (config.arch.name)
+_FIXED_ARCH_NAMES = ("vgg16", *(f"imagenet_resnet{d}" for d in _IMAGENET_DEPTHS))
+#: what ``config.arch.name`` may be: a CIFAR ResNet of any depth 6n+2, VGG-16, or a torchvision ImageNet ResNet
+ARCH_NAMES: tuple[str, ...] = ("resnet<6n+2> (e.g. resnet20, resnet32, resnet44, resnet56, resnet110)",
+                               *_FIXED_ARCH_NAMES)
+
+
+def check_arch_name(name: str) -> None:
+    """Raise a one-line :class:`ValueError` unless ``name`` is one of :data:`ARCH_NAMES`."""
+    m = re.fullmatch(r"resnet(\d+)", name)
+    if m:
+        depth = int(m.group(1))
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110...), "
+                             f"got {depth}")
+        return
+    if name in _FIXED_ARCH_NAMES:
+        return
+    raise ValueError(f"unknown architecture {name!r}; allowed: {', '.join(ARCH_NAMES)}")
+
+
+def build_arch(arch: Any, num_classes: int) -> ArchSpec:
+    """The ``ArchSpec`` that ``config.arch`` names (``name``, see :data:`ARCH_NAMES`; a CIFAR ResNet also reads
+    ``shortcut`` and ``widths``), with ``num_classes`` outputs."""
+    name = arch.name
+    if name.startswith("imagenet_resnet"):
+        return imagenet_resnet_spec(int(name[len("imagenet_resnet"):]), num_classes)
+    if name == "vgg16":
+        return vgg16_spec(num_classes)
+    if name.startswith("resnet"):
+        return cifar_resnet_spec(int(name[len("resnet"):]), num_classes, shortcut=arch.shortcut,
+                                 widths=tuple(arch.widths))
+    raise ValueError(f"arch.name: unknown architecture {name!r}")

@@ -17,29 +17,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
-from oefsmc_jax import losses
 from oefsmc_jax.errors import fail
-
-
-@dataclasses.dataclass(frozen=True)
-class CrossEntropy:
-    """The plain supervised term ``CE(logits, labels)`` (hashable, so compiled steps are shared)."""
-
-    def __call__(self, logits: Any, labels: Any) -> Any:
-        return losses.cross_entropy(logits, labels)
-
-
-@dataclasses.dataclass(frozen=True)
-class LogitAdjusted:
-    """Logit-adjusted CE with a fixed class ``prior`` (a tuple, so equal priors share a compiled step)."""
-
-    prior: tuple[float, ...]
-
-    def __call__(self, logits: Any, labels: Any) -> Any:
-        return losses.logit_adjusted_cross_entropy(logits, labels, jnp.asarray(self.prior, jnp.float32))
+from oefsmc_jax.losses import LogitAdjusted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,11 +145,6 @@ def needs_teacher_probs(config: Any) -> bool:
 def arm_selection(config: Any, arm: str) -> str:
     """The OOD selection rule of ``arm`` under ``config`` ('none' for arms without OOD images)."""
     return get_arm(arm).selection(config)
-
-
-def short_label(arm: str) -> str:
-    """The summary label of ``arm`` (the name itself for arms this version no longer has)."""
-    return ARMS[arm].short if arm in ARMS else arm
 
 
 def check_arms(arms: Sequence[Arm], method: Any) -> None:

@@ -32,7 +32,7 @@ def _serial(fn: Any) -> Any:
 class Checkpointer:
     """A ``CheckpointManager`` holding a state pytree plus a JSON ``meta`` item per step.
 
-    Saves are asynchronous where Orbax allows; ``close()`` (or ``wait()``) makes sure the last one is on disk.
+    Saves are asynchronous where Orbax allows; ``close()`` makes sure the last one is on disk.
     """
 
     @_serial
@@ -87,11 +87,6 @@ class Checkpointer:
                     multihost_utils.sync_global_devices(f"checkpoint-{step}-set-aside")
                 self.manager.reload()
         return None, None
-
-    @_serial
-    def wait(self) -> None:
-        """Block until pending saves are finished."""
-        self.manager.wait_until_finished()
 
     @_serial
     def close(self) -> None:

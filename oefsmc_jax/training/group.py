@@ -17,9 +17,7 @@ threads.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import pathlib
 import sys
 import threading
 import time
@@ -30,50 +28,26 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from oefsmc_jax.methods.base import Recipe
-from oefsmc_jax.models import ArchSpec, mask_multipliers
+from oefsmc_jax.models import mask_multipliers
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.parallel import replicate, replicated
-from oefsmc_jax.training.step import (
-    CPU_UNROLL_MAX,
-    StepConfig,
-    StepData,
-    resolve_group_impl,
+from oefsmc_jax.training.step import CPU_UNROLL_MAX, resolve_group_impl
+from oefsmc_jax.training.train import (
+    MetricWriter,
+    RunJob,
+    _early_stopping,
+    _format_eta,
+    _freeze,
+    _make_trainer,
+    _nonfinite_error,
+    _restore_run,
+    _result,
+    compile_modes,
+    finetune_one,
+    set_scheduler,
 )
 from oefsmc_jax.training.xla_cpu import mesh_platform
-
-
-@dataclasses.dataclass
-class RunJob:
-    """One fine-tuning run, as :func:`oefsmc_jax.training.train.finetune` receives it."""
-
-    name: str
-    workdir: pathlib.Path
-    mesh: Mesh
-    spec: ArchSpec
-    variables: dict
-    recipe: Recipe
-    teacher_spec: ArchSpec | None
-    teacher_variables: dict | None
-    data: StepData
-    step_cfg: StepConfig
-    optim_cfg: dict
-    loop: Any  # train.LoopConfig
-    seed: int
-    heldout: tuple[np.ndarray, np.ndarray] | None = None
-    meta: dict | None = None
-
-    def key(self) -> tuple:
-        """Runs with equal keys can be trained by one grouped program."""
-        from oefsmc_jax.training.train import _freeze
-
-        shapes = lambda t: (jax.tree.structure(t), tuple(np.shape(x) + (str(np.asarray(x).dtype)
-                                                                            if not isinstance(x, jax.Array)
-                                                                            else str(x.dtype),)
-                                                         for x in jax.tree.leaves(t)))
-        return (self.mesh, self.spec, self.teacher_spec, self.recipe, self.step_cfg, _freeze(dict(self.optim_cfg)),
-                self.loop, shapes(self.data), shapes(self.variables), shapes(self.teacher_variables))
 
 
 @functools.lru_cache(maxsize=8)
@@ -103,18 +77,6 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
     checkpointing every unfinished run when a SIGTERM or SIGINT asks the process to stop. ``impl``: how the program runs
     its runs (``oefsmc_jax.training.step.GROUP_IMPLS``; ``auto`` = batched on an accelerator, one after another
     inside the program on a CPU)."""
-    from oefsmc_jax.training.train import (
-        MetricWriter,
-        _early_stopping,
-        _format_eta,
-        _freeze,
-        _make_trainer,
-        _nonfinite_error,
-        _restore_run,
-        _result,
-        compile_modes,
-    )
-
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if not jobs:
         return []
@@ -262,14 +224,6 @@ def finetune_group(jobs: Sequence[RunJob], log: Callable[[str], None] | None = N
 
 
 # ---------------------------------------------------------------------------------------------------- scheduler
-_local = threading.local()
-
-
-def current_scheduler() -> GroupScheduler | None:
-    """The scheduler of this thread's cell (set inside :meth:`GroupScheduler.run`), else None."""
-    return getattr(_local, "scheduler", None)
-
-
 class _Pending:
     def __init__(self, job: RunJob, order: int):
         self.job, self.order = job, order
@@ -323,7 +277,7 @@ class GroupScheduler:
         out: list[Any] = [None] * len(fns)
 
         def body(i: int) -> None:
-            _local.scheduler = self
+            set_scheduler(self)
             try:
                 out[i] = fns[i]()
             except BaseException as e:  # noqa: BLE001 - handed to the caller
@@ -353,8 +307,6 @@ class GroupScheduler:
                 if preempted is not None:  # the process is stopping: no new group starts
                     raise preempted
                 if (len(batch) == 1 and self.max_group == 1) or batch[0].job.step_cfg.host_batches:
-                    from oefsmc_jax.training.train import finetune_one
-
                     results = [finetune_one(p.job, self.log) for p in batch]  # host-fed runs train one by one
                 else:
                     results = finetune_group([p.job for p in batch], self.log, self.impl)

@@ -36,9 +36,9 @@ from jax.sharding import PartitionSpec as P
 from oefsmc_jax import losses
 from oefsmc_jax.data.augment import augment_batch, normalize
 from oefsmc_jax.kernels import cpu_conv
-from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.training import xla_cpu
 from oefsmc_jax.training.parallel import AXIS, num_devices, replicated, shard_batch
+from oefsmc_jax.training.recipe import Recipe
 from oefsmc_jax.training.xla_cpu import mesh_platform
 
 BN_MODES = ("joint", "separate")

@@ -22,16 +22,15 @@ from jax.sharding import Mesh
 
 from oefsmc_jax import paths
 from oefsmc_jax.kernels import cpu_conv
-from oefsmc_jax.methods.base import Recipe
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
 from oefsmc_jax.training import preemption, xla_cpu
 from oefsmc_jax.training.checkpoint import Checkpointer
 from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.feed import HostFeeder, pool_bytes
-from oefsmc_jax.training.group import RunJob, current_scheduler
 from oefsmc_jax.training.optim import make_optimizer
 from oefsmc_jax.training.parallel import replicate
 from oefsmc_jax.training.preemption import NonFiniteError
+from oefsmc_jax.training.recipe import Recipe
 from oefsmc_jax.training.step import StepConfig, StepData, init_state, make_predict, make_train_step
 
 
@@ -67,6 +66,51 @@ def _freeze(value):
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
     return value
+
+
+@dataclasses.dataclass
+class RunJob:
+    """One fine-tuning run, as :func:`finetune` receives it (and hands it to a group scheduler, if any)."""
+
+    name: str
+    workdir: pathlib.Path
+    mesh: Mesh
+    spec: ArchSpec
+    variables: dict
+    recipe: Recipe
+    teacher_spec: ArchSpec | None
+    teacher_variables: dict | None
+    data: StepData
+    step_cfg: StepConfig
+    optim_cfg: dict
+    loop: LoopConfig
+    seed: int
+    heldout: tuple[np.ndarray, np.ndarray] | None = None
+    meta: dict | None = None
+
+    def key(self) -> tuple:
+        """Runs with equal keys can be trained by one grouped program."""
+        shapes = lambda t: (jax.tree.structure(t), tuple(np.shape(x) + (str(np.asarray(x).dtype)
+                                                                            if not isinstance(x, jax.Array)
+                                                                            else str(x.dtype),)
+                                                         for x in jax.tree.leaves(t)))
+        return (self.mesh, self.spec, self.teacher_spec, self.recipe, self.step_cfg, _freeze(dict(self.optim_cfg)),
+                self.loop, shapes(self.data), shapes(self.variables), shapes(self.teacher_variables))
+
+
+_cell = threading.local()  # per thread: the scheduler a grid cell's runs are handed to
+
+
+def current_scheduler() -> Any:
+    """The :class:`~oefsmc_jax.training.group.GroupScheduler` of this thread's cell (see :func:`set_scheduler`),
+    else None."""
+    return getattr(_cell, "scheduler", None)
+
+
+def set_scheduler(scheduler: Any) -> None:
+    """Hand the runs that :func:`finetune` receives in this thread to ``scheduler`` (its ``submit(job)``); the
+    group scheduler calls it in each cell's thread."""
+    _cell.scheduler = scheduler
 
 
 @dataclasses.dataclass(frozen=True)
