@@ -7,6 +7,7 @@ can be overridden on the command line with ``--config.FIELD=VALUE``. Fields mark
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import pathlib
 import sys
@@ -49,19 +50,11 @@ def source(kind: str, image_size: int, **fields: Any) -> ml_collections.ConfigDi
 
 
 def method_param_classes() -> dict[str, type]:
-    """The hyper-parameter dataclass of every method that has its own sub-config (``config.method.NAME``)."""
-    from oefsmc_jax.methods.cd import CDParams
-    from oefsmc_jax.methods.fskd import FSKDParams
-    from oefsmc_jax.methods.practise import PractiseParams
+    """The hyper-parameter dataclass of every registered method that has its own sub-config
+    (``config.method.NAME``), as the method declares it (``Method.config_params``)."""
+    from oefsmc_jax.methods import METHODS
 
-    return {"practise": PractiseParams, "fskd": FSKDParams, "cd": CDParams}
-
-
-def method_params() -> dict[str, dict[str, Any]]:
-    """The default sub-config of every method that has its own hyper-parameters (``config.method.NAME``)."""
-    import dataclasses
-
-    return {name: dataclasses.asdict(cls()) for name, cls in method_param_classes().items()}
+    return {name: m.config_params for name, m in METHODS.items() if m.config_params is not None}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -133,8 +126,8 @@ def base_config() -> ml_collections.ConfigDict:
     # (the analytic MAC count, a deterministic proxy)
 
     # each method's own hyper-parameters, with the defaults of its dataclass (see the method's file)
-    for name, params in method_params().items():
-        c.method[name] = ml_collections.ConfigDict(params)
+    for name, params in method_param_classes().items():
+        c.method[name] = ml_collections.ConfigDict(dataclasses.asdict(params()))
 
     c.student = ml_collections.ConfigDict()
     c.student.export_before_finetune = True  # fine-tune the physically smaller model (same function, faster)

@@ -213,6 +213,9 @@ class Method:
 
     name: ClassVar[str] = ""
     uses_calibration: ClassVar[bool] = False  # True if a compression stage reads the calibration set
+    #: the frozen dataclass of the method's own hyper-parameters, ``config.method.<name>`` (None: it has none);
+    #: the base config builds that sub-config from the dataclass's defaults
+    config_params: ClassVar[type | None] = None
     #: OE-FSMC's settings for this method where the config leaves them at the sentinel (:func:`resolve_oe`). The
     #: base values are the project's: lambda_jd 0.3 and eta 0.1 from the KD sweep of configs/paper_cifar10.py.
     #: Per-method values are to be chosen by the validation sweep of configs/methods_sweep_cifar10.py (groups

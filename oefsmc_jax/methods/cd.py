@@ -153,6 +153,7 @@ def cd_stage(keep_ratio: float, p: CDParams) -> Stage:
 class CD(Method):
     """Cross Distillation: layer-wise channel pruning with cross-connected reconstruction, then CE fine-tuning."""
 
+    config_params = CDParams
     keep_ratio: float = 0.5
     params: CDParams = CDParams()
     kd_gamma: float = 0.9

@@ -164,6 +164,7 @@ def _with_identity_q(spec: ArchSpec, variables: dict, pts: list[CorrectionPoint]
 class FSKD(Method):
     """L1 pruning, then closed-form 1x1 corrections folded into the convs; no fine-tuning by default."""
 
+    config_params = FSKDParams
     prune_ratio: tuple[float, ...] = (0.5,)
     params: FSKDParams = FSKDParams()
     tau: float = 4.0

@@ -388,6 +388,7 @@ class PRACTISE(Method):
 
     params: PractiseParams = PractiseParams(k=1)
     name = "practise"
+    config_params = PractiseParams
     oe_defaults: ClassVar[OESettings] = OESettings(eta=0.0)  # R off: the MiR recipe is label-free (see mir.py)
     uses_calibration = True
 
