@@ -86,16 +86,32 @@ def _check_not_empty(field: str, cfg: Any) -> None:
 
 def validate(config: Any, num_devices: int = 1) -> None:
     """Raise :class:`ConfigError` with one line naming the first bad field and what is allowed."""
-    from oefsmc_jax.methods import METHODS
+    _check_compile_modes(config)
+    _check_model(config)
+    _check_subset(config.subset)
+    method, arms = _check_method(config)
+    uses_pool = _check_sources(config, arms)
+    _check_oe(config, method, arms, uses_pool)
+    _check_train(config.train, num_devices)
+    _check_optimizers(config)
+    _check_teacher(config.teacher, num_devices)
+    _check_eval(config.eval)
 
-    if config.get("cpu_fusion", ""):
+
+def _check_compile_modes(config: Any) -> None:
+    if config.cpu_fusion:
         from oefsmc_jax.training.xla_cpu import check_mode
 
         check_mode(config.cpu_fusion)
-    if config.get("cpu_wgrad", ""):
+    if config.cpu_wgrad:
         from oefsmc_jax.kernels import cpu_conv
 
         cpu_conv.check_mode(config.cpu_wgrad)
+
+
+def _check_model(config: Any) -> None:
+    from oefsmc_jax.methods import METHODS
+
     if config.method.name not in METHODS:
         _fail("method.name", f"unknown method {config.method.name!r}; allowed: {', '.join(sorted(METHODS))}")
     _check_arch(config.arch.name)
@@ -105,7 +121,9 @@ def validate(config: Any, num_devices: int = 1) -> None:
         _fail("data.num_classes", f"must be >= 2, got {config.data.num_classes}")
     if config.data.class_names and len(config.data.class_names) != config.data.num_classes:
         _fail("data.class_names", f"has {len(config.data.class_names)} names for {config.data.num_classes} classes")
-    s = config.subset
+
+
+def _check_subset(s: Any) -> None:
     if s.mode not in COUNT_MODES:
         _fail("subset.mode", f"unknown mode {s.mode!r}; allowed: {', '.join(COUNT_MODES)}")
     if not float(s.rho) >= 1.0:
@@ -115,19 +133,27 @@ def validate(config: Any, num_devices: int = 1) -> None:
     if s.class_order not in CLASS_ORDERS:
         _fail("subset.class_order", f"must be one of {', '.join(CLASS_ORDERS)}, got {s.class_order!r}")
 
+
+def _check_method(config: Any) -> tuple[Any, list]:
+    """The method built from ``config.method`` and the config's arms, each checked against the method."""
     from oefsmc_jax.methods import build_method
     from oefsmc_jax.oe.arms import arms_of, check_arms
 
-    if config.method.get("latency", "macs") not in ("measure", "macs"):
+    if config.method.latency not in ("measure", "macs"):
         _fail("method.latency", f"must be 'measure' or 'macs', got {config.method.latency!r}")
     arms = arms_of(config)
     # the method's own hyper-parameters, and every arm against the method (e.g. no logit adjustment for a
     # label-free method); the teacher of a checkpoint has the architecture config.arch names
     method = build_method(config.method, build_arch(config.arch, config.data.num_classes))
     check_arms(arms, method)
+    return method, arms
+
+
+def _check_sources(config: Any, arms: list) -> bool:
+    """Check every data source the run reads; returns whether it reads the OOD pool."""
     sources = [("data.id", config.data.id), ("data.test", config.data.test)]
     uses_pool = any(a.uses_ood for a in arms) or (config.oe.early_stopping and
-                                                   config.oe.get("early_stopping_arms", "ood") == "all")
+                                                   config.oe.early_stopping_arms == "all")
     if uses_pool:
         sources.append(("data.ood", config.data.ood))
     for field, cfg in sources:
@@ -143,18 +169,20 @@ def validate(config: Any, num_devices: int = 1) -> None:
             _fail("data.ood", "is the same split as data.id: OOD images must be disjoint from the ID set")
         if _source_key(config.data.ood) == _source_key(config.data.test):
             _fail("data.ood", "is the same split as data.test: the evaluation split must never be used to train")
+    return uses_pool
 
-    oe = config.oe
+
+def _check_oe(config: Any, method: Any, arms: list, uses_pool: bool) -> None:
+    from oefsmc_jax.methods import resolve_oe
     from oefsmc_jax.oe.selection import SELECTIONS
 
+    oe = config.oe
     if oe.selection not in SELECTIONS:
         _fail("oe.selection", f"unknown rule {oe.selection!r}; allowed: {', '.join(SELECTIONS)}")
     if not oe.selection_factor > 0:
         _fail("oe.selection_factor", f"must be > 0, got {oe.selection_factor}")
-    if oe.get("early_stopping_arms", "ood") not in ("ood", "all"):
+    if oe.early_stopping_arms not in ("ood", "all"):
         _fail("oe.early_stopping_arms", f"must be 'ood' or 'all', got {oe.early_stopping_arms!r}")
-    from oefsmc_jax.methods import resolve_oe
-
     settings = resolve_oe(config, method)  # lambda_jd, eta, bn_mode, calibration_ood_share: one line if bad
     for a in arms:
         if a.reg == "on" and settings.eta == 0:
@@ -167,7 +195,8 @@ def validate(config: Any, num_devices: int = 1) -> None:
     if oe.early_stopping and uses_pool and (oe.eval_every < 1 or oe.patience < 1 or oe.heldout < 1):
         _fail("oe.eval_every", "early stopping needs oe.eval_every >= 1, oe.patience >= 1 and oe.heldout >= 1")
 
-    t = config.train
+
+def _check_train(t: Any, num_devices: int) -> None:
     if t.steps < 1:
         _fail("train.steps", f"must be >= 1, got {t.steps}")
     for f in ("batch_id", "batch_ood"):
@@ -178,12 +207,15 @@ def validate(config: Any, num_devices: int = 1) -> None:
             _fail(f"train.{f}", f"{b} is not divisible by the device count {num_devices}")
     if t.log_every < 1 or t.ckpt_every < 1:
         _fail("train.log_every", "train.log_every and train.ckpt_every must be >= 1")
-    if t.get("max_nonfinite", 10) < 1:
+    if t.max_nonfinite < 1:
         _fail("train.max_nonfinite", f"must be >= 1 (consecutive non-finite steps tolerated), got {t.max_nonfinite}")
-    if str(t.get("host_batches", "auto")) not in ("auto", "on", "off"):
+    if str(t.host_batches) not in ("auto", "on", "off"):
         _fail("train.host_batches", f"{t.host_batches!r} is not allowed; choose auto, on or off")
-    if t.get("device_pool_mb", 2048) < 0:
+    if t.device_pool_mb < 0:
         _fail("train.device_pool_mb", f"must be >= 0 (MiB), got {t.device_pool_mb}")
+
+
+def _check_optimizers(config: Any) -> None:
     for field, o in (("optim", config.optim), ("teacher.optim", config.teacher.optim)):
         if o.name not in OPTIMIZERS:
             _fail(f"{field}.name", f"unknown optimizer {o.name!r}; allowed: {', '.join(OPTIMIZERS)}")
@@ -191,18 +223,23 @@ def validate(config: Any, num_devices: int = 1) -> None:
             _fail(f"{field}.schedule", f"unknown schedule {o.schedule!r}; allowed: {', '.join(SCHEDULES)}")
         if not o.lr > 0:
             _fail(f"{field}.lr", f"must be > 0, got {o.lr}")
-    if config.teacher.checkpoint:
-        if not os.path.exists(config.teacher.checkpoint):
-            _fail("teacher.checkpoint", f"{config.teacher.checkpoint} does not exist")
-    else:
-        if config.teacher.batch_size % num_devices:
-            _fail("teacher.batch_size", f"{config.teacher.batch_size} is not divisible by the device count "
-                                        f"{num_devices}")
-        if config.teacher.steps < 1:
-            _fail("teacher.steps", "must be >= 1 when no teacher.checkpoint is given")
-    if config.eval.split not in ("test", "val"):
-        _fail("eval.split", f"must be 'test' or 'val', got {config.eval.split!r}")
-    if config.eval.split == "val" and config.eval.val_per_class < 1:
-        _fail("eval.val_per_class", f"must be >= 1, got {config.eval.val_per_class}")
-    if config.eval.batch_size < 1:
-        _fail("eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
+
+
+def _check_teacher(teacher: Any, num_devices: int) -> None:
+    if teacher.checkpoint:
+        if not os.path.exists(teacher.checkpoint):
+            _fail("teacher.checkpoint", f"{teacher.checkpoint} does not exist")
+        return
+    if teacher.batch_size % num_devices:
+        _fail("teacher.batch_size", f"{teacher.batch_size} is not divisible by the device count {num_devices}")
+    if teacher.steps < 1:
+        _fail("teacher.steps", "must be >= 1 when no teacher.checkpoint is given")
+
+
+def _check_eval(e: Any) -> None:
+    if e.split not in ("test", "val"):
+        _fail("eval.split", f"must be 'test' or 'val', got {e.split!r}")
+    if e.split == "val" and e.val_per_class < 1:
+        _fail("eval.val_per_class", f"must be >= 1, got {e.val_per_class}")
+    if e.batch_size < 1:
+        _fail("eval.batch_size", f"must be >= 1, got {e.batch_size}")
