@@ -2,7 +2,7 @@
 
 import json
 
-from oefsmc_jax.training.train import MetricWriter
+from oefsmc_jax.training.metric_writer import MetricWriter
 
 
 def _lines(path):

@@ -80,7 +80,7 @@ def test_unreachable_object_store_fails_early_in_one_line(tmp_path, monkeypatch)
 def test_a_gs_workdir_goes_through_the_layer(tmp_path, monkeypatch):
     from oefsmc_jax.evaluation import write_report
     from oefsmc_jax.experiments.runner import _append, read_results
-    from oefsmc_jax.training.train import MetricWriter
+    from oefsmc_jax.training.metric_writer import MetricWriter
 
     monkeypatch.chdir(tmp_path)  # a write that bypassed the layer would create ./gs:/...
     root = tmp_path / "bucket"

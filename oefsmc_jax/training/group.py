@@ -31,10 +31,10 @@ from jax.sharding import Mesh
 from oefsmc_jax.models import mask_multipliers
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.compile_cache import CompileClock
+from oefsmc_jax.training.metric_writer import MetricWriter
 from oefsmc_jax.training.parallel import replicate, replicated
 from oefsmc_jax.training.step import CPU_UNROLL_MAX, resolve_group_impl
 from oefsmc_jax.training.train import (
-    MetricWriter,
     RunJob,
     _early_stopping,
     _format_eta,
