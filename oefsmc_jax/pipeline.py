@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,7 +60,7 @@ from oefsmc_jax.oe.arms import (
 from oefsmc_jax.oe.calibration import Calibration
 from oefsmc_jax.oe.calibration import calibration_set as build_calibration
 from oefsmc_jax.oe.selection import select as select_ood
-from oefsmc_jax.training import compile_cache, preemption, xla_cpu
+from oefsmc_jax.training import cell, compile_cache, preemption, xla_cpu
 from oefsmc_jax.training.checkpoint import load_model, save_model
 from oefsmc_jax.training.feed import pool_bytes
 from oefsmc_jax.training.parallel import make_mesh, replicate
@@ -74,10 +73,11 @@ __all__ = ["ARMS", "RunData", "arm_names", "arm_selection", "calibration_set", "
 
 
 def log(msg: str) -> None:
-    """Progress output (stderr, flushed); inside a grouped grid's cell thread, prefixed with the cell."""
-    name = threading.current_thread().name
-    if name.startswith("cell:"):
-        msg = f"[{name[5:]}] {msg}"
+    """Progress output (stderr, flushed); inside a grouped grid's cell (:mod:`oefsmc_jax.training.cell`), prefixed
+    with the cell's name."""
+    current = cell.current()
+    if current is not None:
+        msg = f"[{current.name}] {msg}"
     print(msg, file=sys.stderr, flush=True)
 
 

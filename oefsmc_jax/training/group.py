@@ -8,7 +8,8 @@ data, keys, early stopping, non-finite counter, checkpoints (in its own workdir,
 so a run can be resumed alone or in another group), metrics files and result. A stopped run (early stopping, or
 too many non-finite steps) is masked out of the update while the others continue.
 
-:class:`GroupScheduler` lets unchanged pipeline code use it: it runs several cells in threads; when a cell's
+:class:`GroupScheduler` lets unchanged pipeline code use it: it runs several cells in threads, each inside its
+:class:`oefsmc_jax.training.cell.Cell`; when a cell's
 pipeline reaches ``training.train.finetune`` it hands the run to the scheduler and waits. Once every live cell is
 waiting, the scheduler (in the calling thread) trains the largest set of waiting runs that can share a program (at
 most ``max_group``), hands back their results, and repeats. Compression, evaluation and records stay in the cells'
@@ -29,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from oefsmc_jax.models import mask_multipliers
-from oefsmc_jax.training import preemption
+from oefsmc_jax.training import cell, preemption
 from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.metric_writer import MetricWriter
 from oefsmc_jax.training.parallel import replicate, replicated
@@ -45,7 +46,6 @@ from oefsmc_jax.training.train import (
     _result,
     compile_modes,
     finetune_one,
-    set_scheduler,
 )
 from oefsmc_jax.training.xla_cpu import mesh_platform
 
@@ -270,16 +270,16 @@ class GroupScheduler:
         return best[:limit]
 
     def run(self, fns: Sequence[Callable[[], Any]], names: Sequence[str] | None = None) -> list[Any]:
-        """Call every ``fns[i]()`` in its own thread, training their runs in groups in this thread; returns each
-        function's return value or the exception it raised (a ``Preempted`` of a group is raised here after every
-        thread has ended)."""
+        """Call every ``fns[i]()`` in its own thread, inside the cell ``names[i]``, training their runs in groups in
+        this thread; returns each function's return value or the exception it raised (a ``Preempted`` of a group is
+        raised here after every thread has ended)."""
         names = list(names or [f"cell{i}" for i in range(len(fns))])
         out: list[Any] = [None] * len(fns)
 
         def body(i: int) -> None:
-            set_scheduler(self)
             try:
-                out[i] = fns[i]()
+                with cell.entered(cell.Cell(names[i], self.submit)):
+                    out[i] = fns[i]()
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 out[i] = e
             finally:

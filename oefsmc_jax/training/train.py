@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import pathlib
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +18,7 @@ from jax.sharding import Mesh
 from oefsmc_jax import paths
 from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
-from oefsmc_jax.training import preemption, xla_cpu
+from oefsmc_jax.training import cell, preemption, xla_cpu
 from oefsmc_jax.training.checkpoint import Checkpointer
 from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.feed import HostFeeder, pool_bytes
@@ -93,21 +92,6 @@ class RunJob:
                                                          for x in jax.tree.leaves(t)))
         return (self.mesh, self.spec, self.teacher_spec, self.recipe, self.step_cfg, _freeze(dict(self.optim_cfg)),
                 self.loop, shapes(self.data), shapes(self.variables), shapes(self.teacher_variables))
-
-
-_cell = threading.local()  # per thread: the scheduler a grid cell's runs are handed to
-
-
-def current_scheduler() -> Any:
-    """The :class:`~oefsmc_jax.training.group.GroupScheduler` of this thread's cell (see :func:`set_scheduler`),
-    else None."""
-    return getattr(_cell, "scheduler", None)
-
-
-def set_scheduler(scheduler: Any) -> None:
-    """Hand the runs that :func:`finetune` receives in this thread to ``scheduler`` (its ``submit(job)``); the
-    group scheduler calls it in each cell's thread."""
-    _cell.scheduler = scheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,17 +207,17 @@ def finetune(*, name: str, workdir: str | pathlib.Path, mesh: Mesh, spec: ArchSp
     statistics, masks), the optimizer state, the step, the RNG key, the early-stopping state, and ``meta`` (the
     pipeline stores the architecture spec and the subset indices there).
 
-    Inside a cell of a :class:`oefsmc_jax.training.group.GroupScheduler` the run is handed to the scheduler, which
-    trains it together with other runs of the same shapes (same result, to float rounding).
+    Inside a cell (:mod:`oefsmc_jax.training.cell`) of a :class:`oefsmc_jax.training.group.GroupScheduler` the run,
+    named ``{cell}/{name}``, is handed to the scheduler, which trains it together with other runs of the same shapes
+    (same result, to float rounding).
     """
     job = RunJob(name=name, workdir=paths.as_path(workdir), mesh=mesh, spec=spec, variables=variables, recipe=recipe,
                  teacher_spec=teacher_spec, teacher_variables=teacher_variables, data=data, step_cfg=step_cfg,
                  optim_cfg=dict(optim_cfg), loop=loop, seed=seed, heldout=heldout, meta=meta)
-    scheduler = current_scheduler()
-    if scheduler is not None:
-        cell = threading.current_thread().name.removeprefix("cell:")
-        job.name = f"{cell}/{name}"
-        return scheduler.submit(job)
+    current = cell.current()
+    if current is not None:
+        job.name = f"{current.name}/{name}"
+        return current.submit(job)
     return finetune_one(job, log)
 
 
