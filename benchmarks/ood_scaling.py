@@ -3,7 +3,7 @@
 For each pool size and image size, a fresh process (so its peak memory is its own) builds an OOD pool file on disk
 (``np.lib.format.open_memmap``; random bytes at 32x32, a sparse file of zeros at 224x224, which costs no disk), a
 few-sample ID set and a ResNet student and teacher, and trains ``--steps`` OE-FSMC KD steps with
-``oefsmc_jax.training.train.finetune_one``, in one of two modes:
+``oefsmc_jax.training.loop.finetune_one``, in one of two modes:
 
 * ``host``: ``StepConfig.host_batches``: each step's images are drawn and gathered on the host from the memmap
   (``training/feed.py``) and only those reach the device;
@@ -132,10 +132,10 @@ def worker(args: argparse.Namespace) -> dict:
     from oefsmc_jax.methods import KD
     from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune, shrink
     from oefsmc_jax.oe import complementary
-    from oefsmc_jax.training.group import RunJob
+    from oefsmc_jax.training.loop import finetune_one
     from oefsmc_jax.training.parallel import make_mesh, replicate
     from oefsmc_jax.training.step import StepConfig, StepData
-    from oefsmc_jax.training.train import LoopConfig, finetune_one
+    from oefsmc_jax.training.train import LoopConfig, RunJob
 
     res, n = args.res, args.size
     pool = np.load(args.pool, mmap_mode="r")

@@ -63,9 +63,10 @@ from oefsmc_jax.oe.selection import select as select_ood
 from oefsmc_jax.training import cell, compile_cache, preemption, xla_cpu
 from oefsmc_jax.training.checkpoint import load_model, save_model
 from oefsmc_jax.training.feed import pool_bytes
+from oefsmc_jax.training.loop import finetune
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData, make_predict
-from oefsmc_jax.training.train import LoopConfig, finetune
+from oefsmc_jax.training.train import LoopConfig, RunJob
 from oefsmc_jax.training.xla_cpu import mesh_platform
 
 __all__ = ["ARMS", "RunData", "arm_names", "arm_selection", "calibration_set", "prepare_data", "run", "run_arm",
@@ -243,13 +244,14 @@ def get_teacher(config: Any, workdir: paths.Path, mesh: Any, data: RunData) -> t
                                                  np.float32), mesh),
                          reg_weights=replicate(np.ones(config.data.num_classes, np.float32), mesh))
     log(f"teacher: training {config.arch.name} from scratch on {len(full)} images for {tc.steps} steps")
-    res = finetune(name="teacher", workdir=tdir, mesh=mesh, spec=spec, variables=variables,
-                   recipe=Supervised().recipe(), teacher_spec=None, teacher_variables=None, data=step_data,
-                   step_cfg=StepConfig(batch_id=tc.batch_size, pad=config.data.pad, flip=config.data.flip,
-                                       mean=tuple(config.data.mean), std=tuple(config.data.std)),
-                   optim_cfg=tc.optim.to_dict(), loop=LoopConfig(steps=tc.steps, log_every=config.train.log_every,
-                                                                 ckpt_every=config.train.ckpt_every),
-                   seed=config.seed)
+    res = finetune(RunJob(name="teacher", workdir=tdir, mesh=mesh, spec=spec, variables=variables,
+                          recipe=Supervised().recipe(), teacher_spec=None, teacher_variables=None, data=step_data,
+                          step_cfg=StepConfig(batch_id=tc.batch_size, pad=config.data.pad, flip=config.data.flip,
+                                              mean=tuple(config.data.mean), std=tuple(config.data.std)),
+                          optim_cfg=tc.optim.to_dict(),
+                          loop=LoopConfig(steps=tc.steps, log_every=config.train.log_every,
+                                          ckpt_every=config.train.ckpt_every),
+                          seed=config.seed))
     save_model(tdir / "model", spec, res.variables)
     return spec, res.variables
 
@@ -492,10 +494,10 @@ def _finetune_arm(config: Any, arm: str, adir: paths.Path, mesh: Any, data: RunD
                       patience=config.oe.patience, ckpt_every=tr.ckpt_every,
                       max_nonfinite=tr.get("max_nonfinite", 10))
     heldout = (data.heldout.x, heldout_pred) if early else None
-    return finetune(name=arm, workdir=adir, mesh=mesh, spec=spec, variables=variables, recipe=recipe,
-                    teacher_spec=t_spec, teacher_variables=t_vars, data=step_data, step_cfg=step_cfg,
-                    optim_cfg=optim_cfg, loop=loop, seed=config.seed, heldout=heldout,
-                    meta={"arm": arm, "spec": spec.to_dict(), "subset": data.subset})
+    return finetune(RunJob(name=arm, workdir=adir, mesh=mesh, spec=spec, variables=variables, recipe=recipe,
+                           teacher_spec=t_spec, teacher_variables=t_vars, data=step_data, step_cfg=step_cfg,
+                           optim_cfg=optim_cfg, loop=loop, seed=config.seed, heldout=heldout,
+                           meta={"arm": arm, "spec": spec.to_dict(), "subset": data.subset}))
 
 
 #: Config fields that do not change a run's results (how often to log or checkpoint, where caches live, how many

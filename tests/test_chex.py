@@ -18,6 +18,7 @@ from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.training import step as step_mod
 from oefsmc_jax.training import train as train_mod
+from oefsmc_jax.training.loop import finetune
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData, draw_indices
 
@@ -47,7 +48,7 @@ def traces(monkeypatch):
 
     def clear():
         chex.clear_trace_counter()
-        train_mod._make_trainer.cache_clear()
+        train_mod.clear_trainer_cache()
         pipeline.predict_fn.cache_clear()
 
     clear()
@@ -86,10 +87,11 @@ def test_seeds_and_arms_of_one_shape_trace_the_step_and_eval_forward_once(traces
     loop = train_mod.LoopConfig(steps=2, log_every=1, eval_every=1, patience=10, ckpt_every=100)
     for arm, data in arms.items():
         for seed in (0, 1, 2):
-            res = train_mod.finetune(name=f"{arm}{seed}", workdir=tmp_path / f"{arm}{seed}", mesh=mesh, spec=s_spec,
-                                     variables=s_vars, recipe=KD(MEAN).recipe(), teacher_spec=t_spec,
-                                     teacher_variables=t_vars, data=data, step_cfg=CFG, optim_cfg=OPTIM, loop=loop,
-                                     seed=seed, heldout=(held, np.zeros(len(held), np.int64)), log=lambda s: None)
+            res = finetune(train_mod.RunJob(name=f"{arm}{seed}", workdir=tmp_path / f"{arm}{seed}", mesh=mesh,
+                                            spec=s_spec, variables=s_vars, recipe=KD(MEAN).recipe(),
+                                            teacher_spec=t_spec, teacher_variables=t_vars, data=data, step_cfg=CFG,
+                                            optim_cfg=OPTIM, loop=loop, seed=seed,
+                                            heldout=(held, np.zeros(len(held), np.int64))), log=lambda s: None)
             assert res.steps_run == 2
             logits = predict_fn(mesh, s_spec, MEAN, STD, 16)(res.variables, test_x)["logits"]
             assert logits.shape == (len(test_x), K)

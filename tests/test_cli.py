@@ -160,12 +160,12 @@ def test_experiments_runs_in_this_process(tmp_path, capsys, monkeypatch, no_exec
 def test_grid_stopped_by_a_signal_says_so_once(tmp_path, capsys, monkeypatch, no_exec):
     """Cells trained together that all stop at a signal: one line that the grid stopped and resumes, not one
     'failed' line per cell."""
-    from oefsmc_jax.training import group, preemption
+    from oefsmc_jax.training import preemption, scheduler
 
     def stopped(self, fns, names):
         return [preemption.Preempted(f"[{n}] preempted: checkpoint written") for n in names]
 
-    monkeypatch.setattr(group.GroupScheduler, "run", stopped)
+    monkeypatch.setattr(scheduler.GroupScheduler, "run", stopped)
     (tmp_path / "grid.py").write_text(GRID)
     with pytest.raises(SystemExit) as e:
         cli(["experiments", "--config", str(tmp_path / "grid.py"), "--workdir", str(tmp_path / "w")])

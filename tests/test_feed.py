@@ -14,9 +14,10 @@ from oefsmc_jax.methods import KD
 from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.training.feed import HostFeeder, pool_bytes
+from oefsmc_jax.training.loop import finetune_one
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData, host_draw
-from oefsmc_jax.training.train import LoopConfig, RunJob, finetune_one
+from oefsmc_jax.training.train import LoopConfig, RunJob
 
 SIZE, K = 8, 10
 CFG = StepConfig(batch_id=8, batch_ood=8, pad=1, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)

@@ -14,10 +14,11 @@ from oefsmc_jax.methods import KD
 from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.training import preemption
-from oefsmc_jax.training.group import GroupScheduler, finetune_group
+from oefsmc_jax.training.loop import finetune, finetune_group, finetune_one
 from oefsmc_jax.training.parallel import make_mesh, replicate
+from oefsmc_jax.training.scheduler import GroupScheduler
 from oefsmc_jax.training.step import StepConfig, StepData
-from oefsmc_jax.training.train import LoopConfig, RunJob, finetune, finetune_one
+from oefsmc_jax.training.train import LoopConfig, RunJob
 
 SIZE, K, STEPS = 8, 10, 4
 OPTIM = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine"}
@@ -162,10 +163,7 @@ def test_scheduler_groups_runs_of_equal_shapes(parts, tmp_path):
         def fn():
             if job.name == "run1":
                 raise RuntimeError("data of run1 is broken")
-            return finetune(name=job.name, workdir=job.workdir, mesh=job.mesh, spec=job.spec,
-                            variables=job.variables, recipe=job.recipe, teacher_spec=job.teacher_spec,
-                            teacher_variables=job.teacher_variables, data=job.data, step_cfg=job.step_cfg,
-                            optim_cfg=job.optim_cfg, loop=job.loop, seed=job.seed)
+            return finetune(job)
         return fn
 
     extra = dataclasses.replace(jobs[0], name="run3", workdir=tmp_path / "sched" / "run3", seed=99)

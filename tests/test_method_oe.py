@@ -175,7 +175,7 @@ def test_cd_official_finetuning_reaches_the_loop(teacher, tiny_data, monkeypatch
     from oefsmc_jax import pipeline
 
     seen = {}
-    monkeypatch.setattr(pipeline, "finetune", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(pipeline, "finetune", lambda job: seen.update(vars(job)))
     c = _config(lambda_jd=1.0, bn_mode="separate")
     c.method.name = "cd"
     cd = build_method(c.method, SPEC)

@@ -13,9 +13,10 @@ from oefsmc_jax.models import build_model, cifar_resnet_spec, shrink, vgg_spec
 from oefsmc_jax.oe.arms import ARMS, check_arms
 from oefsmc_jax.oe.calibration import calibration_set
 from oefsmc_jax.pipeline import init_variables
+from oefsmc_jax.training.loop import finetune
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData
-from oefsmc_jax.training.train import LoopConfig, finetune, make_trainer
+from oefsmc_jax.training.train import LoopConfig, RunJob, make_trainer
 
 K, SIZE = 10, 8
 SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
@@ -85,10 +86,10 @@ def test_mir_fine_tuning_never_touches_the_classifier(teacher, data, tmp_path):
     optim = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.1, "schedule": "step",
              "decay_at": [0.4, 0.8]}
     for seed in (0, 1):  # two runs of the same shapes, e.g. two seeds of a grid cell
-        res = finetune(name="mir", workdir=tmp_path / str(seed), mesh=mesh, spec=student_spec, variables=student,
-                       recipe=MIR_RECIPE, teacher_spec=SPEC, teacher_variables=teacher, data=sdata,
-                       step_cfg=step_cfg, optim_cfg=optim, loop=LoopConfig(steps=3, log_every=3, ckpt_every=100),
-                       seed=seed)
+        res = finetune(RunJob(name="mir", workdir=tmp_path / str(seed), mesh=mesh, spec=student_spec,
+                              variables=student, recipe=MIR_RECIPE, teacher_spec=SPEC, teacher_variables=teacher,
+                              data=sdata, step_cfg=step_cfg, optim_cfg=optim,
+                              loop=LoopConfig(steps=3, log_every=3, ckpt_every=100), seed=seed))
     trainer = make_trainer(mesh, student_spec, SPEC, MIR_RECIPE, step_cfg, optim, 3)
     assert trainer.step._cache_size() == 1  # the step compiled once for both runs
     for name in ("kernel", "bias"):  # bit-identical despite weight decay 0.1 and three SGD steps

@@ -14,9 +14,10 @@ from oefsmc_jax.methods import BP, KD, CompressionContext, build_method
 from oefsmc_jax.models import build_model, cifar_resnet_spec
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.pipeline import RunData, calibration_set, init_variables
+from oefsmc_jax.training.loop import finetune
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData, init_state, make_predict
-from oefsmc_jax.training.train import LoopConfig, finetune, make_trainer
+from oefsmc_jax.training.train import LoopConfig, RunJob, make_trainer
 
 K, SIZE = 10, 8
 SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
@@ -143,12 +144,12 @@ def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
     t_pred = np.argmax(predict(teacher, d.heldout.x)["logits"], -1)
     data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32),
                               np.ones(K, np.float32)), mesh)
-    res = finetune(name="es", workdir=tmp_path, mesh=mesh, spec=SPEC, variables=teacher, recipe=BP((0.5,) * 3).recipe(),
-                   teacher_spec=SPEC, teacher_variables=teacher, data=data,
-                   step_cfg=StepConfig(batch_id=8, batch_ood=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3),
-                   optim_cfg={"name": "sgd", "lr": 0.5, "schedule": "constant"},
-                   loop=LoopConfig(steps=60, log_every=60, eval_every=2, patience=2, ckpt_every=100), seed=0,
-                   heldout=(d.heldout.x, t_pred))
+    res = finetune(RunJob(name="es", workdir=tmp_path, mesh=mesh, spec=SPEC, variables=teacher,
+                          recipe=BP((0.5,) * 3).recipe(), teacher_spec=SPEC, teacher_variables=teacher, data=data,
+                          step_cfg=StepConfig(batch_id=8, batch_ood=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3),
+                          optim_cfg={"name": "sgd", "lr": 0.5, "schedule": "constant"},
+                          loop=LoopConfig(steps=60, log_every=60, eval_every=2, patience=2, ckpt_every=100), seed=0,
+                          heldout=(d.heldout.x, t_pred)))
     # stops `patience` evaluations after the best one, long before the 60-step budget
     assert res.stopped_early and res.steps_run == res.best_step + 2 * 2 < 60
     pred = np.argmax(make_predict(mesh, build_model(SPEC), (0.5,) * 3, (0.25,) * 3)(res.variables, d.heldout.x)
@@ -218,11 +219,11 @@ def _robust_run(teacher, tiny_data, workdir, steps, *, nan=False, **loop):
     d = tiny_data
     reg = np.full(K, np.nan if nan else 1.0, np.float32)  # NaN class weights make R, the loss and the grads NaN
     data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32), reg), mesh)
-    return finetune(name="r", workdir=workdir, mesh=mesh, spec=SPEC, variables=teacher, recipe=BP((0.5,) * 3).recipe(),
-                    teacher_spec=SPEC, teacher_variables=teacher, data=data,
-                    step_cfg=StepConfig(batch_id=8, batch_ood=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3),
-                    optim_cfg={"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
-                    loop=LoopConfig(steps=steps, log_every=100, **loop), seed=0)
+    return finetune(RunJob(name="r", workdir=workdir, mesh=mesh, spec=SPEC, variables=teacher,
+                           recipe=BP((0.5,) * 3).recipe(), teacher_spec=SPEC, teacher_variables=teacher, data=data,
+                           step_cfg=StepConfig(batch_id=8, batch_ood=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3),
+                           optim_cfg={"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
+                           loop=LoopConfig(steps=steps, log_every=100, **loop), seed=0))
 
 
 def test_nonfinite_step_skips_the_update_everywhere(teacher, tiny_data):

@@ -356,9 +356,10 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, 
     from oefsmc_jax.methods import BP
     from oefsmc_jax.models import build_model, cifar_resnet_spec
     from oefsmc_jax.training.checkpoint import Checkpointer
+    from oefsmc_jax.training.loop import finetune
     from oefsmc_jax.training.parallel import make_mesh, replicate
     from oefsmc_jax.training.step import StepConfig, StepData
-    from oefsmc_jax.training.train import LoopConfig, finetune
+    from oefsmc_jax.training.train import LoopConfig, RunJob
 
     spec = cifar_resnet_spec(8, 4, widths=(4, 4, 4))
     abstract = jax.eval_shape(lambda: build_model(spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)),
@@ -377,11 +378,12 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, 
     recipe = BP((0.5,) * 3).recipe()  # one object: the three runs share one compiled step
 
     def train(work, steps):
-        return finetune(name="r", workdir=work, mesh=mesh, spec=spec, variables=teacher,
-                        recipe=recipe, teacher_spec=spec, teacher_variables=teacher, data=data,
-                        step_cfg=StepConfig(batch_id=4, pad=1), loop=LoopConfig(steps=steps, log_every=100,
-                                                                                 ckpt_every=1),
-                        optim_cfg={"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"}, seed=0)
+        return finetune(RunJob(name="r", workdir=work, mesh=mesh, spec=spec, variables=teacher,
+                               recipe=recipe, teacher_spec=spec, teacher_variables=teacher, data=data,
+                               step_cfg=StepConfig(batch_id=4, pad=1),
+                               loop=LoopConfig(steps=steps, log_every=100, ckpt_every=1),
+                               optim_cfg={"name": "sgd", "lr": 0.05, "momentum": 0.9, "schedule": "constant"},
+                               seed=0))
 
     ref = train(tmp_path / "ref", 3)
     real_save = Checkpointer.save

@@ -198,7 +198,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
             (cell, c), = batch
             outs: list[Any] = [run(c, workdir / "cells" / cell.id)]
         else:
-            from oefsmc_jax.training.group import GroupScheduler
+            from oefsmc_jax.training.scheduler import GroupScheduler
 
             sched = GroupScheduler(group_size, impl=group_impl)
             outs = sched.run([functools.partial(run, c, workdir / "cells" / cell.id) for cell, c in batch],

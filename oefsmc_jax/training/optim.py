@@ -12,6 +12,15 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 
 
+def freeze(value: Any) -> Any:
+    """A hashable form of a config value (dicts become sorted item tuples, lists tuples), for cache and group keys."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
 def make_schedule(cfg: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     """Learning-rate schedule: ``cosine`` (to 0), ``step`` (x ``decay_factor`` at ``decay_at`` of the run, one
     fraction or a list of them) or

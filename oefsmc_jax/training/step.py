@@ -10,7 +10,7 @@ One call of the step, all inside a single ``jax.jit``:
    the teacher in eval mode and the student in train mode on ``ID ∪ OOD`` (BatchNorm statistics synced with
    ``lax.pmean`` across devices), compute ``L = L_base + lambda_jd * L_jd + eta * R``, ``lax.pmean`` the gradients,
    apply the optax update and re-apply the pruning masks to parameters and optimizer moments. A non-finite loss or
-   gradient skips the update everywhere (counted in the state; ``training.train`` stops after too many in a row).
+   gradient skips the update everywhere (counted in the state; ``training.loop`` stops after too many in a row).
 
 The few-sample sets are tiny, so they live on every device and no host input pipeline runs during training.
 """
