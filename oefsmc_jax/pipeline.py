@@ -153,7 +153,7 @@ def prepare_data(config: Any, workdir: paths.Path) -> RunData:
 
     ood = heldout = candidates = cand_hashes = None
     ood_idx = held_idx = np.zeros(0, np.int64)
-    if uses_ood(config) or (config.oe.early_stopping and config.oe.get("early_stopping_arms", "ood") == "all"):
+    if uses_ood(config) or (config.oe.early_stopping and config.oe.early_stopping_arms == "all"):
         pool = open_source(config.data.ood)  # nothing is read yet: only the chosen images, or chunks
         m = config.oe.size if config.oe.size >= 0 else default_ood_size(counts, config.oe.size_cap or None)
         held_n = config.oe.heldout if config.oe.early_stopping else 0
@@ -408,7 +408,7 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
         ctx = CompressionContext(teacher_spec=t_spec, teacher_variables=t_vars, calibration=calib,
                                  mean=tuple(config.data.mean), std=tuple(config.data.std),
                                  key=jax.random.PRNGKey(config.seed + 3), mesh=mesh, workdir=adir,
-                                 latency=config.method.get("latency", "macs"), batch_size=config.eval.batch_size,
+                                 latency=config.method.latency, batch_size=config.eval.batch_size,
                                  log=lambda s, a=arm: log(f"[{a}] {s}"))
         if method.uses_calibration:
             log(f"[{arm}] compressing with a calibration set of {len(calib)} images "
@@ -420,7 +420,7 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
         save_model(adir / "compressed", spec, variables)
     use_ood = oe_on and ood_set is not None and len(ood_set) > 0
     if recipe.finetunes:
-        es_on = oe_on or config.oe.get("early_stopping_arms", "ood") == "all"
+        es_on = oe_on or config.oe.early_stopping_arms == "all"
         res = _finetune_arm(config, arm, adir, mesh, data, recipe, spec, variables, teacher, spec_arm, gamma, eta,
                             ood_set if use_ood else None, heldout_pred if es_on else None,
                             ood_labels if use_ood and spec_arm.fixed_labels else None, settings)
@@ -469,9 +469,9 @@ def _finetune_arm(config: Any, arm: str, adir: paths.Path, mesh: Any, data: RunD
         x_id=data.train.x, y_id=data.train.y.astype(np.int32), x_ood=ood_set.x if ood_set is not None else None,
         id_probs=id_probs, gamma=gamma.astype(np.float32), reg_weights=reg_w,
         y_ood=ood_labels.astype(np.int32) if ood_labels is not None else None)
-    mode = str(config.train.get("host_batches", "auto"))
+    mode = str(config.train.host_batches)
     host_batches = mode == "on" or (mode == "auto" and
-                                    pool_bytes(host_data) > config.train.get("device_pool_mb", 2048) * 2**20)
+                                    pool_bytes(host_data) > config.train.device_pool_mb * 2**20)
     # host batches: the arrays stay on the host (training/feed.py gathers each step's images); else on every device
     step_data = host_data if host_batches else jax.tree.map(lambda a: replicate(a, mesh), host_data)
     tr = config.train
@@ -492,7 +492,7 @@ def _finetune_arm(config: Any, arm: str, adir: paths.Path, mesh: Any, data: RunD
              and heldout_pred is not None and (own is None or own.early_stopping))
     loop = LoopConfig(steps=steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early else 0,
                       patience=config.oe.patience, ckpt_every=tr.ckpt_every,
-                      max_nonfinite=tr.get("max_nonfinite", 10))
+                      max_nonfinite=tr.max_nonfinite)
     heldout = (data.heldout.x, heldout_pred) if early else None
     return finetune(RunJob(name=arm, workdir=adir, mesh=mesh, spec=spec, variables=variables, recipe=recipe,
                            teacher_spec=t_spec, teacher_variables=t_vars, data=step_data, step_cfg=step_cfg,
