@@ -212,3 +212,28 @@ def test_committed_summaries_open_with_their_primary_contrasts_declared_after_th
     text = (RESULTS / folder / "summary.md").read_text()
     assert table in text and "**declared after the results were seen**" in text
     assert text.index("## Primary contrasts") < text.index("## Paired differences to the base method")
+
+
+def test_confirmatory_interim_figures():
+    """The confirmatory grid's interim reading (8 seeds, 10 per class) against its records: the two primary
+    contrasts with their Holm-adjusted p, and the exploratory confidence/targeting split."""
+    from oefsmc_jax.experiments.primary import primary_contrasts
+
+    recs = _records("confirm_cifar10")
+    assert len(recs) == 48 and {r["seed"] for r in recs} == set(range(5, 13))
+    assert {r["config"]["subset"]["class_order"] for r in recs} == {"random"}
+    assert {r["trained_commit"][:7] for r in recs} == {"0ede5db"}
+    paper, kd = _contrast(recs, "oe_complement_r", "oe", 10), _contrast(recs, "oe_complement_r", "base", 10)
+    assert (paper, kd) == ("+8.1 [+6.7, +9.6]", "+11.3 [+9.4, +13.2]")
+    for text in (PROSE, TOP):
+        assert paper in text and kd in text
+    rows = primary_contrasts(recs, config("confirm_cifar10").get_config().primary_contrasts)
+    assert [r["status"] for r in rows] == ["ok", "ok", "not run", "not run"]
+    assert all(r["p_holm"] < 0.0001 for r in rows[:2]) and [r["p_holm"] for r in rows[2:]] == [1.0, 1.0]
+    for a, b, metric, want in (("oe_complement", "oe_random_matched", "top1", "+7.3 [+5.0, +9.6]"),
+                               ("oe_confidence", "oe_random_matched", "top1", "+6.3 [+3.8, +8.8]"),
+                               ("oe_complement", "oe_confidence", "top1", "+1.0 [−0.7, +2.7]"),
+                               ("oe_complement", "oe_confidence", "few", "+2.6 [+0.6, +4.7]"),
+                               ("oe_complement_r", "oe_complement", "top1", "+1.2 [+0.1, +2.2]")):
+        assert _contrast(recs, a, b, 10, metric=metric) == want
+        assert want in PROSE, want
