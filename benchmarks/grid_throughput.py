@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from workload import Workload, make_host_data, make_teacher_and_student  # noqa: E402
 
+from oefsmc_jax.kernels import cpu_conv  # noqa: E402
 from oefsmc_jax.methods import KD  # noqa: E402
 from oefsmc_jax.models import build_model, count_flops, mask_multipliers  # noqa: E402
 from oefsmc_jax.training import xla_cpu  # noqa: E402
@@ -83,8 +84,12 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, int], dict[str, float
     wl = Workload(batch_id=args.batch_id, batch_ood=args.batch_ood)
     mesh = make_mesh(args.devices)
     dev = mesh.devices.flat[0]
+    # the compile modes of the environment ($OEFSMC_CPU_FUSION, $OEFSMC_CPU_WGRAD, else the defaults), passed to
+    # the step through its config
+    fusion, wgrad = xla_cpu.resolve_mode(""), cpu_conv.resolve_mode("")
     print(f"jax {jax.__version__}: {mesh.devices.size} x {dev.platform} ({dev.device_kind}); "
-          f"{xla_cpu.describe(dev.platform)}; host CPUs {os.cpu_count()}, load average {os.getloadavg()}")
+          f"{xla_cpu.describe(dev.platform, fusion)}, {cpu_conv.describe(wgrad)}; host CPUs {os.cpu_count()}, "
+          f"load average {os.getloadavg()}")
     host = make_host_data(50, 10.0, 1000, args.seed)
     t_spec, t_vars, s_spec, s_vars = make_teacher_and_student(args.depth, args.prune_ratio, host["x_id"][:128], wl,
                                                               args.seed)
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, int], dict[str, float
 
     recipe = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau).recipe()
     cfg = StepConfig(batch_id=wl.batch_id, batch_ood=wl.batch_ood, pad=wl.pad, flip=True, mean=wl.mean, std=wl.std,
-                     lambda_jd=wl.lambda_jd, eta=wl.eta, tau=wl.tau)
+                     lambda_jd=wl.lambda_jd, eta=wl.eta, tau=wl.tau, cpu_fusion=fusion, cpu_wgrad=wgrad)
     optim = {"name": "sgd", "lr": wl.lr, "momentum": wl.momentum, "weight_decay": wl.weight_decay,
              "schedule": "constant"}
     tx, _ = make_optimizer(optim, 1000)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import sys
@@ -60,7 +61,7 @@ from oefsmc_jax.models import (  # noqa: E402
 )
 from oefsmc_jax.training import xla_cpu  # noqa: E402
 from oefsmc_jax.training.parallel import make_mesh, replicate  # noqa: E402
-from oefsmc_jax.training.step import StepConfig, StepData, init_state  # noqa: E402
+from oefsmc_jax.training.step import StepConfig, StepData, init_state, kernel_models  # noqa: E402
 from oefsmc_jax.training.train import make_trainer  # noqa: E402
 
 
@@ -237,19 +238,14 @@ def make_jax_step(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_vars: dict
     """
     mesh = make_mesh(ndev)
     fusion, wgrad = split_variant(fusion)
-    previous, previous_wgrad = xla_cpu.get_mode(), cpu_conv.get_mode()
-    xla_cpu.set_mode(fusion)
-    cpu_conv.set_mode(wgrad)  # make_train_step binds the filter-gradient mode in use when it is built
     recipe = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau).recipe()  # the prune ratio is not used
+    # the compile modes are fields of the step's config (the filter-gradient kernel only on a CPU mesh)
     cfg = StepConfig(batch_id=wl.batch_id, batch_ood=wl.batch_ood, pad=wl.pad, flip=True, mean=wl.mean,
-                     std=wl.std, lambda_jd=wl.lambda_jd, eta=wl.eta, tau=wl.tau, bn_mode="joint")
+                     std=wl.std, lambda_jd=wl.lambda_jd, eta=wl.eta, tau=wl.tau, bn_mode="joint",
+                     cpu_fusion=fusion, cpu_wgrad=wgrad)
     optim_cfg = {"name": "sgd", "lr": wl.lr, "momentum": wl.momentum, "weight_decay": wl.weight_decay,
                  "schedule": "constant"}
-    try:
-        trainer = make_trainer(mesh, s_spec, t_spec, recipe, cfg, optim_cfg, 1000)
-    finally:
-        xla_cpu.set_mode(previous)
-        cpu_conv.set_mode(previous_wgrad)
+    trainer = make_trainer(mesh, s_spec, t_spec, recipe, cfg, optim_cfg, 1000)
     tx, step_fn = trainer.tx, trainer.step
     data = StepData(x_id=replicate(host["x_id"], mesh), y_id=replicate(host["y_id"], mesh),
                     x_ood=replicate(host["x_ood"], mesh), id_probs=None, gamma=replicate(host["gamma"], mesh),
@@ -325,7 +321,7 @@ def check_fusion_gradients(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_v
     recipe = KD((0.5, 0.5, 0.5), gamma=wl.kd_gamma, tau=wl.tau).recipe()
     student, teacher = build_model(s_spec), build_model(t_spec)
 
-    def loss(params, others, t_vars_, x_, reg_w):
+    def loss(params, others, t_vars_, x_, reg_w, student=student, teacher=teacher):
         t = teacher.apply(t_vars_, x_, train=False)
         out, _ = student.apply({"params": params, **others}, x_, train=True, mutable=["batch_stats"])
         s_id, t_id = {"logits": out["logits"][:b_id]}, {"logits": t["logits"][:b_id]}
@@ -344,7 +340,9 @@ def check_fusion_gradients(t_spec: ArchSpec, t_vars: dict, s_spec: ArchSpec, s_v
     for fusion in fusions:
         mode, wgrad = split_variant(fusion)
         opts = xla_cpu.compiler_options("cpu", mode)
-        grad = jax.jit(cpu_conv.bind(jax.grad(loss), wgrad), compiler_options=opts)
+        models = kernel_models(student, teacher) if wgrad == "kernel" else (student, teacher)
+        grad = jax.jit(jax.grad(functools.partial(loss, student=models[0], teacher=models[1])),
+                       compiler_options=opts)
         got = [np.asarray(g, np.float64) for g in jax.tree.leaves(grad(*args32))]
         glob = float(np.sqrt(sum(np.sum((a - r) ** 2) for a, r in zip(got, ref)) / sum(np.sum(r ** 2) for r in ref)))
         worst = max(float(np.max(np.abs(a - r)) / max(1e-30, float(np.max(np.abs(r))))) for a, r in zip(got, ref))

@@ -247,7 +247,8 @@ def get_teacher(config: Any, workdir: paths.Path, mesh: Any, data: RunData) -> t
     res = finetune(RunJob(name="teacher", workdir=tdir, mesh=mesh, spec=spec, variables=variables,
                           recipe=Supervised().recipe(), teacher_spec=None, teacher_variables=None, data=step_data,
                           step_cfg=StepConfig(batch_id=tc.batch_size, pad=config.data.pad, flip=config.data.flip,
-                                              mean=tuple(config.data.mean), std=tuple(config.data.std)),
+                                              mean=tuple(config.data.mean), std=tuple(config.data.std),
+                                              **compile_modes(config, mesh)),
                           optim_cfg=tc.optim.to_dict(),
                           loop=LoopConfig(steps=tc.steps, log_every=config.train.log_every,
                                           ckpt_every=config.train.ckpt_every),
@@ -294,7 +295,8 @@ def teacher_pool_probs(config: Any, workdir: paths.Path, mesh: Any, teacher: tup
         except (ValueError, OSError, EOFError) as e:  # a damaged file: this run wrote it, so it is redone
             problem = f"{type(e).__name__}: {str(e).strip()[:120]}"
         log(f"teacher: the cached pool probabilities {cache} are unreadable ({problem}); computing them again")
-    predict = predict_fn(mesh, t_spec, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
+    predict = predict_fn(mesh, t_spec, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size,
+                         compile_modes(config, mesh)["cpu_fusion"])
     # written into a local file as it is computed (the cache's sibling, or a temporary file when the cache is remote)
     if paths.is_local(cache):
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -328,10 +330,23 @@ def teacher_pool_probs(config: Any, workdir: paths.Path, mesh: Any, teacher: tup
     return probs
 
 
+def compile_modes(config: Any, mesh: Any = None) -> dict[str, str]:
+    """``{'cpu_fusion': ..., 'cpu_wgrad': ...}``: the compile modes ``config`` asks for, its empty fields resolved
+    from ``$OEFSMC_CPU_FUSION`` / ``$OEFSMC_CPU_WGRAD`` or the defaults (``training/xla_cpu.py``,
+    ``kernels/cpu_conv.py``); the filter-gradient kernel is a CPU kernel, so ``cpu_wgrad`` is ``xla`` when ``mesh``
+    (None: JAX's default backend) is not a CPU. The pipeline passes them to what it compiles (``StepConfig``,
+    :func:`predict_fn`, ``CompressionContext``); nothing reads them from a process-wide setting."""
+    platform = mesh_platform(mesh) if mesh is not None else jax.default_backend()
+    return {"cpu_fusion": xla_cpu.resolve_mode(config.get("cpu_fusion", "")),
+            "cpu_wgrad": cpu_conv.resolve_mode(config.get("cpu_wgrad", "")) if platform == "cpu" else "xla"}
+
+
 @functools.lru_cache(maxsize=64)
-def predict_fn(mesh: Any, spec: ArchSpec, mean: tuple, std: tuple, batch_size: int) -> Callable:
-    """A cached sharded eval forward for ``spec`` (compiled once per architecture and image shape)."""
-    return make_predict(mesh, build_model(spec), mean, std, batch_size)
+def predict_fn(mesh: Any, spec: ArchSpec, mean: tuple, std: tuple, batch_size: int,
+               cpu_fusion: str = xla_cpu.DEFAULT) -> Callable:
+    """A cached sharded eval forward for ``spec`` (compiled once per architecture, image shape and XLA:CPU fusion
+    mode ``cpu_fusion``)."""
+    return make_predict(mesh, build_model(spec), mean, std, batch_size, cpu_fusion=cpu_fusion)
 
 
 def finished_result(path: paths.Path) -> dict | None:
@@ -409,6 +424,7 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
                                  mean=tuple(config.data.mean), std=tuple(config.data.std),
                                  key=jax.random.PRNGKey(config.seed + 3), mesh=mesh, workdir=adir,
                                  latency=config.method.latency, batch_size=config.eval.batch_size,
+                                 cpu_fusion=compile_modes(config, mesh)["cpu_fusion"],
                                  log=lambda s, a=arm: log(f"[{a}] {s}"))
         if method.uses_calibration:
             log(f"[{arm}] compressing with a calibration set of {len(calib)} images "
@@ -433,7 +449,8 @@ def run_arm(config: Any, arm: str, workdir: paths.Path, mesh: Any, data: RunData
                                                    "stopped_early": False}
     spec_x, vars_x = shrink(*fold_corrections(spec, final_vars))  # FSKD's Q layers folded at export
     save_model(adir / "student", spec_x, vars_x, {"arm": arm, "method": method.name})
-    predict = predict_fn(mesh, spec_x, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
+    predict = predict_fn(mesh, spec_x, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size,
+                         compile_modes(config, mesh)["cpu_fusion"])
     pred = np.argmax(predict(vars_x, data.test.x)["logits"], -1)
     metrics = classification_metrics(pred, data.test.y, k, data.counts)
     metrics["agreement"] = agreement(pred, teacher_test_pred)
@@ -486,7 +503,7 @@ def _finetune_arm(config: Any, arm: str, adir: paths.Path, mesh: Any, data: RunD
     step_cfg = StepConfig(batch_id=batch_id, batch_ood=tr.batch_ood if ood_set is not None else 0,
                           pad=pad, flip=flip, mean=tuple(config.data.mean),
                           std=tuple(config.data.std), lambda_jd=settings.lambda_jd, eta=eta, tau=config.method.tau,
-                          bn_mode=settings.bn_mode, host_batches=host_batches)
+                          bn_mode=settings.bn_mode, host_batches=host_batches, **compile_modes(config, mesh))
     # early stopping on held-out OOD agreement: OE arms (the default), or every arm (oe.early_stopping_arms=all)
     early = (config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
              and heldout_pred is not None and (own is None or own.early_stopping))
@@ -541,23 +558,27 @@ def run(config: Any, workdir: str | os.PathLike) -> dict:
     paths.check_reachable(workdir, "--workdir")
     workdir = paths.as_path(workdir)
     cache = compile_cache.enable(config.get("compile_cache", ""))
-    xla_cpu.set_mode(config.get("cpu_fusion", ""))
+    xla_cpu.resolve_mode(config.get("cpu_fusion", ""))  # a bad mode (or $OEFSMC_CPU_FUSION) fails first
     if config.num_devices < 0 or config.num_devices > jax.device_count():
         raise ConfigError(f"config.num_devices: {config.num_devices} is not allowed; 0 (all) to "
                           f"{jax.device_count()} devices are visible")
     mesh = make_mesh(config.num_devices or None)
     validate(config, num_devices=mesh.shape["data"])
+    modes = compile_modes(config, mesh)
     # the filter-gradient kernel is a CPU kernel: built (or found in its cache) here, before any data loads
-    cpu_conv.set_mode(config.get("cpu_wgrad", "") if mesh_platform(mesh) == "cpu" else "xla")
+    if modes["cpu_wgrad"] == "kernel":
+        cpu_conv.register()
     workdir_lock.take(workdir)  # one process per workdir, before anything is written there; released on return
     check_same_config(workdir / "config.json", config.to_dict())
     write_json(workdir / "config.json", config.to_dict())
     log(f"run: {len(mesh.devices.flat)} device(s) ({jax.default_backend()}), workdir {workdir}, compilation "
-        f"cache {cache or 'off'}, {xla_cpu.describe(mesh_platform(mesh))}, {cpu_conv.describe()}")
+        f"cache {cache or 'off'}, {xla_cpu.describe(mesh_platform(mesh), modes['cpu_fusion'])}, "
+        f"{cpu_conv.describe(modes['cpu_wgrad'])}")
     data = prepare_data(config, workdir)
     t_spec, t_vars = get_teacher(config, workdir, mesh, data)
     k = config.data.num_classes
-    t_predict = predict_fn(mesh, t_spec, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size)
+    t_predict = predict_fn(mesh, t_spec, tuple(config.data.mean), tuple(config.data.std), config.eval.batch_size,
+                           modes["cpu_fusion"])
     t_test_pred = np.argmax(t_predict(t_vars, data.test.x)["logits"], -1)
     teacher_metrics = classification_metrics(t_test_pred, data.test.y, k, data.counts)
     held_pred = (np.argmax(t_predict(t_vars, data.heldout.x)["logits"], -1)

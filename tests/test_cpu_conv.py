@@ -17,13 +17,6 @@ from oefsmc_jax.models import build_model, cifar_resnet_spec
 from oefsmc_jax.training.parallel import make_mesh
 
 
-@pytest.fixture(autouse=True)
-def restore_mode():
-    before = cpu_conv.get_mode()
-    yield
-    cpu_conv.set_mode(before)
-
-
 def _wgrad64(x: np.ndarray, dy: np.ndarray, stride: int) -> np.ndarray:
     """The filter gradient of a 3x3, padding-1 NHWC convolution, summed in float64 by numpy."""
     x = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
@@ -56,9 +49,9 @@ def test_kernel_equals_float64_gradient(n, hw, ci, co, s):
     np.testing.assert_allclose(xla, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def _loss_and_grad():
+def _loss_and_grad(**model_kw):
     spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
-    model = build_model(spec)
+    model = build_model(spec, **model_kw)
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
     x = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 3))
 
@@ -71,12 +64,11 @@ def _loss_and_grad():
 
 @pytest.mark.slow
 def test_model_gradients_under_each_mode():
-    f, params = _loss_and_grad()
-    cpu_conv.set_mode("xla")
+    f, params = _loss_and_grad()  # the default: lax.conv_general_dilated
     hlo_xla = jax.jit(f).lower(params).as_text()
     l_xla, g_xla = jax.jit(f)(params)
-    f_kernel = jax.jit(cpu_conv.bind(f, "kernel"))
-    cpu_conv.set_mode("xla")  # bind fixed the mode when it was built: tracing now still uses the kernel
+    cpu_conv.register()
+    f_kernel = jax.jit(_loss_and_grad(conv_general_dilated=cpu_conv.conv_general_dilated)[0])
     hlo_kernel = f_kernel.lower(params).as_text()
     l_k, g_k = f_kernel(params)
     assert cpu_conv.TARGET not in hlo_xla and "custom_vjp" not in jax.make_jaxpr(f)(params).pretty_print()
@@ -109,9 +101,12 @@ def test_bad_mode_is_named(monkeypatch):
         validate(c)
     monkeypatch.setenv(cpu_conv.ENV, "oneDNN")
     with pytest.raises(ConfigError, match=r"\$OEFSMC_CPU_WGRAD: 'oneDNN' is not allowed"):
-        cpu_conv.set_mode(None)
+        cpu_conv.resolve_mode(None)
+    assert cpu_conv.resolve_mode("XLA") == "xla"  # the config wins over the environment
     monkeypatch.setenv(cpu_conv.ENV, "xla")
-    assert cpu_conv.set_mode(None) == "xla" and cpu_conv.describe() == "cpu wgrad xla"
+    assert cpu_conv.resolve_mode("") == "xla" and cpu_conv.describe("xla") == "cpu wgrad xla"
+    monkeypatch.delenv(cpu_conv.ENV)
+    assert cpu_conv.resolve_mode(None) == cpu_conv.DEFAULT == "xla"
 
 
 @pytest.mark.parametrize("cxx,says", [("/no/such/compiler", "does not run"), ("false", "failed")])
@@ -133,25 +128,35 @@ def test_build_is_cached(monkeypatch, tmp_path):
 
 def test_trainer_cache_builds_a_new_step_when_a_mode_changes():
     """``make_trainer`` is cached; a step built under one filter-gradient or fusion mode is not handed out under
-    another (the benchmark builds one per mode in one process)."""
+    another (the benchmark builds one per mode in one process): the modes are fields of its ``StepConfig``."""
+    import dataclasses
+
     from oefsmc_jax.methods import KD
-    from oefsmc_jax.training import train, xla_cpu
+    from oefsmc_jax.training import train
     from oefsmc_jax.training.step import StepConfig
 
     spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
     cfg = StepConfig(batch_id=8, batch_ood=8, pad=1, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)
-    args = (make_mesh(1), spec, spec, KD((0.5, 0.5, 0.5)).recipe(), cfg, {"name": "sgd", "lr": 0.1}, 10)
-    fusion = xla_cpu.get_mode()
-    try:
-        cpu_conv.set_mode("xla")
-        a = train.make_trainer(*args)
-        assert train.make_trainer(*args) is a
-        cpu_conv.set_mode("kernel")
-        b = train.make_trainer(*args)
-        xla_cpu.set_mode("off")
-        c = train.make_trainer(*args)
-    finally:
-        xla_cpu.set_mode(fusion)
+    assert (cfg.cpu_fusion, cfg.cpu_wgrad) == ("exact", "xla")
+    rest = (spec, spec, KD((0.5, 0.5, 0.5)).recipe())
+    trainer = lambda c: train.make_trainer(make_mesh(1), *rest, c, {"name": "sgd", "lr": 0.1}, 10)
+    a = trainer(cfg)
+    assert trainer(cfg) is a
+    b = trainer(dataclasses.replace(cfg, cpu_wgrad="kernel"))
+    c = trainer(dataclasses.replace(cfg, cpu_wgrad="kernel", cpu_fusion="off"))
     assert b is not a and c is not b and c is not a
-    cpu_conv.set_mode("xla")
-    assert train.make_trainer(*args) is a
+    assert trainer(dataclasses.replace(cfg)) is a
+
+
+def test_models_call_the_convolution_they_are_given():
+    """The conv implementation is an argument of the model: the default is ``lax.conv_general_dilated`` (no custom
+    VJP in the program), the kernel's conv puts the kernel in the gradient's program; the step builder injects it
+    only under ``cpu_wgrad=kernel``."""
+    from oefsmc_jax.training.step import kernel_models
+
+    f, params = _loss_and_grad()
+    assert "custom_vjp" not in jax.make_jaxpr(f)(params).pretty_print()
+    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    student, teacher = kernel_models(build_model(spec), None)
+    assert teacher is None and student.conv_general_dilated is cpu_conv.conv_general_dilated
+    assert build_model(spec).conv_general_dilated is jax.lax.conv_general_dilated

@@ -50,7 +50,7 @@ def parts():
     return spec, t_vars, s_spec, runs, heldout_x
 
 
-def _jobs(parts, ndev, root, heldout_run=None):
+def _jobs(parts, ndev, root, heldout_run=None, step_cfg=CFG):
     t_spec, t_vars, s_spec, runs, heldout_x = parts
     mesh = make_mesh(ndev)
     jobs = []
@@ -61,7 +61,7 @@ def _jobs(parts, ndev, root, heldout_run=None):
         held = (heldout_x, np.full(len(heldout_x), -1)) if r == heldout_run else None
         jobs.append(RunJob(name=f"run{r}", workdir=root / f"run{r}", mesh=mesh, spec=s_spec, variables=v,
                            recipe=KD((0.5, 0.5, 0.5)).recipe(), teacher_spec=t_spec, teacher_variables=t_vars,
-                           data=replicate(data, mesh), step_cfg=CFG, optim_cfg=OPTIM, loop=LOOP, seed=seed,
+                           data=replicate(data, mesh), step_cfg=step_cfg, optim_cfg=OPTIM, loop=LOOP, seed=seed,
                            heldout=held))
     return jobs
 
@@ -86,8 +86,8 @@ def test_group_with_the_cpu_filter_gradient_kernel(parts, solo, tmp_path, monkey
     traced = []
     real = cpu_conv.wgrad3x3
     monkeypatch.setattr(cpu_conv, "wgrad3x3", lambda x, dy, s: traced.append(x.shape) or real(x, dy, s))
-    with cpu_conv.using("kernel"):
-        group = finetune_group(_jobs(parts, ndev, tmp_path, heldout_run=1), impl=impl)
+    kernel = dataclasses.replace(CFG, cpu_wgrad="kernel")  # the mode is a field of the step's config
+    group = finetune_group(_jobs(parts, ndev, tmp_path, heldout_run=1, step_cfg=kernel), impl=impl)
     assert traced  # the step really took its filter gradients from the kernel
     assert [r.steps_run for r in group] == [STEPS, 3, STEPS]
     for a, b in zip(solo[ndev], group):

@@ -21,8 +21,10 @@ PACKAGE = "oefsmc_jax"
 
 #: (importer prefix, forbidden prefixes): a module under the first may import none under the second
 LAYERS = [
+    # the models take the convolution they call as an argument (build_model(spec, conv_general_dilated=...)): the
+    # trainer injects a kernel's, the models never import one
     ("oefsmc_jax.models", ("oefsmc_jax.training", "oefsmc_jax.methods", "oefsmc_jax.pipeline", "oefsmc_jax.main",
-                           "oefsmc_jax.experiments")),
+                           "oefsmc_jax.experiments", "oefsmc_jax.kernels")),
     ("oefsmc_jax.training", ("oefsmc_jax.methods", "oefsmc_jax.pipeline", "oefsmc_jax.main",
                              "oefsmc_jax.experiments")),
     ("oefsmc_jax.convert", ("oefsmc_jax.main", "oefsmc_jax.cli_util", "oefsmc_jax.pipeline")),

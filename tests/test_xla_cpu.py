@@ -13,13 +13,6 @@ from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.training import xla_cpu
 
 
-@pytest.fixture
-def restore_mode():
-    before = xla_cpu.get_mode()
-    yield
-    xla_cpu.set_mode(before)
-
-
 def test_options_per_mode_and_platform():
     exact = xla_cpu.compiler_options("cpu", "exact")
     # the pinned jaxlib knows the option: the package default is really in use on this CPU
@@ -32,14 +25,25 @@ def test_options_per_mode_and_platform():
     assert not xla_cpu.supported("LIBRARY_FUSION_TYPE_NO_SUCH_THING")
 
 
-def test_mode_from_env_and_config(monkeypatch, restore_mode):
+def test_mode_from_env_and_config(monkeypatch):
     monkeypatch.setenv(xla_cpu.ENV, "off")
-    assert xla_cpu.set_mode("") == "off" and xla_cpu.compiler_options("cpu") is None
-    assert xla_cpu.set_mode("Fast") == "fast"  # the config wins over the environment
-    assert xla_cpu.describe("cpu").startswith("cpu fusion fast (YNNPACK")
+    assert xla_cpu.resolve_mode("") == "off" and xla_cpu.compiler_options("cpu", "off") is None
+    assert xla_cpu.resolve_mode("Fast") == "fast"  # the config wins over the environment
+    assert xla_cpu.describe("cpu", "fast").startswith("cpu fusion fast (YNNPACK")
+    assert xla_cpu.describe("gpu", "exact") == "cpu fusion n/a on gpu"
     monkeypatch.setenv(xla_cpu.ENV, "turbo")
     with pytest.raises(ConfigError, match=r"\$OEFSMC_CPU_FUSION: 'turbo' is not allowed; choose one of exact"):
-        xla_cpu.set_mode(None)
+        xla_cpu.resolve_mode(None)
+    monkeypatch.delenv(xla_cpu.ENV)
+    assert xla_cpu.resolve_mode(None) == xla_cpu.DEFAULT == "exact"
+
+
+def test_no_process_wide_mode():
+    """The modes are arguments of what is compiled: neither module keeps a mode of its own."""
+    from oefsmc_jax.kernels import cpu_conv
+
+    for mod in (xla_cpu, cpu_conv):
+        assert not any(hasattr(mod, name) for name in ("set_mode", "get_mode", "using", "bind", "_mode"))
 
 
 def test_bad_config_value_is_named():

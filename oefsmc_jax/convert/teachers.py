@@ -239,10 +239,12 @@ def evaluate_top1(spec: ArchSpec, variables: dict, x: np.ndarray, y: np.ndarray,
                   mean: Sequence[float] = AKAMASTER_MEAN, std: Sequence[float] = AKAMASTER_STD) -> float:
     """Top-1 accuracy (percent) of the model on uint8 images ``x`` normalised by ``mean``/``std`` (default:
     the akamaster preprocessing; see :func:`teacher_preprocessing` / :func:`family_preprocessing`)."""
+    from oefsmc_jax.training import xla_cpu
     from oefsmc_jax.training.parallel import make_mesh
     from oefsmc_jax.training.step import make_predict
 
     model = build_model(spec)
-    predict = make_predict(make_mesh(), model, tuple(mean), tuple(std), batch_size=batch_size)
+    predict = make_predict(make_mesh(), model, tuple(mean), tuple(std), batch_size=batch_size,
+                           cpu_fusion=xla_cpu.resolve_mode(""))  # $OEFSMC_CPU_FUSION, else the default
     logits = predict(variables, x)["logits"]
     return float(100.0 * np.mean(np.argmax(logits, -1) == np.asarray(y)))

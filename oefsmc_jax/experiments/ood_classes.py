@@ -140,6 +140,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from oefsmc_jax.data.subsets import class_counts
     from oefsmc_jax.models import build_model
     from oefsmc_jax.provenance import code_version, portable, versions
+    from oefsmc_jax.training import xla_cpu
     from oefsmc_jax.training.parallel import make_mesh
     from oefsmc_jax.training.step import make_predict
 
@@ -158,7 +159,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
     spec, variables = load_pretrained(teacher_path[0])
     mean, std = teacher_preprocessing(teacher_path[0])
-    predict = make_predict(make_mesh(None), build_model(spec), tuple(mean), tuple(std), 500)
+    predict = make_predict(make_mesh(None), build_model(spec), tuple(mean), tuple(std), 500,
+                           cpu_fusion=xla_cpu.resolve_mode(""))  # $OEFSMC_CPU_FUSION, else the default
     logits = np.concatenate([predict(variables, pool["x"][i:i + 2000])["logits"] for i in range(0, len(pool_y), 2000)])
     probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
     print(f"teacher {teacher_path[0].name}: pool of {len(pool_y)} images, {int((group == 2).sum())} strict and "

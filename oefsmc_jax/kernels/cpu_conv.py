@@ -8,7 +8,8 @@ XLA's intra-op pool). It is compiled on first use with the system C++ compiler (
 ``c++`` or ``clang++``; ``-O3 -march=native``) into a cache keyed by the source, jaxlib, compiler and CPU
 (``$OEFSMC_KERNEL_CACHE``, default ``~/.cache/oefsmc_jax/kernels``), then registered as an FFI target.
 
-Modes (``config.cpu_wgrad``, or ``$OEFSMC_CPU_WGRAD`` before the config is read):
+Modes (``config.cpu_wgrad``; when it is empty, ``$OEFSMC_CPU_WGRAD``, else ``xla``, resolved once by
+:func:`resolve_mode` where the config is read):
 
 * ``xla`` (default): the models call ``lax.conv_general_dilated`` with XLA's own gradient (the program every
   committed result ran);
@@ -17,15 +18,14 @@ Modes (``config.cpu_wgrad``, or ``$OEFSMC_CPU_WGRAD`` before the config is read)
   or TPU); the forward pass and the input gradient stay XLA's. Sums run in another order, so results differ
   from ``xla`` by float32 rounding.
 
-The mode is read when a model is traced; :func:`bind` fixes it for a function at the time it is built (the train
-step uses it, as it does with its XLA:CPU compiler options). The mode is not part of JAX's trace cache key: a
-function already traced keeps the program it got, so bind a new function object rather than re-calling an old one
-after a switch.
+There is no process-wide mode. The models take the convolution they call as an argument
+(``build_model(spec, conv_general_dilated=...)``, default ``lax.conv_general_dilated``); the train step builds its
+models with :func:`conv_general_dilated` of this module when its ``StepConfig.cpu_wgrad`` is ``kernel`` on a CPU
+mesh (after :func:`register`), so the mode is part of what the step is built from and of its cache key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
@@ -34,7 +34,6 @@ import platform
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -50,8 +49,9 @@ TARGET = "oefsmc_wgrad3x3"
 SOURCE = pathlib.Path(__file__).with_name("wgrad3x3.cc")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w")
 NHWC = ("NHWC", "HWIO", "NHWC")
+#: the mode when neither the config nor ``$OEFSMC_CPU_WGRAD`` names one
+DEFAULT = "xla"
 
-_mode: str | None = None
 _lock = threading.Lock()
 _library: str | None = None  # path of the registered shared library, once registered
 
@@ -64,46 +64,11 @@ def check_mode(mode: str, field: str = "config.cpu_wgrad") -> str:
     return m
 
 
-def set_mode(mode: str | None, field: str = "config.cpu_wgrad") -> str:
-    """Set the process-wide mode ('' or None: ``$OEFSMC_CPU_WGRAD``, else ``xla``); returns the mode in use.
-
-    ``kernel`` builds and registers the kernel now (a ConfigError naming ``field`` if it cannot), so a run fails
-    before it loads anything rather than at its first gradient."""
-    global _mode
-    m = check_mode(mode, field) if mode else check_mode(os.environ.get(ENV) or "xla", field=f"${ENV}")
-    if m == "kernel":
-        register(field)
-    _mode = m
-    return m
-
-
-def get_mode() -> str:
-    """The mode in use (``xla`` unless :func:`set_mode` or ``$OEFSMC_CPU_WGRAD`` said otherwise)."""
-    return _mode if _mode is not None else set_mode(None)
-
-
-@contextlib.contextmanager
-def using(mode: str) -> Iterator[str]:
-    """Within the block, models traced use ``mode`` (registering the kernel if needed); restores the old mode."""
-    global _mode
-    before = _mode
-    set_mode(mode)
-    try:
-        yield _mode
-    finally:
-        _mode = before
-
-
-def bind(fn: Callable, mode: str | None = None) -> Callable:
-    """``fn`` traced under ``mode`` (default: the mode in use now), whatever the mode is when it is traced."""
-    mode = check_mode(mode) if mode else get_mode()
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with using(mode):
-            return fn(*args, **kwargs)
-
-    return wrapped
+def resolve_mode(mode: str | None, field: str = "config.cpu_wgrad") -> str:
+    """The mode a config value stands for: ``mode`` checked, or ('' or None) ``$OEFSMC_CPU_WGRAD``, else
+    :data:`DEFAULT`. A bad value is a ConfigError naming ``field`` (or the variable). It builds nothing: a run on a
+    CPU calls :func:`register` itself, so it fails before it loads anything rather than at its first gradient."""
+    return check_mode(mode, field) if mode else check_mode(os.environ.get(ENV) or DEFAULT, field=f"${ENV}")
 
 
 # ----------------------------------------------------------------------------------------------- build + register
@@ -189,9 +154,9 @@ def register(field: str = "config.cpu_wgrad") -> str:
     return _library
 
 
-def describe() -> str:
-    """One phrase for logs: ``cpu wgrad xla`` or ``cpu wgrad kernel (wgrad3x3-<key>.so)``."""
-    m = get_mode()
+def describe(mode: str) -> str:
+    """One phrase for logs about ``mode``: ``cpu wgrad xla`` or ``cpu wgrad kernel (wgrad3x3-<key>.so)``."""
+    m = check_mode(mode)
     return f"cpu wgrad {m}" + (f" ({pathlib.Path(_library).name})" if m == "kernel" and _library else "")
 
 
@@ -256,9 +221,10 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Any, pa
                          lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
                          feature_group_count: int = 1, batch_group_count: int = 1, precision: Any = None,
                          preferred_element_type: Any = None) -> jax.Array:
-    """Drop-in for ``lax.conv_general_dilated`` (what the models' ``nn.Conv`` call): under the ``kernel`` mode a
-    float32 3x3 padding-1 NHWC convolution becomes :func:`conv3x3`; anything else is ``lax``'s, unchanged."""
-    if (get_mode() == "kernel" and _library is not None and precision is None and preferred_element_type is None
+    """Drop-in for ``lax.conv_general_dilated`` (what the models' ``nn.Conv`` call when built with it): once the
+    kernel is registered (:func:`register`), a float32 3x3 padding-1 NHWC convolution becomes :func:`conv3x3`;
+    anything else is ``lax``'s, unchanged."""
+    if (_library is not None and precision is None and preferred_element_type is None
             and _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                           feature_group_count, batch_group_count)):
         return conv3x3(lhs, rhs, int(window_strides[0]))

@@ -149,6 +149,7 @@ class CompressionContext:
     workdir: pathlib.Path | None = None  # where stages write what they decided (scores, latencies)
     latency: str = "macs"  # measure | macs: how stages that need latency get it
     batch_size: int = 256
+    cpu_fusion: str = "exact"  # the XLA:CPU fusion mode of jitted fitting loops (training/xla_cpu.py)
     log: Callable[[str], None] = dataclasses.field(default=lambda s: print(s, file=sys.stderr, flush=True))
 
     def images(self, idx: np.ndarray | None = None) -> jax.Array:

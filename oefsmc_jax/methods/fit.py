@@ -52,7 +52,7 @@ def batch_indices(key: jax.Array, n: int, batch_size: int) -> jax.Array:
 
 
 def _runner(loss_fn: LossFn, tx: optax.GradientTransformation, steps: int, batch_size: int, mesh: Mesh,
-            with_consts: bool) -> Callable:
+            with_consts: bool, cpu_fusion: str) -> Callable:
     ndev = num_devices(mesh)
     b_loc = batch_size // ndev
 
@@ -85,12 +85,12 @@ def _runner(loss_fn: LossFn, tx: optax.GradientTransformation, steps: int, batch
     rep = P()
     return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(rep, rep, rep, rep), out_specs=(rep, rep),
                                  check_vma=False),
-                   compiler_options=xla_cpu.compiler_options(xla_cpu.mesh_platform(mesh)))
+                   compiler_options=xla_cpu.compiler_options(xla_cpu.mesh_platform(mesh), cpu_fusion))
 
 
 def fit(loss_fn: LossFn, params: Any, data: Mapping[str, np.ndarray], *, tx: optax.GradientTransformation,
         steps: int, batch_size: int, key: jax.Array, mesh: Mesh | None = None,
-        consts: Any = None) -> tuple[Any, np.ndarray]:
+        consts: Any = None, cpu_fusion: str = xla_cpu.DEFAULT) -> tuple[Any, np.ndarray]:
     """Run ``steps`` optimizer steps of ``tx`` on ``params``; returns ``(params, losses)`` (``losses[t]``: the
     global batch loss at step ``t``, before its update).
 
@@ -100,7 +100,7 @@ def fit(loss_fn: LossFn, params: Any, data: Mapping[str, np.ndarray], *, tx: opt
     scalar mean over its rows (the global loss is the mean over devices) or a pair ``(total, norm)`` (the global
     loss is ``sum(total) / sum(norm)`` over devices, e.g. a weighted mean ``sum w_i l_i / sum w_i``; ``norm``
     must not depend on ``params``). ``mesh`` defaults to one device; ``batch_size`` must be divisible by its
-    device count.
+    device count. ``cpu_fusion``: the XLA:CPU fusion mode the loop is compiled under (``training/xla_cpu.py``).
     """
     mesh = make_mesh(1) if mesh is None else mesh
     ndev = num_devices(mesh)
@@ -117,12 +117,14 @@ def fit(loss_fn: LossFn, params: Any, data: Mapping[str, np.ndarray], *, tx: opt
     key = jnp.asarray(key)
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
-    cache_key = (loss_fn, tx, steps, batch_size, mesh, consts is not None)
+    cpu_fusion = xla_cpu.check_mode(cpu_fusion)
+    cache_key = (loss_fn, tx, steps, batch_size, mesh, consts is not None, cpu_fusion)
     run = _RUNNERS.get(cache_key)
     if run is None:
         if len(_RUNNERS) >= _MAX_RUNNERS:
             _RUNNERS.pop(next(iter(_RUNNERS)))
-        run = _RUNNERS[cache_key] = _runner(loss_fn, tx, steps, batch_size, mesh, consts is not None)
+        run = _RUNNERS[cache_key] = _runner(loss_fn, tx, steps, batch_size, mesh, consts is not None,
+                                            cpu_fusion)
     params, losses = run(*replicate((params, dict(data), key, consts), mesh))
     return params, np.asarray(jax.device_get(losses))
 

@@ -336,7 +336,8 @@ def practise_stage(p: PractiseParams) -> Stage:
             before = weighted_feature_mse(spec, s_vars, eye, use, x_all, t_feat, weights, ctx.batch_size)
             fitted, losses = fit(loss_fn, eye, data, tx=tx, steps=p.fit_steps, batch_size=p.batch_size,
                                  key=jax.random.fold_in(ctx.key, i), mesh=mesh,
-                                 consts={"student": s_vars, "teacher": t_vars, "use": use})
+                                 consts={"student": s_vars, "teacher": t_vars, "use": use},
+                                 cpu_fusion=ctx.cpu_fusion)
             rec = weighted_feature_mse(spec, s_vars, fitted, use, x_all, t_feat, weights, ctx.batch_size)
             lat = _latency(spec, s_vars, image_size, ctx.latency, p.latency_batch)
             red = _reduction(base_lat, lat)

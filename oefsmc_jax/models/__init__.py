@@ -11,9 +11,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from oefsmc_jax.models.flops import count_flops, count_params
-from oefsmc_jax.models.resnet import ResidualBlock, ResNet
+from oefsmc_jax.models.resnet import ConvFn, ResidualBlock, ResNet
 from oefsmc_jax.models.spec import (
     ArchSpec,
     build_arch,
@@ -37,13 +38,15 @@ from oefsmc_jax.models.surgery import (
 from oefsmc_jax.models.vgg import VGG, VGGLayer
 
 
-def build_model(spec: ArchSpec, *, bn_axis_name: str | None = None, dtype: Any = jnp.float32) -> nn.Module:
-    """Flax module for ``spec``; ``bn_axis_name`` syncs BN batch statistics across that mapped axis."""
+def build_model(spec: ArchSpec, *, bn_axis_name: str | None = None, dtype: Any = jnp.float32,
+                conv_general_dilated: ConvFn = lax.conv_general_dilated) -> nn.Module:
+    """Flax module for ``spec``; ``bn_axis_name`` syncs BN batch statistics across that mapped axis; every
+    convolution calls ``conv_general_dilated`` (a drop-in for ``lax.conv_general_dilated``, the default)."""
     if not isinstance(spec, ArchSpec):
         raise TypeError(f"build_model expects an ArchSpec, got {type(spec).__name__}")
     if spec.family == "vgg":
-        return VGG(spec=spec, bn_axis_name=bn_axis_name, dtype=dtype)
-    return ResNet(spec=spec, bn_axis_name=bn_axis_name, dtype=dtype)
+        return VGG(spec=spec, bn_axis_name=bn_axis_name, dtype=dtype, conv_general_dilated=conv_general_dilated)
+    return ResNet(spec=spec, bn_axis_name=bn_axis_name, dtype=dtype, conv_general_dilated=conv_general_dilated)
 
 
 __all__ = [

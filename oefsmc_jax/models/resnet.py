@@ -8,28 +8,33 @@ output before the ReLU) and a scalar ``gate`` multiplying the residual branch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
-from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.models.spec import ArchSpec
 
 Array = Any
 Dtype = Any
+#: what the convolutions call: ``lax.conv_general_dilated`` or a drop-in with its signature (the train step passes
+#: the CPU filter-gradient kernel's, ``oefsmc_jax.kernels.cpu_conv.conv_general_dilated``, under ``cpu_wgrad=kernel``)
+ConvFn = Callable[..., Any]
 
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype) -> nn.Conv:
-    """Bias-free square conv with PyTorch-style symmetric padding ``kernel // 2`` (its filter gradient from the CPU
-    kernel of :mod:`oefsmc_jax.kernels.cpu_conv` under ``cpu_wgrad=kernel``)."""
+def conv(features: int, kernel: int, stride: int, name: str, dtype: Dtype,
+         conv_general_dilated: ConvFn = lax.conv_general_dilated) -> nn.Conv:
+    """Bias-free square conv with PyTorch-style symmetric padding ``kernel // 2`` that calls
+    ``conv_general_dilated``."""
     p = kernel // 2
     return nn.Conv(
         features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)), use_bias=False,
         kernel_init=conv_kernel_init, dtype=dtype, name=name,
-        conv_general_dilated=cpu_conv.conv_general_dilated,
+        conv_general_dilated=conv_general_dilated,
     )
 
 
@@ -70,6 +75,7 @@ class ResidualBlock(nn.Module):
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
     corrections: tuple[str, ...] = ()
+    conv_general_dilated: ConvFn = lax.conv_general_dilated
 
     @property
     def identity(self) -> bool:
@@ -87,15 +93,15 @@ class ResidualBlock(nn.Module):
             return lambda y: correction(self, name, batch_norm(train, self.bn_axis_name, name, self.dtype)(y), corr)
 
         if self.kind == "basic":
-            y = conv(self.widths[0], 3, self.stride, "conv1", self.dtype)(x)
+            y = conv(self.widths[0], 3, self.stride, "conv1", self.dtype, self.conv_general_dilated)(x)
             y = nn.relu(bn("bn1")(y) * masks[0].astype(y.dtype))
-            y = bn("bn2")(conv(self.out_width, 3, 1, "conv2", self.dtype)(y))
+            y = bn("bn2")(conv(self.out_width, 3, 1, "conv2", self.dtype, self.conv_general_dilated)(y))
         elif self.kind == "bottleneck":
-            y = conv(self.widths[0], 1, 1, "conv1", self.dtype)(x)
+            y = conv(self.widths[0], 1, 1, "conv1", self.dtype, self.conv_general_dilated)(x)
             y = nn.relu(bn("bn1")(y) * masks[0].astype(y.dtype))
-            y = conv(self.widths[1], 3, self.stride, "conv2", self.dtype)(y)
+            y = conv(self.widths[1], 3, self.stride, "conv2", self.dtype, self.conv_general_dilated)(y)
             y = nn.relu(bn("bn2")(y) * masks[1].astype(y.dtype))
-            y = bn("bn3")(conv(self.out_width, 1, 1, "conv3", self.dtype)(y))
+            y = bn("bn3")(conv(self.out_width, 1, 1, "conv3", self.dtype, self.conv_general_dilated)(y))
         else:
             raise ValueError(f"unknown residual block kind {self.kind!r}")
 
@@ -106,7 +112,8 @@ class ResidualBlock(nn.Module):
             diff = self.out_width - self.in_width
             sc = jnp.pad(sc, ((0, 0), (0, 0), (0, 0), (diff // 2, diff - diff // 2)))
         else:
-            sc = bn("proj_bn")(conv(self.out_width, 1, self.stride, "proj_conv", self.dtype)(x))
+            proj = conv(self.out_width, 1, self.stride, "proj_conv", self.dtype, self.conv_general_dilated)
+            sc = bn("proj_bn")(proj(x))
         return nn.relu(sc.astype(y.dtype) + gate.astype(y.dtype) * y)
 
 
@@ -119,6 +126,7 @@ class ResNet(nn.Module):
     spec: ArchSpec
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    conv_general_dilated: ConvFn = lax.conv_general_dilated  # what every convolution calls
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -130,10 +138,10 @@ class ResNet(nn.Module):
             raise ValueError(f"expected NHWC input with {spec.in_channels} channels, got shape {x.shape}")
         x = x.astype(self.dtype)
         if spec.family == "cifar_resnet":
-            x = conv(spec.stem_width, 3, 1, "stem_conv", self.dtype)(x)
+            x = conv(spec.stem_width, 3, 1, "stem_conv", self.dtype, self.conv_general_dilated)(x)
             x = nn.relu(batch_norm(train, self.bn_axis_name, "stem_bn", self.dtype)(x))
         else:
-            x = conv(spec.stem_width, 7, 2, "stem_conv", self.dtype)(x)
+            x = conv(spec.stem_width, 7, 2, "stem_conv", self.dtype, self.conv_general_dilated)(x)
             x = nn.relu(batch_norm(train, self.bn_axis_name, "stem_bn", self.dtype)(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for s, b in spec.blocks():
@@ -147,6 +155,7 @@ class ResNet(nn.Module):
                 bn_axis_name=self.bn_axis_name,
                 dtype=self.dtype,
                 corrections=spec.corrections,
+                conv_general_dilated=self.conv_general_dilated,
                 name=spec.block_name(s, b),
             )(x, train)
         features = x

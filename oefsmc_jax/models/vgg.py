@@ -10,8 +10,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
-from oefsmc_jax.models.resnet import batch_norm, conv, correction, mask_variable
+from oefsmc_jax.models.resnet import ConvFn, batch_norm, conv, correction, mask_variable
 from oefsmc_jax.models.spec import ArchSpec
 
 Array = Any
@@ -25,12 +26,13 @@ class VGGLayer(nn.Module):
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
     corrections: tuple[str, ...] = ()
+    conv_general_dilated: ConvFn = lax.conv_general_dilated
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         """Apply the layer to an NHWC map."""
         mask = mask_variable(self, "mask0", self.width)
-        y = conv(self.width, 3, 1, "conv", self.dtype)(x)
+        y = conv(self.width, 3, 1, "conv", self.dtype, self.conv_general_dilated)(x)
         y = correction(self, "bn", batch_norm(train, self.bn_axis_name, "bn", self.dtype)(y), self.corrections)
         return nn.relu(y * mask.astype(y.dtype))
 
@@ -41,6 +43,7 @@ class VGG(nn.Module):
     spec: ArchSpec
     bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
+    conv_general_dilated: ConvFn = lax.conv_general_dilated  # what every convolution calls
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -55,7 +58,7 @@ class VGG(nn.Module):
             for i in range(len(spec.inner_widths[s])):
                 layer = VGGLayer(
                     spec.inner_widths[s][i][0], self.bn_axis_name, self.dtype, spec.corrections,
-                    name=spec.block_name(s, i)
+                    self.conv_general_dilated, name=spec.block_name(s, i)
                 )
                 x = layer(x, train)
             if spec.stage_strides[s] == 2:

@@ -98,6 +98,11 @@ class StepConfig:
     # True: the host draws the same indices (host_draw), gathers the step's images and passes only those
     # (StepData then holds this step's global batch; training.feed.HostFeeder): for pools too large to replicate.
     host_batches: bool = False
+    # how the step is compiled (resolved modes, not '' : the pipeline resolves the config's): the XLA:CPU fusion mode
+    # of training/xla_cpu.py (its compiler options) and the filter-gradient mode of kernels/cpu_conv.py ('kernel':
+    # on a CPU mesh the step's models call the kernel's convolution; elsewhere XLA's)
+    cpu_fusion: str = xla_cpu.DEFAULT
+    cpu_wgrad: str = cpu_conv.DEFAULT
 
 
 #: sets of at least this many images are sampled with replacement (``randint``, O(batch) per step) instead of without
@@ -182,6 +187,14 @@ def apply_multipliers(tree: Any, params_like: Any, multipliers: Any) -> Any:
     return jax.tree_util.tree_map_with_path(fn, tree)
 
 
+def kernel_models(*models: nn.Module | None) -> tuple[nn.Module | None, ...]:
+    """``models`` whose convolutions call the CPU filter-gradient kernel (``kernels/cpu_conv.py``, registered here
+    if it is not yet); a None, or a module without a ``conv_general_dilated`` field, is returned as it is."""
+    cpu_conv.register()
+    return tuple(m.clone(conv_general_dilated=cpu_conv.conv_general_dilated)
+                 if m is not None and hasattr(m, "conv_general_dilated") else m for m in models)
+
+
 def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, recipe: Recipe,
                     tx: optax.GradientTransformation, cfg: StepConfig, grouped: bool = False,
                     shared_teacher: bool = True, group_impl: str = "auto") -> Callable:
@@ -198,6 +211,9 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
     unrolled, see :data:`GROUP_IMPLS`): each run has its own parameters, optimizer state, BatchNorm statistics
     (``pmean``-ed over devices per run), data, keys and non-finite counters, so run ``r`` of a group follows the
     same trajectory as run ``r`` trained alone (to float rounding).
+
+    ``cfg.cpu_fusion`` gives the step's XLA:CPU compiler options; ``cfg.cpu_wgrad == "kernel"`` on a CPU mesh
+    rebuilds ``student`` and ``teacher`` with the CPU filter-gradient kernel's convolution (:func:`kernel_models`).
     """
     ndev = num_devices(mesh)
     for name, b in (("batch_id", cfg.batch_id), ("batch_ood", cfg.batch_ood)):
@@ -212,6 +228,9 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
     if needs_teacher and teacher is None:
         raise ValueError("this recipe with these OE settings needs a teacher")
     mean, std = jnp.asarray(cfg.mean, jnp.float32), jnp.asarray(cfg.std, jnp.float32)
+    opts = xla_cpu.compiler_options(mesh_platform(mesh), cfg.cpu_fusion)
+    if cpu_conv.check_mode(cfg.cpu_wgrad) == "kernel" and mesh_platform(mesh) == "cpu":
+        student, teacher = kernel_models(student, teacher)
 
     def prep(keys, images):
         return normalize(augment_batch(keys, images, pad=cfg.pad, flip=cfg.flip), mean, std)
@@ -313,8 +332,6 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
     # Everything is replicated in and out: each device draws the global batch's indices, keys and labels from the
     # same step key and takes its own slice, so the only communication is the explicit pmean collectives.
     rep = P()
-    opts = xla_cpu.compiler_options(mesh_platform(mesh))
-    per_device = cpu_conv.bind(per_device)  # the filter-gradient mode in use now, whenever the step is traced
     if not grouped:
         step = jax.shard_map(trace_check(per_device), mesh=mesh, in_specs=(rep,) * 5, out_specs=(rep, rep),
                              check_vma=False)
@@ -367,8 +384,10 @@ def resolve_group_impl(impl: str, platform: str) -> str:
 
 
 def make_predict(mesh: Mesh, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...],
-                 batch_size: int = 256) -> Callable[[dict, np.ndarray], dict[str, np.ndarray]]:
-    """A function ``(variables, x_uint8) -> {'logits': [N, K]}`` that evaluates in batches split over the mesh.
+                 batch_size: int = 256, cpu_fusion: str = xla_cpu.DEFAULT
+                 ) -> Callable[[dict, np.ndarray], dict[str, np.ndarray]]:
+    """A function ``(variables, x_uint8) -> {'logits': [N, K]}`` that evaluates in batches split over the mesh,
+    compiled under the XLA:CPU fusion mode ``cpu_fusion`` (``training/xla_cpu.py``).
 
     The last batch is padded to the global batch size and trimmed; the compiled forward is reused across calls.
     """
@@ -383,7 +402,7 @@ def make_predict(mesh: Mesh, model: nn.Module, mean: tuple[float, ...], std: tup
 
     # logits come back replicated (an all-gather inside the program), so every process can read them all
     forward = jax.jit(trace_check(forward), out_shardings=rep,
-                      compiler_options=xla_cpu.compiler_options(mesh_platform(mesh)))
+                      compiler_options=xla_cpu.compiler_options(mesh_platform(mesh), cpu_fusion))
 
     def place(v):
         if isinstance(v, jax.Array) and v.sharding.is_equivalent_to(rep, v.ndim):

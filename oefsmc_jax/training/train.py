@@ -19,9 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.models import ArchSpec, build_model, mask_multipliers
-from oefsmc_jax.training import xla_cpu
 from oefsmc_jax.training.feed import HostFeeder, pool_bytes
 from oefsmc_jax.training.optim import freeze, make_optimizer
 from oefsmc_jax.training.parallel import replicate
@@ -107,23 +105,17 @@ class _TrainerKey:
     optim_items: tuple
     steps: int
     group: GroupStep | None
-    modes: tuple[str, str]
 
 
 def make_trainer(mesh: Mesh, spec: ArchSpec, teacher_spec: ArchSpec | None, recipe: Recipe, step_cfg: StepConfig,
                  optim_cfg: dict, steps: int, group: GroupStep | None = None) -> Trainer:
     """The one owner of the train step: model with synced BatchNorm, optimizer with the recipe's frozen parameters
     masked out, the jitted step (grouped over a leading run axis with ``group``) and eval forward. Cached on its
-    (hashable) arguments and the compile modes in use (:func:`compile_modes`), so a grid, the benchmark and the tests
-    reuse compiled steps across runs of the same shapes, and a change of mode builds a new step."""
+    (hashable) arguments, so a grid, the benchmark and the tests reuse compiled steps across runs of the same
+    shapes; the compile modes (``step_cfg.cpu_fusion``, ``step_cfg.cpu_wgrad``) are part of that key, so a change
+    of mode builds a new step."""
     return _build_trainer(_TrainerKey(mesh, spec, teacher_spec, recipe, step_cfg, freeze(dict(optim_cfg)), int(steps),
-                                      group, compile_modes()))
-
-
-def compile_modes() -> tuple[str, str]:
-    """What decides the compiled step besides its arguments: the XLA:CPU fusion mode (``training/xla_cpu``) and
-    the filter-gradient mode (``kernels/cpu_conv``) in use now. Part of :func:`make_trainer`'s cache key."""
-    return xla_cpu.get_mode(), cpu_conv.get_mode()
+                                      group))
 
 
 def clear_trainer_cache() -> None:
@@ -133,7 +125,6 @@ def clear_trainer_cache() -> None:
 
 @functools.lru_cache(maxsize=64)
 def _build_trainer(key: _TrainerKey) -> Trainer:
-    # key.modes is only part of the cache key: make_train_step reads the modes in use itself
     optim_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in key.optim_items}
     spec, group = key.spec, key.group
     student = build_model(spec, bn_axis_name="data")
@@ -145,7 +136,8 @@ def _build_trainer(key: _TrainerKey) -> Trainer:
     step = make_train_step(key.mesh, student, teacher, key.recipe, tx, key.step_cfg, grouped=group is not None,
                            shared_teacher=group.shared_teacher if group is not None else True,
                            group_impl=group.impl if group is not None else "auto")
-    return Trainer(tx, schedule, step, make_predict(key.mesh, build_model(spec), key.step_cfg.mean, key.step_cfg.std))
+    return Trainer(tx, schedule, step, make_predict(key.mesh, build_model(spec), key.step_cfg.mean, key.step_cfg.std,
+                                                        cpu_fusion=key.step_cfg.cpu_fusion))
 
 
 class SoloProgram:

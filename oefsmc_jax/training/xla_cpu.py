@@ -3,7 +3,8 @@
 On a CPU, XLA can hand whole operations to the YNNPACK library instead of its own emitters
 (``xla_cpu_experimental_ynn_fusion_type``). The package passes that option per function, through
 ``jax.jit(..., compiler_options=...)``, never through a global ``XLA_FLAGS``, so other JAX code in the same process
-is not affected. Modes (``config.cpu_fusion``, or ``$OEFSMC_CPU_FUSION`` before the config is read):
+is not affected. Modes (``config.cpu_fusion``; when it is empty, ``$OEFSMC_CPU_FUSION``, else ``exact``, resolved once
+by :func:`resolve_mode` where the config is read):
 
 * ``exact`` (default): dots, convolutions, element-wise ops and reductions each as one YNNPACK call: a faster
   CPU train step with the same gradients (``benchmarks/README.md`` has the figures and the equivalence check).
@@ -13,7 +14,8 @@ is not affected. Modes (``config.cpu_fusion``, or ``$OEFSMC_CPU_FUSION`` before 
 
 The option is used only where the platform is ``cpu`` and the installed jaxlib accepts it (probed once per
 process by compiling a one-line function); elsewhere :func:`compiler_options` returns ``None`` and ``jax.jit``
-behaves as it always did.
+behaves as it always did. There is no process-wide mode: whoever builds a jitted function passes the mode to
+:func:`compiler_options` (the train step reads it from its ``StepConfig``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ MODES: dict[str, tuple[str, ...]] = {
     "off": (),
 }
 ENV = "OEFSMC_CPU_FUSION"
-_mode: str | None = None
+#: the mode when neither the config nor ``$OEFSMC_CPU_FUSION`` names one
+DEFAULT = "exact"
 
 
 def check_mode(mode: str, field: str = "config.cpu_fusion") -> str:
@@ -46,21 +49,12 @@ def check_mode(mode: str, field: str = "config.cpu_fusion") -> str:
     return m
 
 
-def set_mode(mode: str | None) -> str:
-    """Set the process-wide mode ('' or None: ``$OEFSMC_CPU_FUSION``, else ``exact``); returns the mode in use.
-
-    Functions compiled afterwards use it; already compiled ones keep theirs."""
-    global _mode
+def resolve_mode(mode: str | None, field: str = "config.cpu_fusion") -> str:
+    """The mode a config value stands for: ``mode`` checked, or ('' or None) ``$OEFSMC_CPU_FUSION``, else
+    :data:`DEFAULT`. A bad value is a ConfigError naming ``field`` (or the variable)."""
     if mode:
-        _mode = check_mode(mode)
-    else:
-        _mode = check_mode(os.environ.get(ENV) or "exact", field=f"${ENV}")
-    return _mode
-
-
-def get_mode() -> str:
-    """The mode in use (``exact`` unless :func:`set_mode` or ``$OEFSMC_CPU_FUSION`` said otherwise)."""
-    return _mode if _mode is not None else set_mode(None)
+        return check_mode(mode, field)
+    return check_mode(os.environ.get(ENV) or DEFAULT, field=f"${ENV}")
 
 
 def option_value(mode: str) -> str:
@@ -83,11 +77,11 @@ def supported(value: str) -> bool:
     return True
 
 
-def compiler_options(platform: str | None = None, mode: str | None = None) -> dict[str, str] | None:
-    """``compiler_options`` for ``jax.jit`` of a function that runs on ``platform`` (default: JAX's default
-    backend) under ``mode`` (default: :func:`get_mode`): the YNNPACK option on a CPU that supports it, else None."""
+def compiler_options(platform: str | None, mode: str) -> dict[str, str] | None:
+    """``compiler_options`` for ``jax.jit`` of a function that runs on ``platform`` (None: JAX's default backend)
+    under ``mode`` (one of :data:`MODES`): the YNNPACK option on a CPU that supports it, else None."""
     platform = platform or jax.default_backend()
-    mode = check_mode(mode) if mode else get_mode()
+    mode = check_mode(mode)
     if platform != "cpu" or not MODES[mode]:
         return None
     value = option_value(mode)
@@ -99,10 +93,11 @@ def mesh_platform(mesh: jax.sharding.Mesh) -> str:
     return mesh.devices.flat[0].platform
 
 
-def describe(platform: str | None = None) -> str:
-    """One phrase for logs: ``cpu fusion exact (YNNPACK dot, conv, eltwise, reduce)`` or why it is off."""
+def describe(platform: str | None, mode: str) -> str:
+    """One phrase for logs about ``mode`` on ``platform`` (None: JAX's default backend): ``cpu fusion exact
+    (YNNPACK dot, conv, eltwise, reduce)`` or why it is off."""
     platform = platform or jax.default_backend()
-    mode = get_mode()
+    mode = check_mode(mode)
     if platform != "cpu":
         return f"cpu fusion n/a on {platform}"
     if not MODES[mode]:
