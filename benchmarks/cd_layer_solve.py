@@ -4,8 +4,8 @@ Prints ms per Adam step of ``oefsmc_jax.methods.cd_solver.cd_solve_layer`` for t
 (stages 1-3, 128 calibration images), both gradients side by side in one run, and their ratio. The Gram is built
 once per layer and is included in the gram figure (amortised over ``--iters`` steps).
 
-    python benchmarks/cd_layer_solve.py              # ~1 minute on a 2-core CPU
-    python benchmarks/cd_layer_solve.py --iters 300 --rounds 3
+    python -m benchmarks.cd_layer_solve              # ~1 minute on a 2-core CPU
+    python -m benchmarks.cd_layer_solve --iters 300 --rounds 3
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ teacher, in one run on one device.
   compiled ahead, ``--warmup`` untimed passes, then ``--repeats`` passes alternating teacher and student (the
   order flips every repeat) so both see the same load.
 
-    python benchmarks/compressed_latency.py                      # ~1 minute on a 2-core CPU
-    python benchmarks/compressed_latency.py --drop-blocks 6 --prune-ratio 0.3
-    python benchmarks/compressed_latency.py --student OUT        # an exported student
+    python -m benchmarks.compressed_latency                      # ~1 minute on a 2-core CPU
+    python -m benchmarks.compressed_latency --drop-blocks 6 --prune-ratio 0.3
+    python -m benchmarks.compressed_latency --student OUT        # an exported student
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ timed as the median of ``--reps`` calls; PyTorch runs ``F.conv2d``, ``torch.nn.g
 ``conv2d_weight`` on channels-last tensors. The table gives milliseconds per step (time per call x count) and the
 sum per column, the figure to hold against the whole step's time from ``step_throughput.py``.
 
-    python benchmarks/conv_profile.py                 # about 2 minutes on 2 cores
-    python benchmarks/conv_profile.py --modes exact,off,fast --reps 5
+    python -m benchmarks.conv_profile                 # about 2 minutes on 2 cores
+    python -m benchmarks.conv_profile --modes exact,off,fast --reps 5
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ except ImportError:  # pragma: no cover - the message is the point
     sys.exit("this benchmark needs PyTorch: pip install -r benchmarks/requirements.txt")
 
 
-from step_throughput import split_variant  # noqa: E402  (this folder: the same FUSION[+kernel] variants)
-
+from benchmarks.step_throughput import split_variant  # noqa: E402  (this folder: the same FUSION[+kernel] variants)
 from oefsmc_jax.kernels import cpu_conv  # noqa: E402
 from oefsmc_jax.training import xla_cpu  # noqa: E402
 

@@ -12,8 +12,8 @@ known (``--peak-tflops``). The one-run step is the grouped step with R = 1 and, 
 ``train.make_trainer`` (the one a run outside a group uses). Rounds alternate between all Rs, so a slow phase of a
 shared host hits them all; medians over rounds are reported. Needs no PyTorch.
 
-    python benchmarks/grid_throughput.py                       # R = 1 2 4 8 16 32, about 10 minutes on 2 cores
-    python benchmarks/grid_throughput.py --runs 1 2 4 --steps 3 --depth 20
+    python -m benchmarks.grid_throughput                       # R = 1 2 4 8 16 32, about 10 minutes on 2 cores
+    python -m benchmarks.grid_throughput --runs 1 2 4 --steps 3 --depth 20
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from workload import Workload, make_host_data, make_teacher_and_student  # noqa: E402
 
+from benchmarks.workload import Workload, make_host_data, make_teacher_and_student  # noqa: E402
 from oefsmc_jax.kernels import cpu_conv  # noqa: E402
 from oefsmc_jax.methods import KD  # noqa: E402
 from oefsmc_jax.models import build_model, count_flops, mask_multipliers  # noqa: E402

@@ -18,8 +18,8 @@ few-sample ID set and a ResNet student and teacher, and trains ``--steps`` OE-FS
 It prints, per run: the peak resident host memory of the process (``VmHWM``), the bytes of live JAX arrays at
 the end (on a GPU also the device's ``peak_bytes_in_use``), and the median step time. Needs no PyTorch.
 
-    python benchmarks/ood_scaling.py                                  # 32x32: 10k, 100k, 1M; 224x224: 10k, 100k, 1M
-    python benchmarks/ood_scaling.py --sizes 10000 100000 --res 32 --modes host,device
+    python -m benchmarks.ood_scaling                                  # 32x32: 10k, 100k, 1M; 224x224: 10k, 100k, 1M
+    python -m benchmarks.ood_scaling --sizes 10000 100000 --res 32 --modes host,device
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ JAX runs exactly :func:`oefsmc_jax.training.step.make_train_step` on a mesh of `
 are timed in the same process, alternately, after warm-up; the median images/s over the rounds is reported
 with the ratio JAX/PyTorch.
 
-Run ``python benchmarks/step_throughput.py --help``; needs ``torch`` (see benchmarks/requirements.txt). The
+Run ``python -m benchmarks.step_throughput --help``; needs ``torch`` (see benchmarks/requirements.txt). The
 package and its tests never import torch.
 """
 
@@ -47,8 +47,7 @@ except ImportError:  # pragma: no cover - the message is the point
     sys.exit("this benchmark needs PyTorch: pip install -r benchmarks/requirements.txt")
 
 
-from workload import NUM_CLASSES, Workload, make_host_data, make_teacher_and_student  # noqa: E402
-
+from benchmarks.workload import NUM_CLASSES, Workload, make_host_data, make_teacher_and_student  # noqa: E402
 from oefsmc_jax import losses
 from oefsmc_jax.kernels import cpu_conv  # noqa: E402
 from oefsmc_jax.methods import KD  # noqa: E402

@@ -51,7 +51,7 @@ case "$verb" in
   throughput)
     prelude
     if [ "$SMOKE" = 1 ]; then args=(--runs 1 2 --steps 1 --rounds 1); else args=(--runs 1 2 4 8 16 32 --steps 20 --rounds 3); fi
-    python3 benchmarks/grid_throughput.py --impl vmap "${args[@]}" 2>&1 | tee "$OUT/grid_throughput.txt"
+    python3 -m benchmarks.grid_throughput --impl vmap "${args[@]}" 2>&1 | tee "$OUT/grid_throughput.txt"
     ;;
   long)
     n=${2:?usage: gpu_check.sh long 10|50}
