@@ -1,4 +1,4 @@
-"""Deconfounding the teacher-guided OOD selection (issue 9): one change per arm, the same subsets and pool.
+"""Deconfounding the teacher-guided OOD selection: one change per arm, the same subsets and pool.
 
 The teacher-complement arm differs from the paper's arm in three things at once: it gets about 2.5x as many OOD
 images, R is off, and it is early-stopped less often. This grid separates them, KD on long-tailed sets (rho = 10,

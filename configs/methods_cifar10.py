@@ -1,4 +1,4 @@
-"""MiR, PRACTISE, FSKD and Cross Distillation, each with and without OE-FSMC, on real CIFAR-10 (issue 8, part 4).
+"""MiR, PRACTISE, FSKD and Cross Distillation, each with and without OE-FSMC, on real CIFAR-10.
 
 One group ``methods``: the four methods x 10 and 50 per class x balanced / long-tailed (rho = 10, equal totals) x
 ``seeds`` seeds, ResNet-20 teacher. Long-tailed cells run the arms base, oe (the paper: random OOD images with
@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     budgets = [int(n) for n in a["budgets"].split("+") if n]
     c = paper_cifar10.get_config(f"steps={a['steps']},batch={a['batch']},seeds=1,runlocal={int(a['runlocal'])}")
     b = c.base
-    b.oe.selection_factor = 2.5  # c of the committed rows (default 1.0 since issue 9)
+    b.oe.selection_factor = 2.5  # c of the committed rows (the default is 1.0 now)
     b.oe.lambda_jd = 0.3  # the default chosen by the validation sweep of paper_cifar10
     # eta 0.1, BN joint, 1/count calibration weights, CD and FSKD as committed: pinned by
     # paper_cifar10.pin_committed_settings, so that the committed records reproduce

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The prepared check for one lent NVIDIA GPU (issue 9, item 5: the 2,000-step key comparison; issue 11: the grouped
-# step's throughput), as one script with three verbs.
+# The prepared check for one lent NVIDIA GPU (the 2,000-step key comparison and the grouped step's throughput), as
+# one script with three verbs.
 #
 #   bash launch/gpu_check.sh stage          # HERE: copy what must travel into .gpudata/ (data, 48 MB) and .whl/
 #                                            # (ml_collections, the one package the GPU image lacks); both git-ignored

@@ -142,7 +142,7 @@ def test_cli_reports_bad_input_in_one_line(args, expected, tmp_path):
 
 def test_ood_pools_class_disjoint_and_textures(shared_data):
     """The class-disjoint control drops the 30 Tiny-ImageNet classes that are CIFAR-10 classes in meaning; DTD-10
-    has no class overlap at all (issue 9, item 2)."""
+    has no class overlap at all."""
     from oefsmc_jax.data import load_source
 
     overlap = json.loads((shared_data / "tinyimagenet_cifar10_overlap.json").read_text())["all_indices"]

@@ -106,7 +106,7 @@ def test_calibration_set_with_and_without_oe(tiny_data):
 
 
 def test_calibration_set_takes_the_selected_ood_images_with_their_teacher_classes(tiny_data):
-    """Teacher-guided arms (issue 4): the compression stage sees the chosen images, labelled by the chosen class."""
+    """Teacher-guided arms: the compression stage sees the chosen images, labelled by the chosen class."""
     gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(tiny_data.counts), alpha=0.2))
     chosen = tiny_data.ood.take(np.array([7, 3, 11]))
     cal = calibration_set(_cfg(), tiny_data, True, gamma, chosen, np.array([2, 2, 1]))
