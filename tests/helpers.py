@@ -27,3 +27,22 @@ def module_at(path: pathlib.Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def in_fresh_process(nodeid: str) -> bool:
+    """For a test that must not share its process with the tests before it: False in the child (run the body
+    there), True in the parent after the same test passed in a fresh ``pytest`` process. The ImageNet-layout
+    end-to-end run compiles XLA programs that have crashed (SIGSEGV inside XLA:CPU) only late in a long test
+    process, never alone; a fresh process keeps that crash, if it comes, to this test's own failure."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("OEFSMC_TEST_CHILD") == nodeid:
+        return False
+    env = {**os.environ, "OEFSMC_TEST_CHILD": nodeid}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "--durations=0", nodeid], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, f"{nodeid} in a fresh process (exit {out.returncode}):\n{out.stdout[-3000:]}" \
+                                f"\n{out.stderr[-3000:]}"
+    return True

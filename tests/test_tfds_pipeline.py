@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import config
+from helpers import config, in_fresh_process
 
 from oefsmc_jax.models import imagenet_resnet_spec
 from oefsmc_jax.pipeline import init_variables, run
@@ -101,9 +101,11 @@ def _no_download(monkeypatch):
     monkeypatch.setenv("TFDS_DATA_DIR", "/nonexistent-tfds-dir")
 
 
-def test_imagenet_resnet34_data_dependent_method_end_to_end_on_mock_data(tmp_path):
+def test_imagenet_resnet34_data_dependent_method_end_to_end_on_mock_data(tmp_path, request):
     """A data-dependent compression (FSKD: least squares on the calibration set, OOD images included with OE) on an
     ImageNet ResNet-34 layout, through the tfds config on mock data; FSKD does not fine-tune."""
+    if in_fresh_process(request.node.nodeid):
+        return
     spec = imagenet_resnet_spec(34, 1000, widths=(4, 4, 8, 8), stem_width=4)
     save_model(tmp_path / "teacher", spec, init_variables(spec, 32, 0))
     c = shrink_for_test(imagenet.get_config(f"runlocal=1,per_class=1,rho=1,method=fskd,oe=both,"
