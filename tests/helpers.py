@@ -31,9 +31,9 @@ def module_at(path: pathlib.Path) -> ModuleType:
 
 def in_fresh_process(nodeid: str) -> bool:
     """For a test that must not share its process with the tests before it: False in the child (run the body
-    there), True in the parent after the same test passed in a fresh ``pytest`` process. The ImageNet-layout
-    end-to-end run compiles XLA programs that have crashed (SIGSEGV inside XLA:CPU) only late in a long test
-    process, never alone; a fresh process keeps that crash, if it comes, to this test's own failure."""
+    there), True in the parent after the same test passed in a fresh ``pytest`` process. XLA:CPU has crashed
+    (SIGSEGV) inside the ImageNet-layout end-to-end run, but only late in a long test process and never alone; a
+    fresh process keeps such a crash, if it comes, to this test's own failure."""
     import os
     import subprocess
     import sys
