@@ -63,8 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.title = "few-sample compression"  # the heading of report.md
     c.seed = 0  # seeds the subsets, the OOD draw, initialisation and the step keys
     c.num_devices = 0  # 0 = all visible devices
-    c.compile_cache = ""  # persistent XLA cache: a folder; "off"; "" = $OEFSMC_COMPILE_CACHE, else
-    # ~/.cache/oefsmc_jax/xla on a GPU/TPU and off on the CPU
+    c.compile_cache = ""  # persistent XLA cache: "" = $OEFSMC_COMPILE_CACHE or ~/.cache/oefsmc_jax/xla; "off"
     c.cpu_fusion = ""  # XLA:CPU YNNPACK fusion (training/xla_cpu.py): "" = $OEFSMC_CPU_FUSION or exact; fast
     # (changes the gradients: opt-in only); off (XLA's own emitters). Ignored off the CPU
     c.cpu_wgrad = ""  # 3x3 filter gradients on a CPU (kernels/cpu_conv.py): "" = $OEFSMC_CPU_WGRAD or xla; kernel

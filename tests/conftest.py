@@ -8,9 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the command-line runs the tests start print exactly what they print without the allocator's re-exec line;
 # tests/test_allocator.py sets it where it tests the re-exec
 os.environ.setdefault("OEFSMC_TCMALLOC", "0")
-# no persistent compilation cache in the tests or the command-line runs they start (the CPU default, stated here so a
-# user's $OEFSMC_COMPILE_CACHE does not reach them): jaxlib's CPU executable serialisation has crashed long test
-# sessions; tests/test_compile_cache.py names its own folder
+# no persistent compilation cache in the tests or the command-line runs they start: no test reads executables that
+# another test, session or checkout wrote, and a user's $OEFSMC_COMPILE_CACHE does not reach them
+# (tests/test_compile_cache.py names its own folder)
 os.environ["OEFSMC_COMPILE_CACHE"] = "off"
 
 import pytest  # noqa: E402

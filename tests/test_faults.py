@@ -40,8 +40,7 @@ FAST = {**tiny_demo.OVERRIDES, "train.steps": 40, "train.ckpt_every": 10, "train
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A saved random teacher (so no trial trains one); no persistent compilation cache (a crash in jaxlib's CPU
-    cache would read as a failed trial)."""
+    """A saved random teacher (so no trial trains one); no persistent compilation cache (as in every test)."""
     root = tmp_path_factory.mktemp("faults")
     spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
     save_model(root / "teacher", spec, init_variables(spec, 8, 0))

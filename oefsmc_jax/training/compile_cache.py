@@ -1,11 +1,8 @@
 """Compiles paid once: JAX's persistent compilation cache, and what each compile cost.
 
 :func:`enable` points JAX's persistent cache at a directory (``config.compile_cache``, or ``$OEFSMC_COMPILE_CACHE``,
-else ``~/.cache/oefsmc_jax/xla`` on a GPU or TPU; ``off`` disables it), so a second run, a resumed grid or the next
-cell of the same shapes loads its executables instead of compiling them. On the CPU the cache is off unless a
-directory is named: jaxlib's CPU executable (de)serialisation has crashed long processes with a segmentation fault
-while reading or writing an entry, and a crash costs more than the compiles the cache saves there.
-:class:`CompileClock` reads JAX's monitoring events:
+default ``~/.cache/oefsmc_jax/xla``; ``off`` disables it), so a second run, a resumed grid or the next cell of the
+same shapes loads its executables instead of compiling them. :class:`CompileClock` reads JAX's monitoring events:
 seconds spent tracing/lowering/compiling and persistent-cache hits and misses since it was started, which the train
 loop prints for its step function.
 """
@@ -50,14 +47,11 @@ def _register() -> None:
     monitoring.register_event_listener(_on_event)
 
 
-def default_dir(platform: str | None = None) -> str:
-    """``$OEFSMC_COMPILE_CACHE``; else ``off`` on the CPU and ``$XDG_CACHE_HOME/oefsmc_jax/xla``
-    (``~/.cache/oefsmc_jax/xla``) on an accelerator. ``platform`` defaults to JAX's default backend."""
+def default_dir() -> str:
+    """``$OEFSMC_COMPILE_CACHE`` or ``$XDG_CACHE_HOME/oefsmc_jax/xla`` (``~/.cache/oefsmc_jax/xla``)."""
     env = os.environ.get("OEFSMC_COMPILE_CACHE")
     if env:
         return env
-    if (platform or jax.default_backend()) == "cpu":
-        return "off"
     base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
     return str(pathlib.Path(base) / "oefsmc_jax" / "xla")
 
