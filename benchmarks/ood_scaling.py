@@ -10,7 +10,7 @@ few-sample ID set and a ResNet student and teacher, and trains ``--steps`` OE-FS
 * ``device``: the whole pool replicated on every device, the step drawing from it (the package's default for pools
   under ``train.device_pool_mb``).
 
-* ``pipeline``: the command line's path before training (``pipeline.prepare_data`` with the pool as an
+* ``pipeline``: the command line's path before training (``data.prepare.prepare_data`` with the pool as an
   uncompressed ``.npz``, the real CIFAR-10 few-sample set of ``../shared/data``, then the teacher's pass over the
   candidates and the teacher-complement selection, ``--rule``): the pool stays on disk, memory-mapped, and is read
   in chunks (32x32 only: the npz is written in full, no sparse file).
@@ -95,9 +95,11 @@ def worker_pipeline(args: argparse.Namespace) -> dict:
     cifar10 = sibling(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
                                    "cifar10.py"), "cifar10")
 
+    from oefsmc_jax.data.prepare import prepare_data
     from oefsmc_jax.models import build_model, cifar_resnet_spec
+    from oefsmc_jax.oe.arms import data_needs
     from oefsmc_jax.oe.selection import select
-    from oefsmc_jax.pipeline import prepare_data, teacher_pool_probs
+    from oefsmc_jax.teacher import teacher_pool_probs
     from oefsmc_jax.training.parallel import make_mesh
 
     c = cifar10.get_config("method=kd,per_class=10,rho=10")
@@ -107,7 +109,7 @@ def worker_pipeline(args: argparse.Namespace) -> dict:
     t_vars = jax.device_get(build_model(spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        data = prepare_data(c, pathlib.Path(tmp))
+        data = prepare_data(c, pathlib.Path(tmp), data_needs(c))
         t1 = time.perf_counter()
         ood = data.ood
         if args.rule != "random":

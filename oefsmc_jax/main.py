@@ -135,7 +135,7 @@ class Subcommand(NamedTuple):
 def _run_command(args: argparse.Namespace) -> int:
     """Validate the config, then run every arm and write the report."""
     cli_util.init_absl()
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
 
     if args.multihost:
         from oefsmc_jax.training.distributed import initialize
@@ -250,7 +250,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "experiments": Subcommand(
         "run (or resume) a grid of runs in this process, then summarise it with paired intervals and plots",
         "Run (or resume) a grid of runs: every cell (method x architecture x budget x profile x seed, with its arms) "
-        "runs the full pipeline in DIR/cells/ID and appends one record per arm (metrics, git commit, versions, "
+        "runs one full run in DIR/cells/ID and appends one record per arm (metrics, git commit, versions, "
         "device, portable config) to DIR/results.jsonl; finished cells are skipped, so a stopped grid resumes. Then "
         "DIR/summary gets tables with paired differences and 95 % intervals over seeds, and plots. `summarize` only "
         "rewrites the summary. (`python -m oefsmc_jax.experiments ...` is the same.)",

@@ -33,7 +33,7 @@ OPTIM = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "sche
 def traces(monkeypatch):
     """Every train step and eval forward built during the test is wrapped in ``chex.assert_max_traces(n=1)`` (and
     counted); the trainer caches are emptied before and after, so no step built here outlives the test."""
-    from oefsmc_jax import pipeline
+    from oefsmc_jax.training import from_config
 
     count = collections.Counter()
 
@@ -49,7 +49,7 @@ def traces(monkeypatch):
     def clear():
         chex.clear_trace_counter()
         train_mod.clear_trainer_cache()
-        pipeline.predict_fn.cache_clear()
+        from_config.predict_fn.cache_clear()
 
     clear()
     monkeypatch.setattr(step_mod, "trace_check", check)
@@ -71,8 +71,8 @@ def _arm_data(rng, counts, mesh):
 def test_seeds_and_arms_of_one_shape_trace_the_step_and_eval_forward_once(traces, tmp_path):
     """Three seeds x two arms (few-sample sets with different class counts, their own OOD images and complementary
     distributions; the same shapes) through the training loop with early-stopping evaluations, then the
-    pipeline's eval forward on a test split: one trace of each."""
-    from oefsmc_jax.pipeline import predict_fn
+    run's eval forward on a test split: one trace of each."""
+    from oefsmc_jax.training.from_config import predict_fn
 
     t_spec = cifar_resnet_spec(8, K, widths=(4, 8, 8))
     t_vars = jax.device_get(build_model(t_spec).init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),

@@ -93,7 +93,8 @@ def test_missing_data_file_is_named(tmp_path):
 def test_overlapping_ood_and_id_images_are_refused(tmp_path):
     """Different source configs, but the OOD file holds images of the ID set: refused before training."""
     from oefsmc_jax.data import DataOverlapError, load_source
-    from oefsmc_jax.pipeline import prepare_data
+    from oefsmc_jax.data.prepare import prepare_data
+    from oefsmc_jax.oe.arms import data_needs
 
     c = demo.get_config("per_class=3")
     train = load_source(c.data.id)
@@ -107,7 +108,7 @@ def test_overlapping_ood_and_id_images_are_refused(tmp_path):
     validate(c, num_devices=1)
     with pytest.raises(DataOverlapError, match="the OOD images overlap the in-distribution few-sample set: "
                                                r"\d+ identical images"):
-        prepare_data(c, tmp_path)
+        prepare_data(c, tmp_path, data_needs(c))
 
 
 # each case starts a process; the quick tier keeps one per kind of failure (a field, the config argument, an override)

@@ -269,7 +269,7 @@ def test_imagenet_config_runs_with_imported_teacher(tmp_path):
 
     from oefsmc_jax.config_validation import validate
     from oefsmc_jax.errors import ConfigError
-    from oefsmc_jax.pipeline import get_teacher
+    from oefsmc_jax.teacher import get_teacher
 
     src, out = tmp_path / "resnet18.safetensors", tmp_path / "r18"
     write_safetensors(src, gen.state_dict(18, num_classes=1000))

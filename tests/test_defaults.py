@@ -46,7 +46,7 @@ def test_demo_argument_picks_an_architecture_practise_can_compress():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_with_its_defaults(method, tmp_path):
     """In-process: the methods share the compiled teacher and fine-tuning steps of one process."""
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
 
     res = run(_demo(method, FAST), tmp_path / "w")
     assert set(res["arms"]) == {"base", "oe"}

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from helpers import config
 
+from oefsmc_jax.data.prepare import prepare_data
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.evaluation import paired_difference
 from oefsmc_jax.experiments import cell_config, expand, read_results, run_grid, summarize
 from oefsmc_jax.experiments.summarize import paired_table
 from oefsmc_jax.methods import BP, KD
-from oefsmc_jax.models import cifar_resnet_spec
-from oefsmc_jax.oe.arms import ARMS, class_balanced_probs
-from oefsmc_jax.pipeline import init_variables, prepare_data
+from oefsmc_jax.models import cifar_resnet_spec, init_variables
+from oefsmc_jax.oe.arms import ARMS, class_balanced_probs, data_needs
 from oefsmc_jax.training.checkpoint import load_model, save_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def test_validation_split_is_balanced_and_disjoint_from_the_few_samples(tmp_path
     c = demo.get_config("per_class=5,oe=0")
     c.eval.split = "val"
     c.eval.val_per_class = 20
-    data = prepare_data(c, tmp_path)
+    data = prepare_data(c, tmp_path, data_needs(c))
     assert np.bincount(data.test.y, minlength=10).tolist() == [20] * 10
     assert data.test.name.endswith("[val]")
     train_ids = {bytes(x) for x in data.train.x}

@@ -156,7 +156,7 @@ def test_latency_cost_and_flop_counts(run_dir):
 @pytest.mark.slow
 def test_save_model_replaces_a_model_left_by_a_killed_run(tmp_path):
     """A run killed after saving its student but before writing its result saves the student again on resume."""
-    from oefsmc_jax.pipeline import init_variables
+    from oefsmc_jax.models import init_variables
 
     spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
     a = init_variables(spec, 8, 0)

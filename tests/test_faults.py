@@ -24,8 +24,7 @@ import pytest
 import tiny_demo
 from helpers import config_import
 
-from oefsmc_jax.models import cifar_resnet_spec
-from oefsmc_jax.pipeline import init_variables
+from oefsmc_jax.models import cifar_resnet_spec, init_variables
 from oefsmc_jax.training.checkpoint import load_model, save_model
 
 pytestmark = pytest.mark.slow

@@ -106,7 +106,7 @@ def test_pipeline_streams_when_the_pool_exceeds_the_device_budget(tmp_path, capf
 
     from oefsmc_jax.config_validation import validate
     from oefsmc_jax.errors import ConfigError
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
 
     small = {**tiny_demo.OVERRIDES, "teacher.steps": 10, "train.steps": 6, "train.log_every": 3, "oe.eval_every": 3,
              "arms": "oe"}

@@ -17,12 +17,12 @@ from oefsmc_jax.models import (
     build_model,
     cifar_resnet_spec,
     imagenet_resnet_spec,
+    init_variables,
     l1_prune,
     shrink,
     vgg16_spec,
     vgg_spec,
 )
-from oefsmc_jax.pipeline import init_variables
 
 K, SIZE = 10, 8
 SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from oefsmc_jax import cell
 from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.methods import KD
 from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune
 from oefsmc_jax.oe import complementary
-from oefsmc_jax.training import cell, preemption
+from oefsmc_jax.training import preemption
 from oefsmc_jax.training.loop import finetune, finetune_group, finetune_one
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.scheduler import GroupScheduler
@@ -180,22 +181,22 @@ def test_scheduler_groups_runs_of_equal_shapes(parts, tmp_path):
 
 
 def test_a_cell_names_its_lines_and_hands_its_runs_to_its_scheduler(parts, tmp_path, capsys):
-    """Inside a cell (``training/cell``, what ``GroupScheduler.run`` enters in each cell's thread) the pipeline's
+    """Inside a cell (``oefsmc_jax/cell``, what ``GroupScheduler.run`` enters in each cell's thread) progress
     lines carry the cell's name and ``finetune`` hands the run, named ``{cell}/{run}``, to the cell's scheduler;
     outside it, and in threads the cell did not enter, neither happens."""
     import threading
 
-    from oefsmc_jax import pipeline
+    from oefsmc_jax import progress
 
     job = _jobs(parts, 1, tmp_path)[0]
     submitted, seen = [], []
     with cell.entered(cell.Cell("c1", lambda j: submitted.append(j) or "trained")):
-        pipeline.log("hello")
+        progress.log("hello")
         assert finetune(job) == "trained"
         other = threading.Thread(target=lambda: seen.append(cell.current()))
         other.start()
         other.join()
-    pipeline.log("bye")
+    progress.log("bye")
     assert capsys.readouterr().err == "[c1] hello\nbye\n"
     assert [j.name for j in submitted] == ["c1/run0"] and job.name == "run0"
     assert seen == [None] and cell.current() is None

@@ -23,11 +23,14 @@ PACKAGE = "oefsmc_jax"
 LAYERS = [
     # the models take the convolution they call as an argument (build_model(spec, conv_general_dilated=...)): the
     # trainer injects a kernel's, the models never import one
-    ("oefsmc_jax.models", ("oefsmc_jax.training", "oefsmc_jax.methods", "oefsmc_jax.pipeline", "oefsmc_jax.main",
+    ("oefsmc_jax.models", ("oefsmc_jax.training", "oefsmc_jax.methods", "oefsmc_jax.run", "oefsmc_jax.main",
                            "oefsmc_jax.experiments", "oefsmc_jax.kernels")),
-    ("oefsmc_jax.training", ("oefsmc_jax.methods", "oefsmc_jax.pipeline", "oefsmc_jax.main",
+    ("oefsmc_jax.training", ("oefsmc_jax.methods", "oefsmc_jax.run", "oefsmc_jax.main",
                              "oefsmc_jax.experiments")),
-    ("oefsmc_jax.convert", ("oefsmc_jax.main", "oefsmc_jax.cli_util", "oefsmc_jax.pipeline")),
+    # a run's data is drawn and checked without the method, OE-FSMC or training code that uses it
+    ("oefsmc_jax.data", ("oefsmc_jax.training", "oefsmc_jax.methods", "oefsmc_jax.oe", "oefsmc_jax.run",
+                         "oefsmc_jax.teacher", "oefsmc_jax.main", "oefsmc_jax.experiments")),
+    ("oefsmc_jax.convert", ("oefsmc_jax.main", "oefsmc_jax.cli_util", "oefsmc_jax.run")),
 ]
 
 
@@ -132,7 +135,7 @@ def _under(mod: str, prefix: str) -> bool:
 def test_the_graph_sees_imports_at_every_depth():
     graph = _graph()
     assert "oefsmc_jax.training.recipe" in graph["oefsmc_jax.training.step"]  # a top-level import
-    assert "oefsmc_jax.pipeline" in graph["oefsmc_jax.main"]  # an import inside a function
+    assert "oefsmc_jax.run" in graph["oefsmc_jax.main"]  # an import inside a function
     assert "oefsmc_jax.models" in graph["oefsmc_jax.convert.layout"]  # the package of ``from oefsmc_jax.models``
     assert "oefsmc_jax.main" not in graph["oefsmc_jax.convert.akamaster"]  # only its script block imports main
 

@@ -8,15 +8,15 @@ import pytest
 
 from oefsmc_jax.config_defaults import base_config
 from oefsmc_jax.data import ImageSet
+from oefsmc_jax.data.prepare import RunData
 from oefsmc_jax.errors import ConfigError
-from oefsmc_jax.methods import CD, FSKD, METHODS, PRACTISE, CompressionContext, MiR, build_method, resolve_oe
+from oefsmc_jax.methods import CD, FSKD, METHODS, PRACTISE, CompressionContext, Method, MiR, build_method, resolve_oe
 from oefsmc_jax.methods.cd import CDParams, layer_rows
 from oefsmc_jax.methods.fskd_solver import fold_corrections
-from oefsmc_jax.models import build_model, cifar_resnet_spec, shrink
+from oefsmc_jax.models import build_model, cifar_resnet_spec, init_variables, shrink
 from oefsmc_jax.oe import complementary
-from oefsmc_jax.oe.arms import ARMS
-from oefsmc_jax.oe.calibration import Calibration
-from oefsmc_jax.pipeline import RunData, calibration_set, init_variables
+from oefsmc_jax.oe.arms import ARMS, ArmOOD
+from oefsmc_jax.oe.calibration import Calibration, arm_calibration
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepData, init_state
 from oefsmc_jax.training.train import make_trainer
@@ -135,6 +135,11 @@ def test_r_on_arm_with_r_off_method_is_refused():
         validate(c, num_devices=1)
 
 
+def calibration_set(config, data, oe_on, gamma):
+    """The calibration set the run builds for an arm of the base method under ``config`` (its share setting)."""
+    return arm_calibration(config, data, oe_on, gamma, ood_share=resolve_oe(config, Method).calibration_ood_share)
+
+
 @pytest.mark.parametrize("share", [0.25, 0.5, 0.1])
 def test_ood_share_bounds_the_weight_of_the_ood_rows(tiny_data, share):
     gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(tiny_data.counts)))
@@ -172,18 +177,26 @@ def test_cd_layer_solve_uses_every_id_row_and_keeps_the_ood_share():
 
 
 def test_cd_official_finetuning_reaches_the_loop(teacher, tiny_data, monkeypatch, tmp_path):
-    from oefsmc_jax import pipeline
+    from oefsmc_jax import run as run_mod
 
     seen = {}
-    monkeypatch.setattr(pipeline, "finetune", lambda job: seen.update(vars(job)))
+    monkeypatch.setattr(run_mod, "finetune", lambda job: seen.update(vars(job)))
     c = _config(lambda_jd=1.0, bn_mode="separate")
     c.method.name = "cd"
     cd = build_method(c.method, SPEC)
     assert isinstance(cd, CD) and cd.finetune_steps == 100
     mesh = make_mesh(1)
     gamma = np.full(K, 0.1)
-    pipeline._finetune_arm(c, "base", tmp_path, mesh, tiny_data, cd.recipe(), SPEC, teacher, (SPEC, teacher),
-                           ARMS["base"], gamma, 0.0, None, tiny_data.heldout.y, None, resolve_oe(c, cd))
+
+    def finetune_base(method, heldout_pred):
+        ctx = run_mod.RunContext(c, tmp_path, mesh, tiny_data, method, (SPEC, teacher), tiny_data.test.y,
+                                 heldout_pred, None, {"cpu_fusion": "exact", "cpu_wgrad": "xla"})
+        plan = run_mod.ArmPlan("base", ARMS["base"], resolve_oe(c, cd), ArmOOD(tiny_data.ood), gamma, 0.0,
+                               method.recipe())
+        run_mod.finetune_arm(ctx, plan, SPEC, teacher)
+
+    c.oe.early_stopping_arms = "all"  # the base arm could stop early: the official schedule still does not
+    finetune_base(cd, tiny_data.heldout.y)
     cfg, loop, opt = seen["step_cfg"], seen["loop"], seen["optim_cfg"]
     assert (loop.steps, loop.eval_every) == (100, 0)
     assert (cfg.batch_id, cfg.batch_ood, cfg.pad, cfg.flip) == (len(tiny_data.train), 0, 0, False)
@@ -191,8 +204,7 @@ def test_cd_official_finetuning_reaches_the_loop(teacher, tiny_data, monkeypatch
     assert (opt["lr"], opt["weight_decay"], opt["momentum"], opt["schedule"], tuple(opt["decay_at"])) == (
         1e-5, 5e-4, 0.9, "step", (0.5, 0.75))
     c.method.cd.finetune = "ce"  # the project's loop, as the committed grids ran it
-    pipeline._finetune_arm(c, "base", tmp_path, mesh, tiny_data, build_method(c.method, SPEC).recipe(), SPEC,
-                           teacher, (SPEC, teacher), ARMS["base"], gamma, 0.0, None, None, None, resolve_oe(c, cd))
+    finetune_base(build_method(c.method, SPEC), None)
     assert (seen["loop"].steps, seen["step_cfg"].batch_id, seen["optim_cfg"]["lr"]) == (c.train.steps, 8,
                                                                                        c.optim.lr)
 

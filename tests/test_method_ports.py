@@ -9,10 +9,9 @@ import pytest
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.methods import CD, FSKD, KD, CompressionContext, MiR, build_method
 from oefsmc_jax.methods.mir import MIR_RECIPE
-from oefsmc_jax.models import build_model, cifar_resnet_spec, shrink, vgg_spec
+from oefsmc_jax.models import build_model, cifar_resnet_spec, init_variables, shrink, vgg_spec
 from oefsmc_jax.oe.arms import ARMS, check_arms
 from oefsmc_jax.oe.calibration import calibration_set
-from oefsmc_jax.pipeline import init_variables
 from oefsmc_jax.training.loop import finetune
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData

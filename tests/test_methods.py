@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from oefsmc_jax.data import ImageSet
+from oefsmc_jax.data.prepare import RunData
 from oefsmc_jax.evaluation import agreement
 from oefsmc_jax.methods import BP, KD, CompressionContext, build_method
-from oefsmc_jax.models import build_model, cifar_resnet_spec
+from oefsmc_jax.models import build_model, cifar_resnet_spec, init_variables
 from oefsmc_jax.oe import complementary
-from oefsmc_jax.pipeline import RunData, calibration_set, init_variables
+from oefsmc_jax.oe.calibration import arm_calibration
 from oefsmc_jax.training.loop import finetune
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.step import StepConfig, StepData, init_state, make_predict
@@ -73,7 +74,7 @@ def test_base_losses():
 
 
 def test_kd_compression_prunes_each_stage_at_its_ratio(teacher, tiny_data):
-    ctx = CompressionContext(SPEC, teacher, calibration_set(_cfg(), tiny_data, False, np.ones(K) / K),
+    ctx = CompressionContext(SPEC, teacher, arm_calibration(_cfg(), tiny_data, False, np.ones(K) / K),
                              (0.5,) * 3, (0.25,) * 3, jax.random.PRNGKey(0))
     spec, variables = KD((0.25, 0.5, 0.75)).compress(ctx)
     kept = {name: int(np.sum(m["mask0"])) for name, m in variables["masks"].items() if "mask0" in m}
@@ -93,15 +94,15 @@ def _cfg(**oe):
 def test_calibration_set_with_and_without_oe(tiny_data):
     gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(tiny_data.counts), alpha=0.2))
     assert gamma[0] == 0.0  # class 0 is the most frequent: alpha = max(beta) gives it no OOD labels
-    base = calibration_set(_cfg(), tiny_data, False, gamma)
+    base = arm_calibration(_cfg(), tiny_data, False, gamma)
     assert len(base.y) == 28 and not base.is_ood.any()
-    with_oe = calibration_set(_cfg(), tiny_data, True, gamma)
+    with_oe = arm_calibration(_cfg(), tiny_data, True, gamma)
     assert len(with_oe.y) == 28 + 40 and with_oe.is_ood.sum() == 40
     assert not np.any(with_oe.y[with_oe.is_ood] == 0)
     totals = np.bincount(with_oe.y, weights=with_oe.weights, minlength=K)
     present = np.bincount(with_oe.y, minlength=K) > 0
     np.testing.assert_allclose(totals[present], totals[present][0], rtol=1e-5)  # every class weighs the same
-    off = calibration_set(_cfg(in_compression=False), tiny_data, True, gamma)
+    off = arm_calibration(_cfg(in_compression=False), tiny_data, True, gamma)
     assert len(off.y) == 28
 
 
@@ -109,7 +110,7 @@ def test_calibration_set_takes_the_selected_ood_images_with_their_teacher_classe
     """Teacher-guided arms: the compression stage sees the chosen images, labelled by the chosen class."""
     gamma = np.asarray(complementary.complementary_distribution(jnp.asarray(tiny_data.counts), alpha=0.2))
     chosen = tiny_data.ood.take(np.array([7, 3, 11]))
-    cal = calibration_set(_cfg(), tiny_data, True, gamma, chosen, np.array([2, 2, 1]))
+    cal = arm_calibration(_cfg(), tiny_data, True, gamma, chosen, np.array([2, 2, 1]))
     assert len(cal.y) == 28 + 3
     np.testing.assert_array_equal(cal.x[cal.is_ood], tiny_data.ood.x[[7, 3, 11]])
     np.testing.assert_array_equal(cal.y[cal.is_ood], [2, 2, 1])

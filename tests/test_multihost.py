@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
 
     assert jax.device_count() == 4  # conftest: 4 simulated devices in this process
     ref = run(_config(), tmp_path / "one")

@@ -61,7 +61,7 @@ def test_local_helpers_keep_os_semantics(tmp_path):
 def test_unreachable_object_store_fails_early_in_one_line(tmp_path, monkeypatch):
     import ml_collections
 
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
 
     def broken(orig, path, *a, **k):
         raise ConnectionError("no route to storage.googleapis.com\nmore detail")
@@ -119,8 +119,8 @@ def test_teacher_pool_cache_on_a_gs_workdir(tmp_path, monkeypatch):
     import ml_collections
 
     from oefsmc_jax.data import ImageSet
-    from oefsmc_jax.models import cifar_resnet_spec
-    from oefsmc_jax.pipeline import init_variables, teacher_pool_probs
+    from oefsmc_jax.models import cifar_resnet_spec, init_variables
+    from oefsmc_jax.teacher import teacher_pool_probs
     from oefsmc_jax.training.parallel import make_mesh
 
     monkeypatch.chdir(tmp_path)

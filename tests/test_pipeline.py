@@ -28,7 +28,7 @@ _flags = tiny_demo.flags
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
 
     workdir = tmp_path_factory.mktemp("run")
     return workdir, run(tiny_config(), workdir)
@@ -83,7 +83,7 @@ def test_reported_metrics_are_exactly_those_of_the_exported_student(finished_run
 
 
 def test_rerun_reuses_finished_arms(finished_run, capfd):
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
 
     workdir, out = finished_run
     before = (workdir / "oe" / "result.json").read_text()
@@ -153,7 +153,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_to_identical_parameters(finish
 
 def test_workdir_of_a_different_subset_is_refused(finished_run):
     from oefsmc_jax.errors import ConfigError
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
 
     workdir, _ = finished_run
     c = tiny_config()

@@ -6,9 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oefsmc_jax.models import build_model, cifar_resnet_spec
+from oefsmc_jax.models import build_model, cifar_resnet_spec, init_variables
 from oefsmc_jax.models.probe import apply_conv, conv_geometry, forward, points
-from oefsmc_jax.pipeline import init_variables
 
 SPEC = cifar_resnet_spec(14, 10, widths=(4, 8, 8))  # two blocks per stage
 MODEL = build_model(SPEC)

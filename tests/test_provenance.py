@@ -42,14 +42,14 @@ def test_an_arm_keeps_the_commit_that_started_training_it(tmp_path):
     begun by code that did not write it gets an unknown commit, never the current one."""
     import json
 
-    from oefsmc_jax.pipeline import _trained_commit
+    from oefsmc_jax.workdir_guards import trained_commit
 
     path = tmp_path / "cell" / "oe" / "trained_commit.json"
-    first = _trained_commit(path)
+    first = trained_commit(path)
     assert first == code_version() and json.loads(path.read_text()) == first
     path.write_text(json.dumps({"git_commit": "a" * 40, "git_dirty": False}))  # as if trained at another commit
-    assert _trained_commit(path) == {"git_commit": "a" * 40, "git_dirty": False}
+    assert trained_commit(path) == {"git_commit": "a" * 40, "git_dirty": False}
     older = tmp_path / "cell" / "base"
     older.mkdir()
     (older / "checkpoints").mkdir()
-    assert _trained_commit(older / "trained_commit.json") == {"git_commit": None, "git_dirty": None}
+    assert trained_commit(older / "trained_commit.json") == {"git_commit": None, "git_dirty": None}

@@ -16,7 +16,7 @@ from test_paths import BUCKET, fake_bucket  # a test module beside this one
 from oefsmc_jax import paths
 from oefsmc_jax.experiments import read_results, summarize
 from oefsmc_jax.experiments.runner import _append
-from oefsmc_jax.pipeline import finished_result
+from oefsmc_jax.workdir_guards import finished_result
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

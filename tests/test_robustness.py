@@ -19,8 +19,11 @@ from helpers import config, config_import
 
 from oefsmc_jax.config_validation import validate
 from oefsmc_jax.data import load_source, open_source
+from oefsmc_jax.data.prepare import prepare_data
 from oefsmc_jax.errors import ConfigError
-from oefsmc_jax.pipeline import get_teacher, prepare_data, write_json
+from oefsmc_jax.oe.arms import data_needs
+from oefsmc_jax.progress import write_json
+from oefsmc_jax.teacher import get_teacher
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 cifar10 = config("cifar10")
@@ -194,8 +197,7 @@ def test_labels_out_of_range_are_refused_before_training(tmp_path):
 
     c = _demo_with_id(tmp_path, np.tile(np.arange(11), 20))  # label 10 with data.num_classes = 10
     with pytest.raises(ValueError, match=r"^few_sample_indices: label 10 >= number of classes 10$"):
-        prepare_data(c, tmp_path)
-    assert not (tmp_path / "subset.json").exists()
+        prepare_data(c, tmp_path, data_needs(c))
     # negative labels are "unlabelled" (-1 is the convention): never drawn, not refused
     idx = few_sample_indices(jax.random.PRNGKey(0), np.array([0, -5, 1, -1, 0, 1]), np.array([1, 1]))
     assert sorted(idx.tolist()) in ([0, 2], [0, 5], [2, 4], [4, 5])
@@ -204,7 +206,7 @@ def test_labels_out_of_range_are_refused_before_training(tmp_path):
     c.data.test = _npz_source(_id_npz(tmp_path / "test.npz", np.tile(np.arange(11), 5)), split="test")
     with pytest.raises(ValueError, match=r"^evaluation split .*test\.npz.*: 5 labels outside \[0, 10\) \(e\.g\. 10\); "
                                          r"check data.test / data.num_classes$"):
-        prepare_data(c, tmp_path)
+        prepare_data(c, tmp_path, data_needs(c))
     # and the metrics refuse them too
     with pytest.raises(ValueError, match=r"^y has class indices outside \[0, 10\)$"):
         classification_metrics(np.zeros(3, int), np.array([0, 1, 10]), 10, np.ones(10, int))
@@ -214,20 +216,18 @@ def test_empty_class_is_named(tmp_path):
     labels = np.tile(np.arange(10), 20)
     c = _demo_with_id(tmp_path, labels[labels != 3])  # class 3 has no image, the exp subset asks for 6
     with pytest.raises(ValueError) as e:
-        prepare_data(c, tmp_path)
+        prepare_data(c, tmp_path, data_needs(c))
     assert str(e.value) == ("few_sample_indices: class 3 has 0 examples but 6 were requested (1 class(es) too "
                             "small: [3])")
-    assert not (tmp_path / "subset.json").exists()
 
 
 def test_pool_smaller_than_the_ood_subset_is_refused(tmp_path):
     c = demo.get_config()
     c.data.ood.num_images = 300  # the automatic OOD size (81 for these counts) plus 500 held out do not fit
     with pytest.raises(ValueError) as e:
-        prepare_data(c, tmp_path)
+        prepare_data(c, tmp_path, data_needs(c))
     assert str(e.value) == ("oe.size + oe.heldout = 81 + 500 exceeds the OOD pool's 300 images "
                             "(sklearn_photos/seed0); lower oe.size / oe.heldout or use a larger pool")
-    assert not (tmp_path / "subset.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def _guard_writes(monkeypatch, root, code):
 
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS, errno.ENOSPC])
 def test_unwritable_workdir_fails_before_touching_a_finished_run(tmp_path, monkeypatch, code):
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
 
     work = tmp_path / "w"
     (work / "base").mkdir(parents=True)
@@ -408,7 +408,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_and_resumes(tmp_path, 
 
 RAISE_IN_RUN = """\
 import runpy, sys
-import oefsmc_jax.pipeline
+import oefsmc_jax.run
 from oefsmc_jax.training.preemption import NonFiniteError
 
 
@@ -418,7 +418,7 @@ def run(config, workdir):  # what finetune raises after train.max_nonfinite non-
                          "untouched. Lower optim.lr or check the data; raise train.max_nonfinite to tolerate more.")
 
 
-oefsmc_jax.pipeline.run = run
+oefsmc_jax.run.run = run
 sys.argv = ["oefsmc", *sys.argv[1:]]
 runpy.run_module("oefsmc_jax", run_name="__main__")
 """
@@ -448,7 +448,7 @@ def test_cli_unwritable_workdir_is_one_line(tmp_path, code):
 
 def test_workdir_of_another_config_is_refused_and_harmless_fields_resume(tmp_path):
     from oefsmc_jax.errors import ConfigError
-    from oefsmc_jax.pipeline import check_same_config
+    from oefsmc_jax.workdir_guards import check_same_config
 
     old = {"method": {"name": "kd", "prune_ratio": (0.5, 0.5)}, "train": {"steps": 300, "log_every": 25},
            "num_devices": 0, "legacy": 1}

@@ -5,9 +5,12 @@ import pytest
 from test_selection import _demo_config
 
 from oefsmc_jax.data import ImageSet
-from oefsmc_jax.models import cifar_resnet_spec
-from oefsmc_jax.pipeline import init_variables, prepare_data, teacher_pool_probs
+from oefsmc_jax.data.prepare import prepare_data
+from oefsmc_jax.models import cifar_resnet_spec, init_variables
+from oefsmc_jax.oe.arms import data_needs
+from oefsmc_jax.teacher import teacher_pool_probs
 from oefsmc_jax.training.parallel import make_mesh
+from oefsmc_jax.workdir_guards import check_same_subset
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "other_shape"])
@@ -35,7 +38,7 @@ def test_a_damaged_pool_cache_is_computed_again(tmp_path, capfd, damage):
 
 def test_a_damaged_subset_record_is_named(tmp_path):
     c = _demo_config("base")
-    prepare_data(c, tmp_path)
+    data = prepare_data(c, tmp_path, data_needs(c))
     (tmp_path / "subset.json").write_text('{"counts": [1, 2')
     with pytest.raises(ValueError, match=r"subset\.json is not valid JSON \(truncated or corrupt\?\)"):
-        prepare_data(c, tmp_path)
+        check_same_subset(tmp_path / "subset.json", data.subset, ood=False)

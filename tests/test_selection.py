@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 
 from oefsmc_jax.data import ImageSet, image_hashes, ood_split
-from oefsmc_jax.models import cifar_resnet_spec
-from oefsmc_jax.oe.arms import arm_selection
+from oefsmc_jax.data.prepare import prepare_data
+from oefsmc_jax.models import cifar_resnet_spec, init_variables
+from oefsmc_jax.oe.arms import arm_selection, data_needs
 from oefsmc_jax.oe.selection import (
     complement_requests,
     select,
     select_teacher_complement,
     select_teacher_confidence,
 )
-from oefsmc_jax.pipeline import init_variables, prepare_data, teacher_pool_probs
+from oefsmc_jax.teacher import teacher_pool_probs
 from oefsmc_jax.training.parallel import make_mesh
 
 PROBS = np.array([  # 6 pool images x 3 classes
@@ -79,7 +80,7 @@ def test_random_rule_is_the_seeded_uniform_draw_and_teacher_arms_get_the_rest_of
     c = _demo_config("base,oe,oe_complement")
     assert [arm_selection(c, a) for a in ("base", "oe", "oe_complement", "oe_confidence")] == [
         "none", "random", "teacher_complement", "teacher_confidence"]
-    data = prepare_data(c, tmp_path)
+    data = prepare_data(c, tmp_path, data_needs(c))
     from oefsmc_jax.data import load_source
 
     pool = load_source(c.data.ood)
@@ -147,7 +148,7 @@ def test_pipeline_keeps_an_npz_pool_on_disk_and_reads_only_the_chosen_images(tmp
     np.savez(tmp_path / "pool.npz", x=pool.x)
     c.data.ood = ml_collections.ConfigDict({"kind": "npz", "path": str(tmp_path / "pool.npz"),
                                             "image_size": c.data.image_size})
-    data = prepare_data(c, tmp_path / "w")
+    data = prepare_data(c, tmp_path / "w", data_needs(c))
     assert data.candidates.mapped and len(data.candidates) == len(pool) - 50
     m = 10 * int(data.counts.max()) - int(data.counts.sum())
     ood_idx, held_idx = ood_split(jax.random.PRNGKey(c.subset.seed + 1), len(pool), m, 50)

@@ -216,7 +216,7 @@ def test_compress_checks_between_stages(monkeypatch):
 
 
 def test_teacher_pool_pass_stops_at_a_chunk_and_the_rerun_redoes_it(monkeypatch, tmp_path):
-    from oefsmc_jax import pipeline
+    from oefsmc_jax import teacher as teacher_mod
 
     calls = []
 
@@ -228,19 +228,20 @@ def test_teacher_pool_pass_stops_at_a_chunk_and_the_rerun_redoes_it(monkeypatch,
             return {"logits": np.zeros((len(x), K), np.float32)}
         return predict
 
-    monkeypatch.setattr(pipeline, "predict_fn", predict_fn)
+    monkeypatch.setattr(teacher_mod, "predict_fn", predict_fn)
     cfg = ml_collections.ConfigDict({"data": {"mean": MEAN, "std": STD}, "eval": {"batch_size": 16},
-                                     "oe": {"cache_dir": str(tmp_path / "cache")}})
+                                     "oe": {"cache_dir": str(tmp_path / "cache")},
+                                     "cpu_fusion": "", "cpu_wgrad": ""})
     rng = np.random.default_rng(0)
     pool = ImageSet(rng.integers(0, 256, (10, SIZE, SIZE, 3), dtype=np.uint8), np.full(10, -1, np.int32), "pool")
     teacher = (SPEC, _variables(SPEC))
     with pytest.raises(preemption.Preempted, match=r"the teacher's pool pass \(4 of 10 images done\)"):
-        pipeline.teacher_pool_probs(cfg, tmp_path, None, teacher, pool, chunk=4)
+        teacher_mod.teacher_pool_probs(cfg, tmp_path, None, teacher, pool, chunk=4)
     assert calls == [4] and not list((tmp_path / "cache").glob("pool_probs_*.npy"))
     preemption.clear()
     calls.clear()
     calls.append(0)  # the rerun's predict does not ask to stop
-    probs = pipeline.teacher_pool_probs(cfg, tmp_path, None, teacher, pool, chunk=4)
+    probs = teacher_mod.teacher_pool_probs(cfg, tmp_path, None, teacher, pool, chunk=4)
     assert calls == [0, 4, 4, 2]  # every chunk computed again: nothing of the stopped pass is reused
     np.testing.assert_allclose(np.asarray(probs), 1.0 / K)
 

@@ -14,8 +14,8 @@ import pytest
 import tensorflow_datasets as tfds
 from helpers import config, in_fresh_process
 
-from oefsmc_jax.models import imagenet_resnet_spec
-from oefsmc_jax.pipeline import init_variables, run
+from oefsmc_jax.models import imagenet_resnet_spec, init_variables
+from oefsmc_jax.run import run
 from oefsmc_jax.training.checkpoint import save_model
 
 pytestmark = pytest.mark.slow  # every test here is an end-to-end run

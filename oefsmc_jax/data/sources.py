@@ -101,7 +101,7 @@ class Source:
     """An image source opened without reading its images: its name, length, image shape and labels, and
     ``read(indices) -> ImageSet`` that reads (and decodes, resizes) only those records.
 
-    What :func:`open_source` returns; the pipeline keeps OOD pools this way, so a pool larger than host memory
+    What :func:`open_source` returns; a run keeps OOD pools this way, so a pool larger than host memory
     (an uncompressed npz, memory-mapped, or a TFDS split) is only ever read in chunks or at the chosen indices.
     """
 

@@ -8,7 +8,7 @@ takes from such a pool, so that a reader sees what "OOD" means in a result:
   complementary distribution, so "the class it was picked for" is the draw; the expected share of each pool class is
   its share of the pool, which the table reports exactly (no draw is needed).
 * ``teacher_complement`` and ``teacher_confidence`` (``oe/selection.py``) on the teacher's probabilities over the
-  whole pool (the pipeline uses the pool minus a held-out slice of ``oe.heldout`` images; the picture is the same).
+  whole pool (a run uses the pool minus a held-out slice of ``oe.heldout`` images; the picture is the same).
 
 For each budget it writes ``ood_classes_nN.md`` (per CIFAR-10 class: images picked, the share from strict / near
 overlap classes, and the three most picked pool classes) and ``ood_classes_nN.png`` (stacked bars of those shares),

@@ -2,8 +2,8 @@
 
 A grid config (e.g. ``configs/paper_cifar10.py``) holds ``base`` (a full run config) and ``groups``: each group is a
 mapping of grid axes to lists (``method``, ``arch``, ``per_class``, ``mode``, ``seed``) plus ``arms`` and optional
-``overrides`` (dotted config fields to fixed values). A *cell* is one point of a group's product; it runs the
-pipeline on one few-sample subset with all its arms (so the arms are paired), in ``WORKDIR/cells/CELL``.
+``overrides`` (dotted config fields to fixed values). A *cell* is one point of a group's product; it is one
+run on one few-sample subset with all its arms (so the arms are paired), in ``WORKDIR/cells/CELL``.
 Every finished cell appends one record per arm to ``WORKDIR/results.jsonl``; a cell whose arms are all recorded is
 never run again, and a killed cell resumes from its own checkpoints (its finished arms are reused, not rerun).
 """
@@ -120,7 +120,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     returns all records."""
     from oefsmc_jax.config_validation import validate
     from oefsmc_jax.errors import ConfigError
-    from oefsmc_jax.pipeline import run
+    from oefsmc_jax.run import run
     from oefsmc_jax.training.parallel import make_mesh
     from oefsmc_jax.training.step import GROUP_IMPLS
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -49,6 +50,13 @@ def build_model(spec: ArchSpec, *, bn_axis_name: str | None = None, dtype: Any =
     return ResNet(spec=spec, bn_axis_name=bn_axis_name, dtype=dtype, conv_general_dilated=conv_general_dilated)
 
 
+
+def init_variables(spec: ArchSpec, image_size: int, seed: int) -> dict:
+    """Randomly initialised variables (on the host) of the model for ``spec`` on ``image_size`` square images."""
+    model = build_model(spec)
+    x = jnp.zeros((1, image_size, image_size, spec.in_channels), jnp.float32)
+    return jax.device_get(jax.jit(lambda k: model.init(k, x, train=False))(jax.random.PRNGKey(seed)))
+
 __all__ = [
     "VGG",
     "ArchSpec",
@@ -64,6 +72,7 @@ __all__ = [
     "drop_blocks",
     "droppable_blocks",
     "imagenet_resnet_spec",
+    "init_variables",
     "l1_prune",
     "mask_multipliers",
     "prunable_widths",

@@ -19,8 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from oefsmc_jax import seeds
+from oefsmc_jax.data.prepare import DataNeeds, RunData
+from oefsmc_jax.data.sources import ImageSet
 from oefsmc_jax.errors import fail
 from oefsmc_jax.losses import LogitAdjusted
+from oefsmc_jax.oe.selection import select
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +144,48 @@ def needs_teacher_probs(config: Any) -> bool:
     """Whether any arm of the run needs the teacher's probabilities on the pool."""
     return any(a.needs_teacher_probs for a in arms_of(config)) or (
         any(a.ood == "config" for a in arms_of(config)) and str(config.oe.selection).startswith("teacher_"))
+
+
+def data_needs(config: Any) -> DataNeeds:
+    """What the run's arms need of the OOD pool: the OOD subset (an arm adds OOD images), the held-out slice (also
+    for arms without OOD images when ``oe.early_stopping_arms`` is ``all``), the selection candidates (an arm
+    selects with the teacher)."""
+    heldout = bool(config.oe.early_stopping and config.oe.early_stopping_arms == "all")
+    return DataNeeds(ood=uses_ood(config), heldout=heldout, candidates=needs_teacher_probs(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmOOD:
+    """The OOD images one arm trains on (None without OE-FSMC), the fixed classes they were chosen for (None when
+    R draws them from Gamma each step), and one line saying how they were chosen (None for the drawn subset)."""
+
+    images: ImageSet | None
+    labels: np.ndarray | None = None
+    note: str | None = None
+    warning: str | None = None
+
+
+def arm_ood(config: Any, arm: Arm, data: RunData, pool_probs: np.ndarray | None) -> ArmOOD:
+    """The OOD images of ``arm``: the run's random OOD subset (the paper's rule), the images a teacher-guided rule
+    selects from the candidates (``pool_probs``: the teacher's probabilities on them) with the class each was
+    chosen for, or, for arms matched to the teacher complement's count, that many random candidates."""
+    if not arm.uses_ood:
+        return ArmOOD(data.ood)
+    rule = arm.selection(config)
+    c = config.oe.selection_factor
+    if rule != "random":
+        sel = select(rule, pool_probs, data.counts, c)
+        per_class = np.bincount(sel.classes, minlength=config.data.num_classes).tolist()
+        return ArmOOD(data.candidates.take(sel.indices), sel.classes.astype(np.int32),
+                      f"{rule}: selected {len(sel.indices)} OOD images (c = {c:g}), per class {per_class}",
+                      sel.shortfall_message() if sel.short else None)
+    if arm.count == "teacher_complement":
+        # random images, as many as the teacher complement would pick: separates the count from the choice
+        n = len(select("teacher_complement", pool_probs, data.counts, c).indices)
+        idx = np.sort(seeds.rng(config.seed, "count_matched").choice(len(data.candidates), n, replace=False))
+        return ArmOOD(data.candidates.take(idx), None,
+                      f"random: {n} OOD images, the teacher complement's count (c = {c:g})")
+    return ArmOOD(data.ood)
 
 
 def arm_selection(config: Any, arm: str) -> str:

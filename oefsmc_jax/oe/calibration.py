@@ -6,11 +6,15 @@ every data-dependent compression stage reads them from here."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oefsmc_jax import seeds
+from oefsmc_jax.data.prepare import RunData
+from oefsmc_jax.data.sources import ImageSet
 from oefsmc_jax.oe import complementary
 
 
@@ -65,3 +69,17 @@ def calibration_set(x_id: np.ndarray, y_id: np.ndarray, num_classes: int, *, ood
             w[part] = wp * total / wp.sum()
         w = (w * len(y)).astype(np.float32)  # mean 1
     return Calibration(x=x, y=y, weights=w, is_ood=is_ood)
+
+
+def arm_calibration(config: Any, data: RunData, oe_on: bool, gamma: np.ndarray, ood: ImageSet | None = None,
+                    ood_labels: np.ndarray | None = None, ood_share: float | None = None) -> Calibration:
+    """The calibration set of one arm's compression stage (method.md §3): ``D``, plus with OE (and
+    ``oe.in_compression``) the arm's OOD images ``ood`` (by default the run's OOD subset ``data.ood``) carrying
+    ``ood_labels`` (by default labels drawn once from Gamma on the ``calibration`` stream), weighted as
+    :func:`calibration_set` does with ``ood_share`` (the method's ``calibration_ood_share``;
+    :func:`oefsmc_jax.methods.resolve_oe`)."""
+    ood = data.ood if ood is None else ood
+    with_ood = oe_on and config.oe.in_compression and ood is not None and len(ood)
+    return calibration_set(data.train.x, data.train.y, config.data.num_classes,
+                           ood_x=ood.x if with_ood else None, ood_labels=ood_labels if with_ood else None,
+                           gamma=gamma, seed=seeds.seed(config.seed, "calibration"), ood_share=ood_share)

@@ -6,7 +6,7 @@ with a :class:`oefsmc_jax.training.run_state.RunState`: metrics (JSONL + TensorB
 evaluation and early stopping, resumable Orbax checkpoints, the stop after too many non-finite steps, and a
 checkpoint of every unfinished run when a SIGTERM or SIGINT asks the process to stop (``training/preemption.py``).
 
-:func:`finetune` is what the pipeline calls; inside a cell of a
+:func:`finetune` is what a run calls (``oefsmc_jax.run``); inside a cell of a
 :class:`oefsmc_jax.training.scheduler.GroupScheduler` it hands the run to the scheduler, which trains it together
 with other runs of the same shapes (:func:`finetune_group`; same result, to float rounding).
 """
@@ -22,7 +22,8 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from oefsmc_jax.training import cell, preemption
+from oefsmc_jax import cell
+from oefsmc_jax.training import preemption
 from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.group import GroupProgram, same_tree
 from oefsmc_jax.training.preemption import NonFiniteError
@@ -57,7 +58,7 @@ def _stderr(msg: str) -> None:
 
 def finetune(job: RunJob, log: Log | None = None) -> FinetuneResult:
     """Fine-tune ``job``'s student for ``job.loop.steps`` steps, resuming from ``job.workdir``; see
-    :func:`finetune_one`. Inside a grid cell (:mod:`oefsmc_jax.training.cell`) the run, named
+    :func:`finetune_one`. Inside a grid cell (:mod:`oefsmc_jax.cell`) the run, named
     ``{cell}/{job.name}``, is handed to the cell's scheduler, which may train it together with other runs."""
     current = cell.current()
     if current is not None:

@@ -1,7 +1,7 @@
-"""The scheduler that lets unchanged pipeline code train its runs in groups.
+"""The scheduler that lets unchanged run code train its runs in groups.
 
-:class:`GroupScheduler` runs several grid cells in threads, each inside its :class:`oefsmc_jax.training.cell.Cell`;
-when a cell's pipeline reaches :func:`oefsmc_jax.training.loop.finetune` the run is handed to the scheduler and the
+:class:`GroupScheduler` runs several grid cells in threads, each inside its :class:`oefsmc_jax.cell.Cell`;
+when a cell's run reaches :func:`oefsmc_jax.training.loop.finetune` the run is handed to the scheduler and the
 cell waits. Once every live cell is waiting, the scheduler (in the calling thread) trains the largest set of waiting
 runs that can share a program (at most ``max_group``; :func:`oefsmc_jax.training.loop.finetune_group`), hands back
 their results, and repeats. Compression, evaluation and records stay in the cells' threads.
@@ -14,7 +14,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from oefsmc_jax.training import cell, preemption
+from oefsmc_jax import cell
+from oefsmc_jax.training import preemption
 from oefsmc_jax.training.loop import finetune_group, finetune_one
 from oefsmc_jax.training.step import CPU_UNROLL_MAX, resolve_group_impl
 from oefsmc_jax.training.train import RunJob

@@ -12,7 +12,8 @@ One call of the step, all inside a single ``jax.jit``:
    apply the optax update and re-apply the pruning masks to parameters and optimizer moments. A non-finite loss or
    gradient skips the update everywhere (counted in the state; ``training.loop`` stops after too many in a row).
 
-The few-sample sets are tiny, so they live on every device and no host input pipeline runs during training.
+The few-sample sets are tiny, so by default they live on every device and the step draws its batch there; a pool too
+large to replicate is fed by the host instead (``StepConfig.host_batches``, ``training/feed.py``).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class StepConfig:
     # True: the host draws the same indices (host_draw), gathers the step's images and passes only those
     # (StepData then holds this step's global batch; training.feed.HostFeeder): for pools too large to replicate.
     host_batches: bool = False
-    # how the step is compiled (resolved modes, not '' : the pipeline resolves the config's): the XLA:CPU fusion mode
+    # how the step is compiled (resolved modes, not '' : the run resolves the config's): the XLA:CPU fusion mode
     # of training/xla_cpu.py (its compiler options) and the filter-gradient mode of kernels/cpu_conv.py ('kernel':
     # on a CPU mesh the step's models call the kernel's convolution; elsewhere XLA's)
     cpu_fusion: str = xla_cpu.DEFAULT

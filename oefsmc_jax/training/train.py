@@ -46,7 +46,7 @@ class RunJob:
     ``data`` for ``loop.steps`` steps, resuming from ``workdir``.
 
     ``heldout`` = (uint8 images, teacher predictions) enables early stopping on student-teacher agreement every
-    ``loop.eval_every`` steps; the best weights are kept. ``meta`` is stored in every checkpoint (the pipeline
+    ``loop.eval_every`` steps; the best weights are kept. ``meta`` is stored in every checkpoint (a run
     stores the architecture spec and the subset indices there).
     """
 

@@ -1,8 +1,8 @@
 """The grid cell whose work runs in this context (a :class:`contextvars.ContextVar`).
 
 :class:`oefsmc_jax.training.scheduler.GroupScheduler` runs each cell of a grouped grid in its own thread and enters
-the cell there: progress lines (``pipeline.log``) carry the cell's name, and a fine-tuning run started inside it
-(``training.loop.finetune``) is handed to the scheduler instead of being trained on the spot.
+the cell there: progress lines (:func:`oefsmc_jax.progress.log`) carry the cell's name, and a fine-tuning run
+started inside it (``training.loop.finetune``) is handed to the scheduler instead of being trained on the spot.
 """
 
 from __future__ import annotations
