@@ -29,6 +29,26 @@ def _demo(method, overrides=None):
     return c
 
 
+def test_shared_method_defaults_are_the_configs():
+    """The defaults of the method fields several methods read are declared twice: in ``base_config`` (every field)
+    and in ``methods.base.SHARED_DEFAULTS`` (the methods' dataclasses and hand-written method configs); they agree,
+    and a method built from a config that leaves them out equals one built from ``base_config``'s."""
+    from oefsmc_jax.config_defaults import base_config
+    from oefsmc_jax.methods import build_method
+    from oefsmc_jax.methods.base import SHARED_DEFAULTS
+    from oefsmc_jax.models import cifar_resnet_spec
+
+    declared = base_config().method
+    assert {k: declared[k] for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
+    spec = cifar_resnet_spec(14, 10, widths=(4, 8, 8))
+    for name in sorted(METHODS):
+        if name == "supervised":
+            continue
+        full = declared.to_dict()
+        full["name"] = name
+        assert build_method({"name": name}, spec) == build_method(full, spec), name
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_validates_with_its_defaults(method):
     validate(_demo(method), num_devices=4)

@@ -255,6 +255,18 @@ class Method:
         return f"{self.name}({fields})"
 
 
+#: defaults of the ``config.method`` fields that several methods read: the methods' own dataclass defaults and
+#: :func:`shared` take them from here (``config_defaults.base_config`` declares the same values; a test keeps them
+#: equal)
+SHARED_DEFAULTS: dict[str, Any] = {"prune_ratio": 0.5, "kd_gamma": 0.9, "tau": 4.0, "latency": "macs"}
+
+
+def shared(cfg: Mapping[str, Any], key: str) -> Any:
+    """``config.method.KEY`` for one of :data:`SHARED_DEFAULTS`, or its default where a hand-written method config
+    (a plain dict) leaves it out."""
+    return cfg.get(key, SHARED_DEFAULTS[key]) if hasattr(cfg, "get") else SHARED_DEFAULTS[key]
+
+
 def prune_ratios(value: Any, num_stages: int, field: str = "method.prune_ratio") -> tuple[float, ...]:
     """Per-stage prune ratios from a float or a sequence, each in [0, 1) (one-line ``ConfigError`` otherwise)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):

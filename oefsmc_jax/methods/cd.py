@@ -36,7 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from oefsmc_jax.errors import fail
-from oefsmc_jax.methods.base import CompressionContext, Method, Stage, hparams_from, prune_ratios, sub_config
+from oefsmc_jax.methods.base import (
+    SHARED_DEFAULTS,
+    CompressionContext,
+    Method,
+    Stage,
+    hparams_from,
+    prune_ratios,
+    shared,
+    sub_config,
+)
 from oefsmc_jax.methods.cd_solver import cd_plan, cd_solve_layer
 from oefsmc_jax.methods.l1 import KD
 from oefsmc_jax.models import ArchSpec, set_masks
@@ -156,8 +165,8 @@ class CD(Method):
     config_params = CDParams
     keep_ratio: float = 0.5
     params: CDParams = CDParams()
-    kd_gamma: float = 0.9
-    tau: float = 4.0
+    kd_gamma: float = SHARED_DEFAULTS["kd_gamma"]
+    tau: float = SHARED_DEFAULTS["tau"]
     finetune_steps: int = 100  # the official fine-tuning's steps for this teacher (CDParams.finetune_steps resolved)
     name = "cd"
     uses_calibration = True
@@ -166,7 +175,7 @@ class CD(Method):
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> CD:
         """``method.prune_ratio`` (one value: the kept fraction is ``1 - prune_ratio``), ``method.cd.*``;
         ``method.kd_gamma``/``method.tau`` when ``cd.finetune=kd``."""
-        ratios = set(prune_ratios(cfg.get("prune_ratio", 0.5), spec.num_stages))
+        ratios = set(prune_ratios(shared(cfg, "prune_ratio"), spec.num_stages))
         if len(ratios) != 1:
             fail("method.prune_ratio", "CD takes one prune ratio for all layers, got one per stage")
         p = hparams_from(CDParams, sub_config(cfg, "cd"), "method.cd")
@@ -175,8 +184,8 @@ class CD(Method):
         except ValueError as e:
             fail("method.name", f"cd: {e}")
         steps = p.finetune_steps if p.finetune_steps > 0 else (100 if spec.is_resnet else 40)
-        return cls(1.0 - prune_ratios(cfg.get("prune_ratio", 0.5), spec.num_stages)[0], p,
-                   float(cfg.get("kd_gamma", 0.9)), float(cfg.get("tau", 4.0)), steps)
+        return cls(1.0 - prune_ratios(shared(cfg, "prune_ratio"), spec.num_stages)[0], p,
+                   float(shared(cfg, "kd_gamma")), float(shared(cfg, "tau")), steps)
 
     def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
         """Layer-wise cross distillation."""

@@ -31,7 +31,16 @@ import numpy as np
 
 from oefsmc_jax import losses
 from oefsmc_jax.errors import fail
-from oefsmc_jax.methods.base import CompressionContext, Method, Stage, hparams_from, prune_ratios, sub_config
+from oefsmc_jax.methods.base import (
+    SHARED_DEFAULTS,
+    CompressionContext,
+    Method,
+    Stage,
+    hparams_from,
+    prune_ratios,
+    shared,
+    sub_config,
+)
 from oefsmc_jax.methods.fskd_solver import (
     CorrectionPoint,
     correction_param,
@@ -165,17 +174,17 @@ class FSKD(Method):
     """L1 pruning, then closed-form 1x1 corrections folded into the convs; no fine-tuning by default."""
 
     config_params = FSKDParams
-    prune_ratio: tuple[float, ...] = (0.5,)
+    prune_ratio: tuple[float, ...] = (SHARED_DEFAULTS["prune_ratio"],)
     params: FSKDParams = FSKDParams()
-    tau: float = 4.0
+    tau: float = SHARED_DEFAULTS["tau"]
     name = "fskd"
     uses_calibration = True
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> FSKD:
         """``method.prune_ratio``, ``method.fskd.*``, ``method.tau`` (fine-tuning distillation temperature)."""
-        return cls(prune_ratios(cfg.get("prune_ratio", 0.5), spec.num_stages),
-                   hparams_from(FSKDParams, sub_config(cfg, "fskd"), "method.fskd"), float(cfg.get("tau", 4.0)))
+        return cls(prune_ratios(shared(cfg, "prune_ratio"), spec.num_stages),
+                   hparams_from(FSKDParams, sub_config(cfg, "fskd"), "method.fskd"), float(shared(cfg, "tau")))
 
     def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
         """L1 pruning, then the least-squares corrections."""

@@ -10,7 +10,7 @@ import jax
 
 from oefsmc_jax import losses
 from oefsmc_jax.errors import fail
-from oefsmc_jax.methods.base import CompressionContext, Method, Stage, prune_ratios
+from oefsmc_jax.methods.base import SHARED_DEFAULTS, CompressionContext, Method, Stage, prune_ratios, shared
 from oefsmc_jax.models import ArchSpec, l1_prune, width_links
 from oefsmc_jax.training.recipe import Recipe
 
@@ -43,13 +43,13 @@ def _kd_signal(student: dict, teacher: dict, tau: float) -> jax.Array:
 class BP(Method):
     """Prune, then fine-tune every weight (classifier included) with cross-entropy on the few ID samples."""
 
-    prune_ratio: tuple[float, ...] = (0.5,)
+    prune_ratio: tuple[float, ...] = (SHARED_DEFAULTS["prune_ratio"],)
     name = "bp"
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> BP:
         """``method.prune_ratio``."""
-        return cls(prune_ratios(cfg.get("prune_ratio", 0.5), spec.num_stages))
+        return cls(prune_ratios(shared(cfg, "prune_ratio"), spec.num_stages))
 
     def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
         """L1 pruning."""
@@ -68,9 +68,9 @@ class BP(Method):
 class KD(Method):
     """Prune, then distil (Hinton): ``(1-gamma) * CE + gamma * tau^2 * KL``."""
 
-    prune_ratio: tuple[float, ...] = (0.5,)
-    gamma: float = 0.9
-    tau: float = 4.0
+    prune_ratio: tuple[float, ...] = (SHARED_DEFAULTS["prune_ratio"],)
+    gamma: float = SHARED_DEFAULTS["kd_gamma"]
+    tau: float = SHARED_DEFAULTS["tau"]
     name = "kd"
 
     def __post_init__(self) -> None:
@@ -82,8 +82,8 @@ class KD(Method):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> KD:
         """``method.prune_ratio``, ``method.kd_gamma``, ``method.tau``."""
-        return cls(prune_ratios(cfg.get("prune_ratio", 0.5), spec.num_stages), float(cfg.get("kd_gamma", 0.9)),
-                   float(cfg.get("tau", 4.0)))
+        return cls(prune_ratios(shared(cfg, "prune_ratio"), spec.num_stages), float(shared(cfg, "kd_gamma")),
+                   float(shared(cfg, "tau")))
 
     def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
         """L1 pruning."""

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import jax
 
 from oefsmc_jax import losses
-from oefsmc_jax.methods.base import Method, OESettings, Stage, prune_ratios
+from oefsmc_jax.methods.base import SHARED_DEFAULTS, Method, OESettings, Stage, prune_ratios, shared
 from oefsmc_jax.methods.l1 import l1_prune_stage
 from oefsmc_jax.models import ArchSpec
 from oefsmc_jax.training.recipe import Recipe
@@ -45,7 +45,7 @@ MIR_RECIPE = Recipe(loss=mir_loss, distill="features", frozen=CLASSIFIER, uses_l
 class MiR(Method):
     """L1-pruned internal widths (the feature width is never pruned), then MiR fine-tuning."""
 
-    prune_ratio: tuple[float, ...] = (0.5,)
+    prune_ratio: tuple[float, ...] = (SHARED_DEFAULTS["prune_ratio"],)
     name = "mir"
     # R off: the recipe is label-free and the classifier frozen, so CE on random complementary labels can only
     # push the backbone's features towards random classes (set oe.eta to switch it on)
@@ -54,7 +54,7 @@ class MiR(Method):
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> MiR:
         """``method.prune_ratio``."""
-        return cls(prune_ratios(cfg.get("prune_ratio", 0.5), spec.num_stages))
+        return cls(prune_ratios(shared(cfg, "prune_ratio"), spec.num_stages))
 
     def stages(self, spec: ArchSpec) -> tuple[Stage, ...]:
         """L1 pruning that leaves the pre-GAP feature width whole."""

@@ -49,7 +49,7 @@ from jax import lax
 
 from oefsmc_jax.data.augment import augment_batch, normalize
 from oefsmc_jax.errors import fail
-from oefsmc_jax.methods.base import CompressionContext, Method, OESettings, Stage, hparams_from, sub_config
+from oefsmc_jax.methods.base import CompressionContext, Method, OESettings, Stage, hparams_from, shared, sub_config
 from oefsmc_jax.methods.fit import fit
 from oefsmc_jax.methods.mir import MIR_RECIPE
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, drop_blocks, droppable_blocks, shrink
@@ -410,7 +410,7 @@ class PRACTISE(Method):
                                 f"{hint}")
         if p.k > len(cands):
             fail(f"{FIELD}.k", f"{p.k} blocks requested but the teacher has only {len(cands)} candidates")
-        if p.target > 0 and cfg.get("latency", "macs") == "macs":
+        if p.target > 0 and shared(cfg, "latency") == "macs":
             kept = [list(st) for st in spec.kept]
             for s, b in cands:
                 kept[s][b] = False
