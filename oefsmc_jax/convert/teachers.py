@@ -29,6 +29,7 @@ from oefsmc_jax.convert.torchvision_resnet import (
     is_torchvision_key,
 )
 from oefsmc_jax.models import ArchSpec, build_model
+from oefsmc_jax.training.checkpoint import load_model_meta
 
 __all__ = [
     "TEACHER_FAMILIES",
@@ -140,7 +141,7 @@ def teacher_family(path: str | os.PathLike) -> str:
     Orbax model written by :func:`import_teacher` (its meta's ``family``)."""
     path = pathlib.Path(path)
     if path.is_dir():
-        meta = _model_meta(path)
+        meta = load_model_meta(path)
         if "family" in meta:
             return str(meta["family"])
         if str(meta.get("format", "")).startswith("akamaster_"):  # written before families were recorded
@@ -156,33 +157,11 @@ def teacher_preprocessing(path: str | os.PathLike) -> tuple[tuple[float, ...], t
     the ``preprocessing`` recorded in the meta of an Orbax model written by :func:`import_teacher`."""
     path = pathlib.Path(path)
     if path.is_dir():
-        pre = _model_meta(path).get("preprocessing")
+        pre = load_model_meta(path).get("preprocessing")
         if not isinstance(pre, Mapping) or "mean" not in pre or "std" not in pre:
             raise ValueError(f"{path}: the model's meta records no teacher preprocessing (mean/std)")
         return tuple(float(v) for v in pre["mean"]), tuple(float(v) for v in pre["std"])
     return family_preprocessing(teacher_family(path))
-
-
-def _model_meta(directory: pathlib.Path) -> dict:
-    """The JSON meta of an Orbax model written by ``save_model`` (the arrays are not read)."""
-    import orbax.checkpoint as ocp
-
-    from oefsmc_jax.training.checkpoint import Checkpointer, check_model_json, unreadable_model
-
-    check_model_json(directory)
-    ckpt = Checkpointer(directory, max_to_keep=1)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"model checkpoint {directory} holds no finished checkpoint")
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - Orbax raises many types; all mean "these files are damaged"
-        raise unreadable_model(directory, e) from None
-    finally:
-        ckpt.close()
-    return dict(out["meta"])
 
 
 def _sha256(path: pathlib.Path) -> str:

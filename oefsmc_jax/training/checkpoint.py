@@ -144,31 +144,44 @@ def unreadable_model(directory: paths.Path, e: BaseException) -> ValueError:
 
 
 @_serial
-def load_model(directory: str | os.PathLike) -> tuple[ArchSpec, dict, dict]:
-    """Read a model written by :func:`save_model`; returns ``(spec, variables, meta)`` with host arrays.
-
-    Raises ``FileNotFoundError`` (no such folder, or no finished checkpoint in it) or ``ValueError`` in one line
-    naming the file or folder (a JSON file that does not parse, arrays that cannot be read, no architecture spec).
-    """
-    directory = paths.as_path(directory)
+def _restore_model(directory: paths.Path, with_arrays: bool) -> dict:
+    """The newest finished checkpoint of a model folder written by :func:`save_model`: ``{'meta': ...}`` and, with
+    ``with_arrays``, ``{'state': ...}``; every failure is one line naming the folder."""
     if not directory.exists():
         raise FileNotFoundError(f"model checkpoint {directory} does not exist")
     if not directory.is_dir():
         raise ValueError(f"model checkpoint {directory} is a file, not a model folder")
     check_model_json(directory)
     ckpt = Checkpointer(directory, max_to_keep=1)
+    parts = {"meta": ocp.args.JsonRestore()}
+    if with_arrays:
+        parts = {"state": ocp.args.StandardRestore(), **parts}
     try:
         step = ckpt.latest_step()
         if step is None:
             raise FileNotFoundError(f"model checkpoint {directory} holds no finished checkpoint")
-        out = ckpt.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                 meta=ocp.args.JsonRestore()))
+        return ckpt.manager.restore(step, args=ocp.args.Composite(**parts))
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - Orbax/tensorstore raise many types; all mean "these files are damaged"
         raise unreadable_model(directory, e) from None
     finally:
         ckpt.close()
+
+
+def load_model_meta(directory: str | os.PathLike) -> dict:
+    """The JSON meta of a model written by :func:`save_model` (the arrays are not read); errors as
+    :func:`load_model`'s."""
+    return dict(_restore_model(paths.as_path(directory), with_arrays=False)["meta"])
+
+
+def load_model(directory: str | os.PathLike) -> tuple[ArchSpec, dict, dict]:
+    """Read a model written by :func:`save_model`; returns ``(spec, variables, meta)`` with host arrays.
+
+    Raises ``FileNotFoundError`` (no such folder, or no finished checkpoint in it) or ``ValueError`` in one line
+    naming the file or folder (a JSON file that does not parse, arrays that cannot be read, no architecture spec).
+    """
+    out = _restore_model(paths.as_path(directory), with_arrays=True)
     meta = dict(out["meta"])
     try:
         spec = ArchSpec.from_dict(meta.pop("spec"))
