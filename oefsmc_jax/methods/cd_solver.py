@@ -154,7 +154,8 @@ class LayerProblem:
     """One conv's CD problem, everything but the kernel being fitted.
 
     ``w_t``: the teacher's HWIO kernel; ``xs``/``xt``: the conv's NHWC inputs in the student/teacher; ``stride``,
-    ``padding``: the conv's; ``weights``: optional per-sample weights [n] (None = plain element means).
+    ``padding``: the conv's; ``weights``: optional per-sample weights [n] (None = plain element means).  Compared
+    by identity, since its fields are arrays.
     """
 
     w_t: Array
