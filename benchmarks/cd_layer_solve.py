@@ -25,7 +25,7 @@ def main() -> None:
     a = ap.parse_args()
     import jax
 
-    from oefsmc_jax.methods.cd_solver import cd_solve_layer
+    from oefsmc_jax.methods.cd_solver import CDSolveConfig, LayerProblem, cd_solve_layer
 
     print(f"device: {jax.devices()[0].device_kind}, {a.images} images, {a.iters} Adam steps per solve")
     print("| input (h=w, C) | gram ms/step | conv ms/step | conv / gram |")
@@ -39,8 +39,8 @@ def main() -> None:
         ms = {}
         for g in ("gram", "conv"):
             def solve(w0=w0, w_t=w_t, xs=xs, xt=xt, keep=c // 2 + 1, g=g) -> None:
-                cd_solve_layer(w0, w_t, xs, xt, keep=keep, iters=a.iters, lr=1e-3, mu=0.9,
-                               gradient=g).w.block_until_ready()
+                cfg = CDSolveConfig(iters=a.iters, lr=1e-3, mu=0.9, gradient=g)
+                cd_solve_layer(w0, LayerProblem(w_t, xs, xt), keep=keep, config=cfg).w.block_until_ready()
             solve()  # compile
             best = float("inf")
             for _ in range(a.rounds):

@@ -2,8 +2,9 @@
 
 The workload is one OE-FSMC KD fine-tuning step as in ``step_throughput.py`` (a CIFAR ResNet teacher in eval
 mode, its L1-pruned and shrunk student in train mode, ``B_id`` ID + ``B_ood`` OOD images per run and step, the
-paper's 64 + 64 by default), but trained by ``make_train_step(..., grouped=True)``: R students, each with its own
-parameters, optimizer state, BatchNorm statistics, ID/OOD pools and keys, and one shared teacher, in one program.
+paper's 64 + 64 by default), but trained by ``make_train_step(..., group=GroupStep(...))``: R students, each with
+its own parameters, optimizer state, BatchNorm statistics, ID/OOD pools and keys, and one shared teacher, in one
+program.
 
 For each R it reports the images/s of all R runs together, the speed-up over one run (R x one run's time / the
 group's time: above 1 means the group beats running its runs one after another), and the arithmetic rate achieved
@@ -36,6 +37,7 @@ from oefsmc_jax.training.optim import make_optimizer  # noqa: E402
 from oefsmc_jax.training.parallel import make_mesh, replicate  # noqa: E402
 from oefsmc_jax.training.step import (  # noqa: E402
     GROUP_IMPLS,
+    GroupStep,
     StepConfig,
     StepData,
     init_state,
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, int], dict[str, float
     tx, _ = make_optimizer(optim, 1000)
     student, teacher = build_model(s_spec, bn_axis_name="data"), build_model(t_spec)
     impls = list(dict.fromkeys(resolve_group_impl(i, dev.platform) for i in args.impl))
-    grouped = {i: make_train_step(mesh, student, teacher, recipe, tx, cfg, grouped=True, group_impl=i) for i in impls}
+    grouped = {i: make_train_step(mesh, student, teacher, recipe, tx, cfg, GroupStep(shared_teacher=True, impl=i))
+               for i in impls}
     tv = replicate(t_vars, mesh)
     data1 = StepData(x_id=host["x_id"], y_id=host["y_id"], x_ood=host["x_ood"], id_probs=None, gamma=host["gamma"],
                      reg_weights=host["reg_weights"])

@@ -8,6 +8,8 @@ import pytest
 from oefsmc_jax.methods.cd_solver import (
     RESNET56_SKIP,
     CDLayer,
+    CDSolveConfig,
+    LayerProblem,
     cd_keep_count,
     cd_layer_loss,
     cd_layer_terms,
@@ -50,7 +52,8 @@ def np_terms(w, w_t, xs, xt, stride, pad, weights=None):
 def reference_solve(w_init, w_t, xs, xt, keep, iters, lr, mu, weights):
     """Straight transcription of the official ``__solve_lst_pgd`` loop (torch Adam, mask_grad, proximal_map),
     with gradients from jax; the final target is forced to ``keep`` and ties cannot occur with random data."""
-    grad = jax.jit(jax.grad(lambda w: cd_layer_loss(w, w_t, xs, xt, stride=1, padding=1, mu=mu, weights=weights)))
+    problem = LayerProblem(w_t, xs, xt, stride=1, padding=1, weights=weights)
+    grad = jax.jit(jax.grad(lambda w: cd_layer_loss(w, problem, mu=mu)))
     w = np.asarray(w_init, np.float64).copy()
     ci = w.shape[2]
     m, v = np.zeros_like(w), np.zeros_like(w)
@@ -105,8 +108,8 @@ def solved_a(layer_a):
     w_t, xs, xt, weights = layer_a
     rng = np.random.default_rng(10)
     w_init = (w_t + rng.normal(0, 0.1, w_t.shape)).astype(np.float32)
-    res = cd_solve_layer(w_init, w_t, xs, xt, keep=3, iters=10, lr=0.01, mu=0.9, weights=weights,
-                         return_state=True)
+    res = cd_solve_layer(w_init, LayerProblem(w_t, xs, xt, weights=weights), keep=3,
+                         config=CDSolveConfig(iters=10, lr=0.01, mu=0.9, return_state=True))
     return w_init, res
 
 
@@ -115,16 +118,16 @@ def solved_a(layer_a):
 def test_loss_terms_match_numpy_and_mu_extremes(layer_b, stride):
     w_t, xs, xt, weights = layer_b
     w = w_t + np.random.default_rng(2).normal(0, 0.2, w_t.shape).astype(np.float32)
-    lc, li = cd_layer_terms(w, w_t, xs, xt, stride=stride, padding=1)
+    problem = LayerProblem(w_t, xs, xt, stride=stride, padding=1)
+    lc, li = cd_layer_terms(w, problem)
     ref_lc, ref_li = np_terms(w, w_t, xs, xt, stride, 1)
     assert float(lc) == pytest.approx(ref_lc, rel=1e-5) and float(li) == pytest.approx(ref_li, rel=1e-5)
     assert ref_lc != pytest.approx(ref_li, rel=1e-2)  # the two terms really see different inputs
-    kw = dict(stride=stride, padding=1)
-    assert float(cd_layer_loss(w, w_t, xs, xt, mu=1.0, **kw)) == float(lc)
-    assert float(cd_layer_loss(w, w_t, xs, xt, mu=0.0, **kw)) == float(li)
-    assert float(cd_layer_loss(w, w_t, xs, xt, mu=0.6, **kw)) == pytest.approx(0.6 * ref_lc + 0.4 * ref_li, rel=1e-5)
+    assert float(cd_layer_loss(w, problem, mu=1.0)) == float(lc)
+    assert float(cd_layer_loss(w, problem, mu=0.0)) == float(li)
+    assert float(cd_layer_loss(w, problem, mu=0.6)) == pytest.approx(0.6 * ref_lc + 0.4 * ref_li, rel=1e-5)
     # the stride really reaches the convs: the other stride gives other terms
-    other_lc, other_li = cd_layer_terms(w, w_t, xs, xt, stride=3 - stride, padding=1)
+    other_lc, other_li = cd_layer_terms(w, LayerProblem(w_t, xs, xt, stride=3 - stride, padding=1))
     assert float(other_lc) != pytest.approx(float(lc), rel=1e-3)
     assert float(other_li) != pytest.approx(float(li), rel=1e-3)
 
@@ -132,20 +135,20 @@ def test_loss_terms_match_numpy_and_mu_extremes(layer_b, stride):
 def test_loss_weights(layer_b):
     w_t, xs, xt, weights = layer_b
     w = w_t + np.random.default_rng(3).normal(0, 0.2, w_t.shape).astype(np.float32)
-    plain = float(cd_layer_loss(w, w_t, xs, xt, mu=0.7))
-    equal = float(cd_layer_loss(w, w_t, xs, xt, mu=0.7, weights=np.full(6, 2.5, np.float32)))
+    plain = float(cd_layer_loss(w, LayerProblem(w_t, xs, xt), mu=0.7))
+    equal = float(cd_layer_loss(w, LayerProblem(w_t, xs, xt, weights=np.full(6, 2.5, np.float32)), mu=0.7))
     assert equal == pytest.approx(plain, rel=1e-6)
     ref_lc, ref_li = np_terms(w, w_t, xs, xt, 1, 1, weights)
-    lc, li = cd_layer_terms(w, w_t, xs, xt, weights=weights)
+    lc, li = cd_layer_terms(w, LayerProblem(w_t, xs, xt, weights=weights))
     assert float(lc) == pytest.approx(ref_lc, rel=1e-5) and float(li) == pytest.approx(ref_li, rel=1e-5)
-    weighted = float(cd_layer_loss(w, w_t, xs, xt, mu=0.7, weights=weights))
+    weighted = float(cd_layer_loss(w, LayerProblem(w_t, xs, xt, weights=weights), mu=0.7))
     assert weighted == pytest.approx(0.7 * ref_lc + 0.3 * ref_li, rel=1e-5)
     assert abs(weighted - plain) > 1e-3 * plain
     # a one-hot weight vector is the loss of that sample alone
     one = np.zeros(6, np.float32)
     one[4] = 3.0
-    alone = float(cd_layer_loss(w, w_t, xs[4:5], xt[4:5], mu=0.7))
-    assert float(cd_layer_loss(w, w_t, xs, xt, mu=0.7, weights=one)) == pytest.approx(alone, rel=1e-5)
+    alone = float(cd_layer_loss(w, LayerProblem(w_t, xs[4:5], xt[4:5]), mu=0.7))
+    assert float(cd_layer_loss(w, LayerProblem(w_t, xs, xt, weights=one), mu=0.7)) == pytest.approx(alone, rel=1e-5)
 
 
 # ---------------------------------------------------------------------- schedule
@@ -194,8 +197,8 @@ def test_solver_pruned_groups_exactly_zero(solved_a):
 @pytest.mark.parametrize("keep,iters", [(2, 9), (4, 7), (1, 2), (5, 1)])
 def test_solver_kept_count_exact(layer_b, keep, iters):
     w_t, xs, xt, weights = layer_b
-    res = cd_solve_layer(w_t, w_t, xs, xt, keep=keep, iters=iters, lr=0.01, mu=0.6, weights=weights,
-                         return_state=True)
+    res = cd_solve_layer(w_t, LayerProblem(w_t, xs, xt, weights=weights), keep=keep,
+                         config=CDSolveConfig(iters=iters, lr=0.01, mu=0.6, return_state=True))
     mask = np.asarray(res.in_mask)
     assert int(mask.sum()) == keep
     assert (np.asarray(res.w)[:, :, mask == 0, :] == 0.0).all()
@@ -206,40 +209,42 @@ def test_solver_kept_count_exact(layer_b, keep, iters):
 def test_solver_reduces_loss_and_beats_plain_masking(layer_b):
     w_t, xs, xt, weights = layer_b
     w_init = w_t + np.random.default_rng(4).normal(0, 0.3, w_t.shape).astype(np.float32)
-    res = cd_solve_layer(w_init, w_t, xs, xt, keep=3, iters=120, lr=0.02, mu=0.6, weights=weights)
+    problem = LayerProblem(w_t, xs, xt, weights=weights)
+    res = cd_solve_layer(w_init, problem, keep=3, config=CDSolveConfig(iters=120, lr=0.02, mu=0.6))
     assert res.adam is None
-    start = float(cd_layer_loss(w_init, w_t, xs, xt, mu=0.6, weights=weights))
-    end = float(cd_layer_loss(res.w, w_t, xs, xt, mu=0.6, weights=weights))
+    start = float(cd_layer_loss(w_init, problem, mu=0.6))
+    end = float(cd_layer_loss(res.w, problem, mu=0.6))
     assert float(res.loss_init) == pytest.approx(start, rel=1e-5)
     assert float(res.loss_final) == pytest.approx(end, rel=1e-5)
     assert end < start
     # re-fitting beats just zeroing the same input channels of the teacher kernel
     masked_teacher = w_t * np.asarray(res.in_mask)[None, None, :, None]
-    assert end < 0.9 * float(cd_layer_loss(masked_teacher, w_t, xs, xt, mu=0.6, weights=weights))
+    assert end < 0.9 * float(cd_layer_loss(masked_teacher, problem, mu=0.6))
 
 
 def test_solver_no_pruning_fixed_point_and_refit(layer_b):
     w_t, xs, xt, weights = layer_b
-    res = cd_solve_layer(w_t, w_t, xt, xt, keep=6, iters=9, lr=0.01, mu=0.6, return_state=True)
+    res = cd_solve_layer(w_t, LayerProblem(w_t, xt, xt), keep=6,
+                         config=CDSolveConfig(iters=9, lr=0.01, mu=0.6, return_state=True))
     np.testing.assert_array_equal(np.asarray(res.w), w_t)
     assert float(res.loss_final) == 0.0 and (np.asarray(res.in_mask) == 1.0).all()
     # keep == C_in still re-fits: from a perturbed start the loss falls and nothing is pruned
     w_init = w_t + np.random.default_rng(5).normal(0, 0.3, w_t.shape).astype(np.float32)
-    res = cd_solve_layer(w_init, w_t, xs, xt, keep=6, iters=9, lr=0.01, mu=0.6)
+    res = cd_solve_layer(w_init, LayerProblem(w_t, xs, xt), keep=6, config=CDSolveConfig(iters=9, lr=0.01, mu=0.6))
     assert (np.asarray(res.in_mask) == 1.0).all() and float(res.loss_final) < float(res.loss_init)
 
 
 def test_solver_weights_change_result_and_jittable(layer_b):
     w_t, xs, xt, weights = layer_b
     w_init = w_t + np.random.default_rng(6).normal(0, 0.3, w_t.shape).astype(np.float32)
-    kw = dict(keep=2, iters=9, lr=0.01, mu=0.6)
-    a = cd_solve_layer(w_init, w_t, xs, xt, weights=weights, **kw)
-    b = cd_solve_layer(w_init, w_t, xs, xt, **kw)
+    kw = dict(keep=2, config=CDSolveConfig(iters=9, lr=0.01, mu=0.6))
+    a = cd_solve_layer(w_init, LayerProblem(w_t, xs, xt, weights=weights), **kw)
+    b = cd_solve_layer(w_init, LayerProblem(w_t, xs, xt), **kw)
     assert not np.allclose(np.asarray(a.w), np.asarray(b.w))
-    jitted = jax.jit(lambda w0, s, t, wt: cd_solve_layer(w0, w_t, s, t, weights=wt, **kw).w)
+    jitted = jax.jit(lambda w0, s, t, wt: cd_solve_layer(w0, LayerProblem(w_t, s, t, weights=wt), **kw).w)
     np.testing.assert_allclose(np.asarray(jitted(w_init, xs, xt, weights)), np.asarray(a.w), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError):
-        cd_solve_layer(w_init, w_t, xs[..., :5], xt[..., :5], **kw)
+        cd_solve_layer(w_init, LayerProblem(w_t, xs[..., :5], xt[..., :5]), **kw)
 
 
 # ---------------------------------------------------------------------- keep counts and plan
@@ -306,12 +311,13 @@ def test_gram_gradient_equals_conv_autodiff(layer_a, stride):
     """The default solver (gradient 2 A D from the im2col Gram) follows the autodiff-through-convs reference."""
     w_t, xs, xt, weights = layer_a
     w_init = w_t + np.random.default_rng(7).normal(0, 0.1, w_t.shape).astype(np.float32)
-    kw = dict(keep=5, iters=12, lr=0.01, mu=0.7, stride=stride, weights=weights, return_state=True)
-    a = cd_solve_layer(w_init, w_t, xs, xt, **kw)
-    b = cd_solve_layer(w_init, w_t, xs, xt, gradient="conv", **kw)
+    problem = LayerProblem(w_t, xs, xt, stride=stride, weights=weights)
+    kw = dict(iters=12, lr=0.01, mu=0.7, return_state=True)
+    a = cd_solve_layer(w_init, problem, keep=5, config=CDSolveConfig(**kw))
+    b = cd_solve_layer(w_init, problem, keep=5, config=CDSolveConfig(gradient="conv", **kw))
     np.testing.assert_array_equal(np.asarray(a.in_mask), np.asarray(b.in_mask))
     np.testing.assert_allclose(np.asarray(a.w), np.asarray(b.w), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.asarray(a.adam.m), np.asarray(b.adam.m), rtol=1e-3, atol=1e-7)
     assert float(a.loss_final) == pytest.approx(float(b.loss_final), rel=1e-4)
     with pytest.raises(ValueError, match="gradient"):
-        cd_solve_layer(w_init, w_t, xs, xt, gradient="adam", **kw)
+        CDSolveConfig(gradient="adam", **kw)

@@ -94,6 +94,28 @@ def test_kernel_under_vmap_and_shard_map():
     np.testing.assert_allclose(summed[0], ref.sum(0), rtol=1e-5, atol=1e-4)
 
 
+def test_drop_in_takes_every_call_lax_takes():
+    """The drop-in binds its arguments as ``lax.conv_general_dilated`` does: positional or keyword, the kernel for
+    an eligible convolution, ``lax`` unchanged for any other (here an argument the kernel does not handle)."""
+    cpu_conv.register()
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+    pad = ((1, 1), (1, 1))
+    ref = jax.lax.conv_general_dilated(x, w, (1, 1), pad, dimension_numbers=cpu_conv.NHWC)
+    calls = [lambda a, b: cpu_conv.conv_general_dilated(a, b, (1, 1), pad, None, None, cpu_conv.NHWC),
+             lambda a, b: cpu_conv.conv_general_dilated(lhs=a, rhs=b, window_strides=(1, 1), padding=pad,
+                                                        dimension_numbers=cpu_conv.NHWC)]
+    for conv in calls:
+        np.testing.assert_array_equal(np.asarray(conv(x, w)), np.asarray(ref))
+        assert "custom_vjp" in jax.make_jaxpr(conv)(x, w).pretty_print()
+    other = lambda a, b: cpu_conv.conv_general_dilated(a, b, (1, 1), pad, dimension_numbers=cpu_conv.NHWC,
+                                                       precision=jax.lax.Precision.HIGHEST)
+    assert "custom_vjp" not in jax.make_jaxpr(other)(x, w).pretty_print()
+    with pytest.raises(TypeError):
+        cpu_conv.conv_general_dilated(x, w, (1, 1), pad, no_such_argument=1)
+
+
 def test_bad_mode_is_named(monkeypatch):
     c = config_defaults.base_config()
     c.cpu_wgrad = "fastest"

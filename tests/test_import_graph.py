@@ -6,6 +6,8 @@ Every ``import`` counts, also inside functions, where a circle is easily hidden.
 packages). Not counted: the ``if __name__ == "__main__":`` block of a module that doubles as a script alias of the
 command line (it runs only when the file is the program, never when the module is imported), and modules named in
 strings (``importlib.import_module``, the command line's lazy subcommands, PEP 562 ``__getattr__``).
+
+Read the same way: no function of the package takes more than eight parameters.
 """
 
 from __future__ import annotations
@@ -154,3 +156,31 @@ def test_lower_layers_do_not_import_upper_ones(layer, forbidden):
     bad = [f"{mod} -> {target} (line {line})" for mod, edges in sorted(graph.items()) if _under(mod, layer)
            for target, line in sorted(edges.items()) if any(_under(target, f) for f in forbidden)]
     assert not bad, f"{layer} imports an upper layer:\n" + "\n".join(bad)
+
+
+#: at most this many parameters per function: more are grouped into a config or a value (a frozen dataclass)
+MAX_PARAMETERS = 8
+
+
+def _parameter_count(fn: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> int:
+    """Every parameter, positional and keyword-only, ``*args`` and ``**kwargs`` one each; a leading ``self`` or
+    ``cls`` is not counted."""
+    a = fn.args
+    names = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+    if names and names[0] in ("self", "cls"):
+        names = names[1:]
+    return len(names) + (a.vararg is not None) + (a.kwarg is not None)
+
+
+def test_no_function_takes_more_than_eight_parameters():
+    sample = ast.parse("def f(self, a, /, b, *c, d, **e): pass\ng = lambda x, *y: x").body
+    assert [_parameter_count(n) for n in (sample[0], sample[1].value)] == [5, 2]
+    bad = []
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                n = _parameter_count(node)
+                if n > MAX_PARAMETERS:
+                    bad.append(f"{rel}:{node.lineno} {getattr(node, 'name', '<lambda>')} takes {n}")
+    assert not bad, f"functions with more than {MAX_PARAMETERS} parameters:\n" + "\n".join(bad)

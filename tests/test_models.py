@@ -13,6 +13,7 @@ import pytest
 from oefsmc_jax.models import (
     ArchSpec,
     ResidualBlock,
+    ResNetStages,
     build_model,
     cifar_resnet_spec,
     count_flops,
@@ -412,8 +413,8 @@ def test_shrink_basic_equivalence(tiny):
 @pytest.mark.slow
 def test_shrink_bottleneck_equivalence_with_folding():
     spec = resnet_spec(
-        family="imagenet_resnet", block="bottleneck", blocks_per_stage=(2, 1), planes=(4, 6),
-        stage_strides=(1, 2), stem_width=4, shortcut="B", num_classes=5,
+        family="imagenet_resnet", block="bottleneck", stages=ResNetStages(blocks=(2, 1), planes=(4, 6), strides=(1, 2)),
+        stem_width=4, shortcut="B", num_classes=5,
     )
     assert droppable_blocks(spec) == [(0, 1)]
     x = rand(4, 16, 16, 3, seed=3)

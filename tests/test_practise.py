@@ -11,7 +11,7 @@ import pytest
 
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.methods.base import CompressionContext
-from oefsmc_jax.methods.fit import batch_indices, fit
+from oefsmc_jax.methods.fit import FitConfig, batch_indices, fit
 from oefsmc_jax.methods.mir import MIR_RECIPE
 from oefsmc_jax.methods.practise import (
     DEFAULT_LATENCY_TARGET,
@@ -320,8 +320,8 @@ def test_fit_same_result_on_1_and_4_devices_and_equals_full_batch_descent():
     data = _regression()
     p0 = {"W": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
     tx = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.05, momentum=0.9))
-    run = lambda mesh, noise: fit(_loss, p0, data, tx=tx, steps=25, batch_size=20, key=jax.random.PRNGKey(1),
-                                  mesh=mesh, consts=jnp.float32(noise))
+    run = lambda mesh, noise: fit(_loss, p0, data, config=FitConfig(tx=tx, steps=25, batch_size=20, mesh=mesh),
+                                  key=jax.random.PRNGKey(1), consts=jnp.float32(noise))
     # jittered by keys that depend on each row's place in the global batch: the same on 1 and 4 devices
     p1, l1 = run(make_mesh(1), 0.1)
     p4, l4 = run(make_mesh(4), 0.1)
@@ -340,8 +340,8 @@ def test_fit_same_result_on_1_and_4_devices_and_equals_full_batch_descent():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p4, p)
     np.testing.assert_allclose(l4, ref, rtol=1e-4)
     with pytest.raises(ValueError, match=r"^fit: batch_size=6 must be a positive multiple of the device count 4$"):
-        fit(_loss, p0, data, tx=tx, steps=2, batch_size=6, key=jax.random.PRNGKey(1), mesh=make_mesh(4),
-            consts=jnp.float32(0))
+        fit(_loss, p0, data, config=FitConfig(tx=tx, steps=2, batch_size=6, mesh=make_mesh(4)),
+            key=jax.random.PRNGKey(1), consts=jnp.float32(0))
 
 
 def test_batch_indices():

@@ -152,7 +152,7 @@ def test_a_stopping_process_keeps_its_handlers_and_exit_75(capfd):
 def test_cd_stops_at_the_first_layer_boundary(monkeypatch):
     _no_forward(monkeypatch)
     calls = []
-    monkeypatch.setattr(cd_module, "cd_solve_layer", _requesting(calls, lambda w_s, w_t, xs, xt, keep, **kw:
+    monkeypatch.setattr(cd_module, "cd_solve_layer", _requesting(calls, lambda w_s, problem, keep, config:
                         types.SimpleNamespace(w=w_s, in_mask=np.ones(w_s.shape[2]), loss_init=0.0, loss_final=0.0)))
     method = CD(0.5, CD.from_config({"prune_ratio": 0.5, "cd": {"iters": 2}}, SPEC).params)
     n = len(cd_module.cd_plan(SPEC, 0.5))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -168,19 +169,32 @@ def plot_per_class(
     if teacher is not None and len(teacher) != k:
         raise ValueError(f"teacher has {len(teacher)} per-class values for {k} classes")
 
-    order = class_order(train_counts)
-    x = np.arange(k, dtype=np.float64)
-
-    def vals(seq: Sequence[float | None]) -> np.ndarray:
-        return np.array([np.nan if seq[c] is None else float(seq[c]) for c in order], dtype=np.float64)
-
+    chart = _PerClassChart(class_names, train_counts, arms, teacher, title, class_order(train_counts))
     with PLOT_LOCK:
-        return _draw_per_class(plt, path, class_names, train_counts, arms, teacher, title, order, x, vals, k)
+        return _draw_per_class(plt, path, chart)
 
 
-def _draw_per_class(plt: Any, path: Any, class_names: Sequence[str], train_counts: Sequence[int],
-                    arms: Mapping[str, Sequence[float | None]], teacher: Sequence[float | None] | None,
-                    title: str | None, order: Any, x: np.ndarray, vals: Callable, k: int) -> paths.Path:
+@dataclasses.dataclass(frozen=True)
+class _PerClassChart:
+    """What :func:`plot_per_class` draws, checked; ``order``: the classes left to right."""
+
+    class_names: Sequence[str]
+    train_counts: Sequence[int]
+    arms: Mapping[str, Sequence[float | None]]
+    teacher: Sequence[float | None] | None
+    title: str | None
+    order: Sequence[int]
+
+    def vals(self, seq: Sequence[float | None]) -> np.ndarray:
+        """``seq``'s per-class values in the chart's order, None as NaN."""
+        return np.array([np.nan if seq[c] is None else float(seq[c]) for c in self.order], dtype=np.float64)
+
+
+def _draw_per_class(plt: Any, path: Any, chart: _PerClassChart) -> paths.Path:
+    class_names, train_counts, arms, teacher = chart.class_names, chart.train_counts, chart.arms, chart.teacher
+    title, order, vals = chart.title, chart.order, chart.vals
+    k = len(class_names)
+    x = np.arange(k, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(9.0, 4.5), dpi=100)
     try:
         n_arms = max(len(arms), 1)

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import os
 import pathlib
 import platform
 import shutil
 import subprocess
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -200,35 +202,43 @@ def _conv3x3_bwd(stride: int, res: tuple[jax.Array, jax.Array], dy: jax.Array) -
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
-def _eligible(lhs: Any, rhs: Any, window_strides: Any, padding: Any, lhs_dilation: Any, rhs_dilation: Any,
-              dimension_numbers: Any, feature_group_count: int, batch_group_count: int) -> bool:
+#: the drop-in binds its arguments against ``lax.conv_general_dilated``'s own signature, so it takes every call that
+#: ``lax`` takes (positional or keyword, arguments added in later jax versions included)
+_LAX_SIGNATURE = inspect.signature(lax.conv_general_dilated)
+#: the arguments :func:`_eligible` checks; any other one (precision, preferred_element_type, ...) must be None
+_CHECKED = frozenset({"lhs", "rhs", "window_strides", "padding", "lhs_dilation", "rhs_dilation", "dimension_numbers",
+                      "feature_group_count", "batch_group_count"})
+
+
+def _eligible(args: Mapping[str, Any]) -> bool:
+    """Whether the call ``args`` (``lax.conv_general_dilated``'s arguments by name, defaults filled in) is a float32
+    3x3 padding-1 NHWC convolution with equal strides and no dilation or groups."""
+    lhs, rhs, padding = args["lhs"], args["rhs"], args["padding"]
+    if any(v is not None for name, v in args.items() if name not in _CHECKED):
+        return False
     if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32:
         return False
     if isinstance(padding, str) or tuple(map(tuple, padding)) != ((1, 1), (1, 1)):
         return False
-    strides = tuple(window_strides)
-    if len(strides) != 2 or strides[0] != strides[1] or feature_group_count != 1 or batch_group_count != 1:
+    strides = tuple(args["window_strides"])
+    if (len(strides) != 2 or strides[0] != strides[1] or args["feature_group_count"] != 1
+            or args["batch_group_count"] != 1):
         return False
-    if any(d is not None and tuple(d) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
+    if any(d is not None and tuple(d) != (1, 1) for d in (args["lhs_dilation"], args["rhs_dilation"])):
         return False
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, args["dimension_numbers"])
     if dn != lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC):
         return False
     return rhs.shape[:2] == (3, 3)
 
 
-def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any,
-                         lhs_dilation: Any = None, rhs_dilation: Any = None, dimension_numbers: Any = None,
-                         feature_group_count: int = 1, batch_group_count: int = 1, precision: Any = None,
-                         preferred_element_type: Any = None) -> jax.Array:
-    """Drop-in for ``lax.conv_general_dilated`` (what the models' ``nn.Conv`` call when built with it): once the
-    kernel is registered (:func:`register`), a float32 3x3 padding-1 NHWC convolution becomes :func:`conv3x3`;
-    anything else is ``lax``'s, unchanged."""
-    if (_library is not None and precision is None and preferred_element_type is None
-            and _eligible(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                          feature_group_count, batch_group_count)):
-        return conv3x3(lhs, rhs, int(window_strides[0]))
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                    rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                    feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-                                    precision=precision, preferred_element_type=preferred_element_type)
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+    """Drop-in for ``lax.conv_general_dilated``, with its arguments (what the models' ``nn.Conv`` call when built
+    with it): once the kernel is registered (:func:`register`), a float32 3x3 padding-1 NHWC convolution becomes
+    :func:`conv3x3`; anything else is ``lax``'s, unchanged."""
+    if _library is not None:
+        bound = _LAX_SIGNATURE.bind(lhs, rhs, *args, **kwargs)
+        bound.apply_defaults()
+        if _eligible(bound.arguments):
+            return conv3x3(lhs, rhs, int(bound.arguments["window_strides"][0]))
+    return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)

@@ -46,7 +46,7 @@ from oefsmc_jax.methods.base import (
     shared,
     sub_config,
 )
-from oefsmc_jax.methods.cd_solver import cd_plan, cd_solve_layer
+from oefsmc_jax.methods.cd_solver import CDSolveConfig, LayerProblem, cd_plan, cd_solve_layer
 from oefsmc_jax.methods.l1 import KD
 from oefsmc_jax.models import ArchSpec, set_masks
 from oefsmc_jax.models.surgery import _copy, _get, _set
@@ -131,6 +131,7 @@ def cd_stage(keep_ratio: float, p: CDParams) -> Stage:
         w = jnp.asarray(w, jnp.float32)
         t_vars = ctx.teacher_variables
         plan = cd_plan(spec, keep_ratio)
+        solve_cfg = CDSolveConfig(iters=p.iters, lr=lr, mu=mu)
         records = []
         every = ["/".join(layer.path) + ":in" for layer in plan]  # one compiled forward per network
         for i, layer in enumerate(plan):
@@ -140,8 +141,8 @@ def cd_stage(keep_ratio: float, p: CDParams) -> Stage:
             xt = ctx.activations(ctx.teacher_spec, t_vars, every, x=x, keep=[point])[point]
             w_t = jnp.asarray(_get(t_vars["params"], layer.path)["kernel"])
             w_s = jnp.asarray(_get(variables["params"], layer.path)["kernel"])
-            res = cd_solve_layer(w_s, w_t, xs, xt, keep=layer.keep, iters=p.iters, lr=lr, mu=mu,
-                                 stride=layer.stride, padding=1, weights=w)
+            problem = LayerProblem(w_t, xs, xt, stride=layer.stride, padding=1, weights=w)
+            res = cd_solve_layer(w_s, problem, keep=layer.keep, config=solve_cfg)
             out = _copy(variables)
             _set(out["params"], (*layer.path, "kernel"), res.w)
             variables = out

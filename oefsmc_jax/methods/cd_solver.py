@@ -44,8 +44,8 @@ Deviations from the official code (each documented where it happens):
   is forced to ``keep`` at ``i = iters//3`` so the final kept count always equals ``keep``; no change for the
   shipped settings (iters 3000, or 1000 with ``C_in - keep < 1000``).
 * **lr off-by-one** [kept by default]: the official code sets the lr to ``0.1 * lr`` *after* the step of
-  ``i = iters//3 + 1``, so that step still uses the full lr.  Kept (``fix_lr_offbyone=False``); with
-  ``fix_lr_offbyone=True`` every step ``i > iters//3`` uses ``0.1 * lr``.
+  ``i = iters//3 + 1``, so that step still uses the full lr.  Kept (``CDSolveConfig.fix_lr_offbyone=False``);
+  with ``fix_lr_offbyone=True`` every step ``i > iters//3`` uses ``0.1 * lr``.
 * The official mask is applied to the moments at the start of the next step; here the moments are also masked
   right after a projection (idempotent, so the iterates are the same), which makes the returned moments of
   pruned channels exactly 0 even when the last projection falls on the last step.
@@ -149,23 +149,36 @@ def _check_layer_inputs(w: Array, w_t: Array, xs: Array, xt: Array, weights: Arr
         raise ValueError(f"weights must have shape ({np.shape(xs)[0]},), got {np.shape(weights)}")
 
 
-def cd_layer_terms(
-    w: Array, w_t: Array, xs: Array, xt: Array, *, stride: int | Sequence[int] = 1, padding: PaddingLike = 1,
-    weights: Array | None = None, precision: Any = lax.Precision.HIGHEST,
-) -> tuple[Array, Array]:
-    """CD's two layer terms ``(Lc, Li)`` (correction, imitation); see the module docstring."""
-    _check_layer_inputs(w, w_t, xs, xt, weights)
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerProblem:
+    """One conv's CD problem, everything but the kernel being fitted.
+
+    ``w_t``: the teacher's HWIO kernel; ``xs``/``xt``: the conv's NHWC inputs in the student/teacher; ``stride``,
+    ``padding``: the conv's; ``weights``: optional per-sample weights [n] (None = plain element means).  Compared
+    by identity, since its fields are arrays.
+    """
+
+    w_t: Array
+    xs: Array
+    xt: Array
+    stride: int | Sequence[int] = 1
+    padding: PaddingLike = 1
+    weights: Array | None = None
+
+
+def cd_layer_terms(w: Array, problem: LayerProblem, *,
+                   precision: Any = lax.Precision.HIGHEST) -> tuple[Array, Array]:
+    """CD's two layer terms ``(Lc, Li)`` (correction, imitation) of kernel ``w``; see the module docstring."""
+    pb = problem
+    _check_layer_inputs(w, pb.w_t, pb.xs, pb.xt, pb.weights)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
-    return _terms_jit(f32(w), f32(w_t), f32(xs), f32(xt), None if weights is None else f32(weights),
-                      _norm_stride(stride), _norm_padding(padding), precision)
+    return _terms_jit(f32(w), f32(pb.w_t), f32(pb.xs), f32(pb.xt), None if pb.weights is None else f32(pb.weights),
+                      _norm_stride(pb.stride), _norm_padding(pb.padding), precision)
 
 
-def cd_layer_loss(
-    w: Array, w_t: Array, xs: Array, xt: Array, *, stride: int | Sequence[int] = 1, padding: PaddingLike = 1,
-    mu: float, weights: Array | None = None, precision: Any = lax.Precision.HIGHEST,
-) -> Array:
-    """CD layer loss ``mu * Lc + (1 - mu) * Li`` (scalar); ``mu`` may be traced."""
-    lc, li = cd_layer_terms(w, w_t, xs, xt, stride=stride, padding=padding, weights=weights, precision=precision)
+def cd_layer_loss(w: Array, problem: LayerProblem, *, mu: float, precision: Any = lax.Precision.HIGHEST) -> Array:
+    """CD layer loss ``mu * Lc + (1 - mu) * Li`` (scalar) of kernel ``w``; ``mu`` may be traced."""
+    lc, li = cd_layer_terms(w, problem, precision=precision)
     return mu * lc + (1.0 - mu) * li
 
 
@@ -216,7 +229,7 @@ class CDLayerResult(NamedTuple):
 
     ``w``: the re-fitted kernel (pruned input channels exactly 0); ``in_mask``: float32 [C_in], 1 = kept;
     ``loss_init`` / ``loss_final``: the layer loss at ``w_init`` and at ``w``; ``adam``: the final Adam state
-    (only with ``return_state=True``, else None).
+    (only with ``CDSolveConfig.return_state``, else None).
     """
 
     w: Array
@@ -224,6 +237,42 @@ class CDLayerResult(NamedTuple):
     loss_init: Array
     loss_final: Array
     adam: AdamState | None
+
+
+_GRADIENTS = ("gram", "conv")
+
+
+@dataclasses.dataclass(frozen=True)
+class CDSolveConfig:
+    """Settings of :func:`cd_solve_layer`, the same for every conv of a network.
+
+    ``iters``: Adam steps; ``lr``: Adam's learning rate (``0.1 * lr`` after the first third); ``mu``: weight of the
+    correction term; ``fix_lr_offbyone``: every step after the first third at ``0.1 * lr`` (default: the official
+    off-by-one, see the module docstring); ``precision``: of the convs and matmuls; ``gradient``: "gram" (the
+    quadratic form, default) or "conv" (autodiff through the convs, the slow reference); ``return_state``: keep
+    the final Adam state in the result.
+    """
+
+    iters: int
+    lr: float
+    mu: float
+    fix_lr_offbyone: bool = False
+    precision: Any = lax.Precision.HIGHEST
+    gradient: str = "gram"
+    return_state: bool = False
+
+    def __post_init__(self) -> None:
+        if self.gradient not in _GRADIENTS:
+            raise ValueError(f"gradient must be 'gram' or 'conv', got {self.gradient!r}")
+
+
+class _LayerArrays(NamedTuple):
+    """The traced float32 inputs of one layer's solve (a pytree, so one argument of the jitted solver)."""
+
+    w_t: Array
+    xs: Array
+    xt: Array
+    weights: Array
 
 
 def _select_top(w: Array, mask: Array, k: Array) -> Array:
@@ -267,13 +316,16 @@ def _norm(xs, w, weights, stride, padding):
 
 
 @partial(jax.jit, static_argnames=("stride", "padding", "precision", "gradient"))
-def _solve(w_init, w_t, xs, xt, weights, ks, proj, lrs, mu, *, stride, padding, precision, gradient):
+def _solve(w_init, layer, schedule, mu, *, stride, padding, precision, gradient):
+    """``schedule``: the per-step (target k, projection flag, lr) arrays of :func:`_adam_topk`."""
+    w_t, xs, xt, weights = layer
+
     def loss_fn(w):
         lc, li = _terms(w, w_t, xs, xt, weights, stride, padding, precision)
         return mu * lc + (1.0 - mu) * li
 
     if gradient == "conv":  # autodiff through the four convs (reference; slow on CPUs)
-        return _adam_topk(w_init, jax.grad(loss_fn), ks, proj, lrs) + (loss_fn(w_init),)
+        return _adam_topk(w_init, jax.grad(loss_fn), *schedule) + (loss_fn(w_init),)
     kh, kw, c_in, c_out = w_init.shape
     a = _gram(xs, xt, weights, mu, (kh, kw), stride, padding, precision) / _norm(xs, w_init, weights, stride,
                                                                               padding)
@@ -283,7 +335,7 @@ def _solve(w_init, w_t, xs, xt, weights, ks, proj, lrs, mu, *, stride, padding, 
         g = 2.0 * jnp.matmul(a, d, precision=precision)
         return jnp.transpose(g.reshape(c_in, kh, kw, c_out), (1, 2, 0, 3))
 
-    return _adam_topk(w_init, grad_fn, ks, proj, lrs) + (loss_fn(w_init),)
+    return _adam_topk(w_init, grad_fn, *schedule) + (loss_fn(w_init),)
 
 
 def _adam_topk(w_init, grad_fn, ks, proj, lrs):
@@ -320,38 +372,31 @@ def _adam_topk(w_init, grad_fn, ks, proj, lrs):
     return w, mask, AdamState(m, v, t)
 
 
-def cd_solve_layer(
-    w_init: Array, w_t: Array, xs: Array, xt: Array, *, keep: int, iters: int, lr: float, mu: float,
-    stride: int | Sequence[int] = 1, padding: PaddingLike = 1, weights: Array | None = None,
-    return_state: bool = False, fix_lr_offbyone: bool = False, precision: Any = lax.Precision.HIGHEST,
-    gradient: str = "gram",
-) -> CDLayerResult:
+def cd_solve_layer(w_init: Array, problem: LayerProblem, *, keep: int, config: CDSolveConfig) -> CDLayerResult:
     """Re-fit one conv with CD's masked Adam + shrinking hard top-k input-channel projection.
 
-    ``w_init``/``w_t``: student/teacher HWIO kernels; ``xs``/``xt``: the conv's NHWC inputs in student/teacher;
-    ``keep``: input channels left at the end (``keep == C_in``: no pruning, the layer is only re-fitted);
-    ``weights``: optional per-sample weights [n] (None = plain element means).  One compile per
-    (kernel shape, input shape, stride, padding, iters); ``keep``, ``lr``, ``mu`` and ``weights`` values do not
-    recompile.  ``gradient``: "gram" (the quadratic form, default) or "conv" (autodiff through the convs, the
-    slow reference).  See the module docstring for the exact iteration and the deviations from the official code.
+    ``w_init``: the student's HWIO kernel, the start; ``problem``: the teacher's kernel and the conv's inputs;
+    ``keep``: input channels left at the end (``keep == C_in``: no pruning, the layer is only re-fitted).  One
+    compile per (kernel shape, input shape, stride, padding, iters); ``keep``, ``lr``, ``mu`` and ``weights``
+    values do not recompile.  See the module docstring for the exact iteration and the deviations from the
+    official code.
     """
-    _check_layer_inputs(w_init, w_t, xs, xt, weights)
+    pb, cfg = problem, config
+    _check_layer_inputs(w_init, pb.w_t, pb.xs, pb.xt, pb.weights)
     c_in = int(np.shape(w_init)[2])
-    ks, proj, lr_factor = cd_schedule(c_in, keep, iters, fix_lr_offbyone=fix_lr_offbyone)
+    ks, proj, lr_factor = cd_schedule(c_in, keep, cfg.iters, fix_lr_offbyone=cfg.fix_lr_offbyone)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
-    n = int(np.shape(xs)[0])
-    wts = jnp.ones((n,), jnp.float32) if weights is None else f32(weights)
-    if gradient not in ("gram", "conv"):
-        raise ValueError(f"gradient must be 'gram' or 'conv', got {gradient!r}")
-    st, pd = _norm_stride(stride), _norm_padding(padding)
+    n = int(np.shape(pb.xs)[0])
+    wts = jnp.ones((n,), jnp.float32) if pb.weights is None else f32(pb.weights)
+    st, pd = _norm_stride(pb.stride), _norm_padding(pb.padding)
     w, mask, adam, l0 = _solve(
-        f32(w_init), f32(w_t), f32(xs), f32(xt), wts, jnp.asarray(ks), jnp.asarray(proj),
-        jnp.asarray(lr_factor) * jnp.float32(lr), jnp.float32(mu),
-        stride=st, padding=pd, precision=precision, gradient=gradient,
+        f32(w_init), _LayerArrays(f32(pb.w_t), f32(pb.xs), f32(pb.xt), wts),
+        (jnp.asarray(ks), jnp.asarray(proj), jnp.asarray(lr_factor) * jnp.float32(cfg.lr)), jnp.float32(cfg.mu),
+        stride=st, padding=pd, precision=cfg.precision, gradient=cfg.gradient,
     )
-    lc, li = _terms_jit(w, f32(w_t), f32(xs), f32(xt), wts, st, pd, precision)
-    l1 = jnp.float32(mu) * lc + (1.0 - jnp.float32(mu)) * li
-    return CDLayerResult(w, mask, l0, l1, adam if return_state else None)
+    lc, li = _terms_jit(w, f32(pb.w_t), f32(pb.xs), f32(pb.xt), wts, st, pd, cfg.precision)
+    l1 = jnp.float32(cfg.mu) * lc + (1.0 - jnp.float32(cfg.mu)) * li
+    return CDLayerResult(w, mask, l0, l1, adam if cfg.return_state else None)
 
 
 # ---------------------------------------------------------------------- which convs, how many inputs
@@ -447,6 +492,8 @@ __all__ = [
     "AdamState",
     "CDLayer",
     "CDLayerResult",
+    "CDSolveConfig",
+    "LayerProblem",
     "cd_default_skip",
     "cd_keep_count",
     "cd_layer_loss",

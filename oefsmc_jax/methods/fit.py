@@ -1,6 +1,6 @@
 """The inner fitting loop of compression stages: a few hundred optimizer steps on a small set of parameters.
 
-``fit(loss_fn, params, data, tx=..., steps=..., batch_size=..., key=..., mesh=...)`` trains only ``params``
+``fit(loss_fn, params, data, config=FitConfig(tx, steps, batch_size, mesh), key=...)`` trains only ``params``
 (everything else is closed over in ``loss_fn`` or passed as ``consts``) on mini-batches drawn from ``data``, a
 dict of arrays that share their leading axis (the calibration set: images, weights, ...).
 
@@ -22,6 +22,7 @@ How it runs (modelled on ``oefsmc_jax.training.step.make_train_step``):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -88,23 +89,35 @@ def _runner(loss_fn: LossFn, tx: optax.GradientTransformation, steps: int, batch
                    compiler_options=xla_cpu.compiler_options(xla_cpu.mesh_platform(mesh), cpu_fusion))
 
 
-def fit(loss_fn: LossFn, params: Any, data: Mapping[str, np.ndarray], *, tx: optax.GradientTransformation,
-        steps: int, batch_size: int, key: jax.Array, mesh: Mesh | None = None,
-        consts: Any = None, cpu_fusion: str = xla_cpu.DEFAULT) -> tuple[Any, np.ndarray]:
-    """Run ``steps`` optimizer steps of ``tx`` on ``params``; returns ``(params, losses)`` (``losses[t]``: the
-    global batch loss at step ``t``, before its update).
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+    """How :func:`fit` runs: ``steps`` steps of the optimizer ``tx`` on global batches of ``batch_size`` rows over
+    ``mesh`` (None: one device), compiled under the XLA:CPU fusion mode ``cpu_fusion`` (``training/xla_cpu.py``).
+    Hashable: the compiled loop is cached on it."""
+
+    tx: optax.GradientTransformation
+    steps: int
+    batch_size: int
+    mesh: Mesh | None = None
+    cpu_fusion: str = xla_cpu.DEFAULT
+
+
+def fit(loss_fn: LossFn, params: Any, data: Mapping[str, np.ndarray], *, config: FitConfig, key: jax.Array,
+        consts: Any = None) -> tuple[Any, np.ndarray]:
+    """Run ``config.steps`` optimizer steps of ``config.tx`` on ``params``; returns ``(params, losses)``
+    (``losses[t]``: the global batch loss at step ``t``, before its update).
 
     ``loss_fn(params, batch, keys)`` (``loss_fn(params, batch, keys, consts)`` when ``consts`` is given) sees this
     device's slice of the batch: ``batch[name]`` holds its rows of ``data[name]`` and ``keys`` one PRNG key per
     row (derived from the row's position in the global batch, e.g. for ``augment_batch``). It returns either a
     scalar mean over its rows (the global loss is the mean over devices) or a pair ``(total, norm)`` (the global
     loss is ``sum(total) / sum(norm)`` over devices, e.g. a weighted mean ``sum w_i l_i / sum w_i``; ``norm``
-    must not depend on ``params``). ``mesh`` defaults to one device; ``batch_size`` must be divisible by its
-    device count. ``cpu_fusion``: the XLA:CPU fusion mode the loop is compiled under (``training/xla_cpu.py``).
+    must not depend on ``params``). ``config.batch_size`` must be divisible by the mesh's device count.
     """
-    mesh = make_mesh(1) if mesh is None else mesh
+    tx = config.tx
+    mesh = make_mesh(1) if config.mesh is None else config.mesh
     ndev = num_devices(mesh)
-    steps, batch_size = int(steps), int(batch_size)
+    steps, batch_size = int(config.steps), int(config.batch_size)
     if batch_size < 1 or batch_size % ndev:
         raise ValueError(f"fit: batch_size={batch_size} must be a positive multiple of the device count {ndev}")
     if steps < 1:
@@ -117,7 +130,7 @@ def fit(loss_fn: LossFn, params: Any, data: Mapping[str, np.ndarray], *, tx: opt
     key = jnp.asarray(key)
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
-    cpu_fusion = xla_cpu.check_mode(cpu_fusion)
+    cpu_fusion = xla_cpu.check_mode(config.cpu_fusion)
     cache_key = (loss_fn, tx, steps, batch_size, mesh, consts is not None, cpu_fusion)
     run = _RUNNERS.get(cache_key)
     if run is None:
@@ -129,4 +142,4 @@ def fit(loss_fn: LossFn, params: Any, data: Mapping[str, np.ndarray], *, tx: opt
     return params, np.asarray(jax.device_get(losses))
 
 
-__all__ = ["batch_indices", "fit"]
+__all__ = ["FitConfig", "batch_indices", "fit"]

@@ -50,7 +50,7 @@ from jax import lax
 from oefsmc_jax.data.augment import augment_batch, normalize
 from oefsmc_jax.errors import fail
 from oefsmc_jax.methods.base import CompressionContext, Method, OESettings, Stage, hparams_from, shared, sub_config
-from oefsmc_jax.methods.fit import fit
+from oefsmc_jax.methods.fit import FitConfig, fit
 from oefsmc_jax.methods.mir import MIR_RECIPE
 from oefsmc_jax.models import ArchSpec, build_model, count_flops, drop_blocks, droppable_blocks, shrink
 from oefsmc_jax.models.latency import LATENCY_MODES, latency_cost
@@ -317,7 +317,8 @@ def practise_stage(p: PractiseParams) -> Stage:
         else:
             t_feat = np.asarray(ctx.activations(t_spec, t_vars, ["features"], x=x_all)["features"])
         loss_fn = _adaptor_loss(spec, t_spec, tuple(ctx.mean), tuple(ctx.std), p.pad, p.flip)
-        tx = _optimizer(p.lr, p.momentum, p.weight_decay, p.fit_steps)
+        fit_cfg = FitConfig(tx=_optimizer(p.lr, p.momentum, p.weight_decay, p.fit_steps), steps=p.fit_steps,
+                            batch_size=p.batch_size, mesh=mesh, cpu_fusion=ctx.cpu_fusion)
         data = {"x": np.asarray(cal.x), "w": weights}
         base_lat = _latency(t_spec, t_vars, image_size, ctx.latency, p.latency_batch)
         if p.target > 0:  # fail before the fits if even dropping every candidate is not enough
@@ -334,10 +335,8 @@ def practise_stage(p: PractiseParams) -> Stage:
             _, s_vars = drop_blocks(spec, variables, [(s, b)])
             use = {pt: jnp.asarray(pt in pts) for pt in union}
             before = weighted_feature_mse(spec, s_vars, eye, use, x_all, t_feat, weights, ctx.batch_size)
-            fitted, losses = fit(loss_fn, eye, data, tx=tx, steps=p.fit_steps, batch_size=p.batch_size,
-                                 key=jax.random.fold_in(ctx.key, i), mesh=mesh,
-                                 consts={"student": s_vars, "teacher": t_vars, "use": use},
-                                 cpu_fusion=ctx.cpu_fusion)
+            fitted, losses = fit(loss_fn, eye, data, config=fit_cfg, key=jax.random.fold_in(ctx.key, i),
+                                 consts={"student": s_vars, "teacher": t_vars, "use": use})
             rec = weighted_feature_mse(spec, s_vars, fitted, use, x_all, t_feat, weights, ctx.batch_size)
             lat = _latency(spec, s_vars, image_size, ctx.latency, p.latency_batch)
             red = _reduction(base_lat, lat)

@@ -18,6 +18,7 @@ from oefsmc_jax.models.flops import count_flops, count_params
 from oefsmc_jax.models.resnet import ConvFn, ResidualBlock, ResNet
 from oefsmc_jax.models.spec import (
     ArchSpec,
+    ResNetStages,
     build_arch,
     cifar_resnet_spec,
     imagenet_resnet_spec,
@@ -61,6 +62,7 @@ __all__ = [
     "VGG",
     "ArchSpec",
     "ResNet",
+    "ResNetStages",
     "ResidualBlock",
     "VGGLayer",
     "WidthLink",

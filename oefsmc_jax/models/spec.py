@@ -238,23 +238,36 @@ class ArchSpec:
 
 
 # ---------------------------------------------------------------------- constructors
+@dataclasses.dataclass(frozen=True)
+class ResNetStages:
+    """The stages of a ResNet: ``blocks[s]`` blocks of inner width ``planes[s]`` (stage width: planes,
+    bottleneck 4*planes), the first of them with stride ``strides[s]``."""
+
+    blocks: Sequence[int]
+    planes: Sequence[int]
+    strides: Sequence[int]
+
+    def __post_init__(self) -> None:
+        for name in ("blocks", "planes", "strides"):  # tuples, so the value is hashable
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.blocks) != len(self.planes) or len(self.planes) != len(self.strides):
+            raise ValueError("blocks, planes and strides must have the same length")
+        if any(n < 1 for n in self.blocks):
+            raise ValueError("every stage needs at least one block")
+
+
 def resnet_spec(
     *,
     family: str,
     block: str,
-    blocks_per_stage: Sequence[int],
-    planes: Sequence[int],
-    stage_strides: Sequence[int],
+    stages: ResNetStages,
     stem_width: int,
     shortcut: str,
     num_classes: int,
     in_channels: int = 3,
 ) -> ArchSpec:
-    """Generic ResNet spec; ``planes[s]`` is the inner width (stage width: planes, bottleneck 4*planes)."""
-    if len(blocks_per_stage) != len(planes) or len(planes) != len(stage_strides):
-        raise ValueError("blocks_per_stage, planes and stage_strides must have the same length")
-    if any(n < 1 for n in blocks_per_stage):
-        raise ValueError("every stage needs at least one block")
+    """Generic ResNet spec with the given ``stages``."""
+    blocks_per_stage, planes = stages.blocks, stages.planes
     exp = 4 if block == "bottleneck" else 1
     inner_one = (lambda p: (p, p)) if block == "bottleneck" else (lambda p: (p,))
     return ArchSpec(
@@ -264,7 +277,7 @@ def resnet_spec(
         block=block,
         stem_width=stem_width,
         stage_widths=tuple(exp * p for p in planes),
-        stage_strides=tuple(stage_strides),
+        stage_strides=stages.strides,
         inner_widths=tuple(tuple(inner_one(p) for _ in range(n)) for p, n in zip(planes, blocks_per_stage)),
         kept=tuple(tuple(True for _ in range(n)) for n in blocks_per_stage),
         shortcut=shortcut,
@@ -284,8 +297,8 @@ def cifar_resnet_spec(
         raise ValueError(f"CIFAR ResNets have 3 stages, got widths={widths}")
     n = (depth - 2) // 6
     return resnet_spec(
-        family="cifar_resnet", block="basic", blocks_per_stage=(n, n, n), planes=widths,
-        stage_strides=(1, 2, 2), stem_width=widths[0], shortcut=shortcut, num_classes=num_classes,
+        family="cifar_resnet", block="basic", stages=ResNetStages(blocks=(n, n, n), planes=widths, strides=(1, 2, 2)),
+        stem_width=widths[0], shortcut=shortcut, num_classes=num_classes,
     )
 
 
@@ -310,9 +323,9 @@ def imagenet_resnet_spec(
     if len(widths) != 4:
         raise ValueError(f"ImageNet ResNets have 4 stages, got widths={widths}")
     return resnet_spec(
-        family="imagenet_resnet", block=block, blocks_per_stage=nblocks, planes=widths,
-        stage_strides=(1, 2, 2, 2), stem_width=widths[0] if stem_width is None else stem_width,
-        shortcut="B", num_classes=num_classes,
+        family="imagenet_resnet", block=block,
+        stages=ResNetStages(blocks=nblocks, planes=widths, strides=(1, 2, 2, 2)),
+        stem_width=widths[0] if stem_width is None else stem_width, shortcut="B", num_classes=num_classes,
     )
 
 

@@ -28,8 +28,8 @@ from oefsmc_jax.training.compile_cache import CompileClock
 from oefsmc_jax.training.group import GroupProgram, same_tree
 from oefsmc_jax.training.preemption import NonFiniteError
 from oefsmc_jax.training.run_state import FinetuneResult, RunState
-from oefsmc_jax.training.step import resolve_group_impl
-from oefsmc_jax.training.train import GroupStep, RunJob, SoloProgram, Trainer, make_trainer
+from oefsmc_jax.training.step import GroupStep, resolve_group_impl
+from oefsmc_jax.training.train import RunJob, SoloProgram, Trainer, make_trainer
 from oefsmc_jax.training.xla_cpu import mesh_platform
 
 Log = Callable[[str], None]

@@ -106,6 +106,15 @@ class StepConfig:
     cpu_wgrad: str = cpu_conv.DEFAULT
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupStep:
+    """A grouped train step: whether its runs share one teacher, and how it runs them (``impl``: one of
+    :data:`GROUP_IMPLS`; :func:`make_train_step` resolves ``auto`` for the mesh's platform)."""
+
+    shared_teacher: bool
+    impl: str
+
+
 #: sets of at least this many images are sampled with replacement (``randint``, O(batch) per step) instead of without
 #: (``choice``, a permutation of the whole set every step); a batch of B then repeats an image with probability
 #: below B^2 / (2 n): 0.8 % for 32 of 65,536, 0.05 % for 32 of a million
@@ -197,18 +206,17 @@ def kernel_models(*models: nn.Module | None) -> tuple[nn.Module | None, ...]:
 
 
 def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, recipe: Recipe,
-                    tx: optax.GradientTransformation, cfg: StepConfig, grouped: bool = False,
-                    shared_teacher: bool = True, group_impl: str = "auto") -> Callable:
+                    tx: optax.GradientTransformation, cfg: StepConfig, group: GroupStep | None = None) -> Callable:
     """Build the jitted step ``(state, data, teacher_vars, masks, multipliers) -> (state, metrics)``.
 
     ``teacher`` may be None when neither the method nor joint distillation needs it. ``multipliers`` is the
     pytree of pruning-mask multipliers over ``params`` (see ``models.mask_multipliers``) or None.
 
-    ``grouped=True`` trains several runs of the same shapes at once: the step becomes
+    A ``group`` trains several runs of the same shapes at once: the step becomes
     ``(state, data, teacher_vars, masks, multipliers, active) -> (state, metrics)`` where every argument but the
-    teacher's variables (when ``shared_teacher``) has a leading run axis and ``active[r]`` (bool) says whether run
-    ``r`` trains this step (a stopped run keeps its state unchanged, its step counter included). It is
-    the one-run step mapped over runs inside the same ``shard_map`` (``group_impl``: ``jax.vmap``, ``lax.map`` or
+    teacher's variables (when ``group.shared_teacher``) has a leading run axis and ``active[r]`` (bool) says whether
+    run ``r`` trains this step (a stopped run keeps its state unchanged, its step counter included). It is
+    the one-run step mapped over runs inside the same ``shard_map`` (``group.impl``: ``jax.vmap``, ``lax.map`` or
     unrolled, see :data:`GROUP_IMPLS`): each run has its own parameters, optimizer state, BatchNorm statistics
     (``pmean``-ed over devices per run), data, keys and non-finite counters, so run ``r`` of a group follows the
     same trajectory as run ``r`` trained alone (to float rounding).
@@ -333,7 +341,7 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
     # Everything is replicated in and out: each device draws the global batch's indices, keys and labels from the
     # same step key and takes its own slice, so the only communication is the explicit pmean collectives.
     rep = P()
-    if not grouped:
+    if group is None:
         step = jax.shard_map(trace_check(per_device), mesh=mesh, in_specs=(rep,) * 5, out_specs=(rep, rep),
                              check_vma=False)
         return jax.jit(step, donate_argnums=(0,), compiler_options=opts)
@@ -342,7 +350,8 @@ def make_train_step(mesh: Mesh, student: nn.Module, teacher: nn.Module | None, r
         new_state, parts = per_device(state, data, teacher_vars, masks, mult)
         return jax.tree.map(lambda a, b: jnp.where(active, a, b), new_state, state), parts
 
-    impl = resolve_group_impl(group_impl, mesh_platform(mesh))
+    impl = resolve_group_impl(group.impl, mesh_platform(mesh))
+    shared_teacher = group.shared_teacher
 
     def over_runs(state, data, teacher_vars, masks, mult, active):
         if impl == "vmap":

@@ -24,7 +24,7 @@ from oefsmc_jax.training.feed import HostFeeder, pool_bytes
 from oefsmc_jax.training.optim import freeze, make_optimizer
 from oefsmc_jax.training.parallel import replicate
 from oefsmc_jax.training.recipe import Recipe
-from oefsmc_jax.training.step import StepConfig, StepData, make_predict, make_train_step
+from oefsmc_jax.training.step import GroupStep, StepConfig, StepData, make_predict, make_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,15 +87,6 @@ class Trainer:
 
 
 @dataclasses.dataclass(frozen=True)
-class GroupStep:
-    """A grouped train step: whether its runs share one teacher, and how it runs them (``impl``: a resolved
-    :data:`oefsmc_jax.training.step.GROUP_IMPLS` entry)."""
-
-    shared_teacher: bool
-    impl: str
-
-
-@dataclasses.dataclass(frozen=True)
 class _TrainerKey:
     mesh: Mesh
     spec: ArchSpec
@@ -133,9 +124,7 @@ def _build_trainer(key: _TrainerKey) -> Trainer:
     abstract = jax.eval_shape(lambda: build_model(spec).init(jax.random.PRNGKey(0),
                                                              jnp.zeros((1, 32, 32, spec.in_channels)), train=False))
     tx, schedule = make_optimizer(optim_cfg, key.steps, key.recipe.trainable(abstract["params"]))
-    step = make_train_step(key.mesh, student, teacher, key.recipe, tx, key.step_cfg, grouped=group is not None,
-                           shared_teacher=group.shared_teacher if group is not None else True,
-                           group_impl=group.impl if group is not None else "auto")
+    step = make_train_step(key.mesh, student, teacher, key.recipe, tx, key.step_cfg, group)
     return Trainer(tx, schedule, step, make_predict(key.mesh, build_model(spec), key.step_cfg.mean, key.step_cfg.std,
                                                         cpu_fusion=key.step_cfg.cpu_fusion))
 
