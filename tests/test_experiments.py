@@ -29,6 +29,7 @@ demo = config("demo")
 large_cifar10 = config("large_cifar10")
 methods_cifar10 = config("methods_cifar10")
 methods_sweep_cifar10 = config("methods_sweep_cifar10")
+methods_fair_cifar10 = config("methods_fair_cifar10")
 paper_cifar10 = config("paper_cifar10")
 selection_cifar10 = config("selection_cifar10")
 
@@ -92,6 +93,32 @@ def test_methods_sweep_grid_validates_on_the_val_split_at_each_methods_defaults(
         if not cell.overrides:  # the reference cells run each method's own defaults and recipe
             assert resolve_oe(c, METHODS[cell.method]) == METHODS[cell.method].oe_defaults
             assert (c.method.cd.finetune, c.method.cd.batch_size, c.method.fskd.fold) == ("official", 0, "export")
+
+
+@pytest.mark.needs_data
+def test_fair_methods_grid_runs_each_methods_own_settings_and_declares_its_contrasts():
+    from oefsmc_jax.config_validation import validate
+    from oefsmc_jax.methods import METHODS, resolve_oe
+
+    grid = methods_fair_cifar10.get_config()
+    cells = expand(grid.groups)
+    assert len(cells) == 6 * 2 * 5 * 2 + 2 * 5  # methods x budgets x seeds x (long-tailed, balanced) + CD + KD
+    assert {c.method for c in cells} == {"bp", "kd", "mir", "practise", "fskd", "cd"}
+    teacher = {c.method: c.arms[2] for c in cells if c.group == "fair"}
+    # R stays off where the method has none: MiR's and PRACTISE's label-free recipes
+    assert teacher == {"bp": "oe_complement_r", "kd": "oe_complement_r", "mir": "oe_complement",
+                       "practise": "oe_complement", "fskd": "oe_complement_r", "cd": "oe_complement_r"}
+    for cell in cells:
+        c = cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho)
+        validate(c, num_devices=4)
+        assert c.eval.split == "test" and c.oe.early_stopping is False
+        assert resolve_oe(c, METHODS[cell.method]) == METHODS[cell.method].oe_defaults
+        assert c.method.cd.finetune == ("kd" if cell.group == "fair_cd_kd" else "official")
+        assert (c.method.cd.batch_size, c.method.fskd.fold) == (0, "export")
+    contrasts = grid.primary_contrasts
+    assert len(contrasts) == 36 and grid.primary_declared_after_results is False
+    assert {(p["a"], p["b"]) for p in contrasts if p["method"] == "mir"} == {
+        ("oe", "base"), ("oe_complement", "base"), ("oe_complement", "oe")}
 
 
 def test_committed_grids_pin_the_settings_they_ran_with():
