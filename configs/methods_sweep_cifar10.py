@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     _reset_to_method_defaults(b)
     b.method.cd.iters = cd_iters
     b.eval.split = "val"  # tuning: the test split is never read
+    b.method.cache_compression = True  # the eta, lambda_jd and bn_mode groups reuse the default group's compression
     c.title = "Per-method OE-FSMC settings: validation sweep on real CIFAR-10 (JPEG q75), Tiny-ImageNet 32x32 pool"
     c.primary_contrasts = []  # a tuning sweep: every contrast is exploratory
     c.primary_declared_after_results = False

@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.tau = 4.0  # KD temperature, also the temperature of OE-FSMC's joint distillation
     c.method.latency = "macs"  # how compression stages get latency: measure (median of jitted forwards) | macs
     # (the analytic MAC count, a deterministic proxy)
+    # keep each distinct compressed student in oe.cache_dir and reuse it (compression_cache.py: keyed by the method,
+    # teacher, calibration set, seed and code commit): for grids whose cells share a compression stage
+    c.method.cache_compression = False
 
     # each method's own hyper-parameters, with the defaults of its dataclass (see the method's file)
     for name, params in method_param_classes().items():

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oefsmc_jax import __version__, paths, seeds, workdir_lock
+from oefsmc_jax import __version__, compression_cache, paths, seeds, workdir_lock
 from oefsmc_jax.config_validation import validate
 from oefsmc_jax.data.prepare import RunData, prepare_data
 from oefsmc_jax.errors import ConfigError
@@ -160,6 +160,13 @@ def compress_arm(run: RunContext, plan: ArmPlan) -> tuple[ArchSpec, dict]:
         return spec, variables
     calib = arm_calibration(config, run.data, plan.arm.uses_ood, plan.gamma, plan.ood.images, plan.ood.labels,
                             plan.settings.calibration_ood_share)
+    cache_key = (compression_cache.key(config, run.method, run.teacher, calib, run.modes)
+                 if config.method.cache_compression else None)
+    cache_dir = paths.as_path(config.oe.cache_dir or run.workdir / "cache")
+    if cache_key and (hit := compression_cache.load(cache_dir, cache_key, adir)) is not None:
+        plan.log(f"reusing the compressed student of an equal compression stage ({cache_dir}, {cache_key})")
+        save_model(adir / "compressed", *hit)
+        return hit
     t_spec, t_vars = run.teacher
     ctx = CompressionContext(teacher_spec=t_spec, teacher_variables=t_vars, calibration=calib,
                              mean=tuple(config.data.mean), std=tuple(config.data.std),
@@ -172,6 +179,8 @@ def compress_arm(run: RunContext, plan: ArmPlan) -> tuple[ArchSpec, dict]:
         spec, variables = run.method.compress(ctx)  # nothing is written before it returns
     if config.student.export_before_finetune:
         spec, variables = shrink(spec, variables)
+    if cache_key:
+        compression_cache.store(cache_dir, cache_key, spec, variables, adir)
     save_model(adir / "compressed", spec, variables)
     return spec, variables
 

@@ -50,7 +50,7 @@ def trained_commit(path: paths.Path) -> dict:
 #: Config fields that do not change a run's results (how often to log or checkpoint, where caches live, how many
 #: devices share the work: results are the same on 1 or N devices); a workdir may be resumed with other values.
 RESUMABLE_FIELDS = ("train.log_every", "train.ckpt_every", "train.max_nonfinite", "eval.batch_size",
-                    "oe.cache_dir", "num_devices", "title", "compile_cache")
+                    "oe.cache_dir", "num_devices", "title", "compile_cache", "method.cache_compression")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
