@@ -1,13 +1,20 @@
-"""Helpers shared by the tests: the repository's config files, loaded by path as the command line loads them."""
+"""Helpers shared by the tests: the repository's config files, loaded by path as the command line loads them, and
+the set-up several test files need (the tiny architecture, ...)."""
+
+from __future__ import annotations
 
 import importlib.util
 import pathlib
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from oefsmc_jax.config_defaults import sibling
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+if TYPE_CHECKING:
+    from oefsmc_jax.models import ArchSpec
 
 
 def config(name: str) -> ModuleType:
@@ -46,3 +53,11 @@ def in_fresh_process(nodeid: str) -> bool:
     assert out.returncode == 0, f"{nodeid} in a fresh process (exit {out.returncode}):\n{out.stdout[-3000:]}" \
                                 f"\n{out.stderr[-3000:]}"
     return True
+
+
+def tiny_spec(depth: int = 8, num_classes: int = 10, shortcut: str = "A") -> ArchSpec:
+    """The tests' tiny CIFAR ResNet: ``cifar_resnet_spec(depth, num_classes, shortcut, widths=(4, 8, 8))``
+    (depth 8: one block per stage; 14: two, so PRACTISE has candidates)."""
+    from oefsmc_jax.models import cifar_resnet_spec
+
+    return cifar_resnet_spec(depth, num_classes, shortcut=shortcut, widths=(4, 8, 8))

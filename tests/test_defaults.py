@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import tiny_demo
-from helpers import config
+from helpers import config, tiny_spec
 
 from oefsmc_jax.config_validation import validate
 from oefsmc_jax.errors import ConfigError
@@ -36,11 +36,10 @@ def test_shared_method_defaults_are_the_configs():
     from oefsmc_jax.config_defaults import base_config
     from oefsmc_jax.methods import build_method
     from oefsmc_jax.methods.base import SHARED_DEFAULTS
-    from oefsmc_jax.models import cifar_resnet_spec
 
     declared = base_config().method
     assert {k: declared[k] for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
-    spec = cifar_resnet_spec(14, 10, widths=(4, 8, 8))
+    spec = tiny_spec(14)
     for name in sorted(METHODS):
         if name == "supervised":
             continue

@@ -10,16 +10,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 import oefsmc_jax
 from oefsmc_jax.data.augment import normalize
 from oefsmc_jax.export import export_student, load_compressed
-from oefsmc_jax.models import build_model, cifar_resnet_spec, count_flops, count_params, drop_blocks, l1_prune
+from oefsmc_jax.models import build_model, count_flops, count_params, drop_blocks, l1_prune
 from oefsmc_jax.models.latency import latency_cost, measure_latency, traced_macs, xla_flops
 from oefsmc_jax.training.checkpoint import load_model, save_model
 
 K, SIZE = 10, 8
-SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))  # one block per stage; only s0b0 has an identity shortcut
+SPEC = tiny_spec(8, K)  # one block per stage; only s0b0 has an identity shortcut
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -158,7 +159,7 @@ def test_save_model_replaces_a_model_left_by_a_killed_run(tmp_path):
     """A run killed after saving its student but before writing its result saves the student again on resume."""
     from oefsmc_jax.models import init_variables
 
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     a = init_variables(spec, 8, 0)
     b = init_variables(spec, 8, 1)
     save_model(tmp_path / "student", spec, a, {"arm": "oe"})
