@@ -1,12 +1,15 @@
 """Helpers shared by the tests: the repository's config files, loaded by path as the command line loads them, and
-the set-up several test files need (the tiny architecture, ...)."""
+the set-up several test files need (the tiny architecture, a stand-in torch)."""
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
+import types
+from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from oefsmc_jax.config_defaults import sibling
 
@@ -14,6 +17,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pytest
+
     from oefsmc_jax.models import ArchSpec
 
 
@@ -61,3 +67,38 @@ def tiny_spec(depth: int = 8, num_classes: int = 10, shortcut: str = "A") -> Arc
     from oefsmc_jax.models import cifar_resnet_spec
 
     return cifar_resnet_spec(depth, num_classes, shortcut=shortcut, widths=(4, 8, 8))
+
+
+class FakeTensor:
+    """A stand-in torch tensor around a NumPy array: ``t.detach().cpu().numpy()`` is the array."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def detach(self):
+        return self
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.a
+
+
+def torch_state_dict(arrays: Mapping[str, np.ndarray], prefix: str = "") -> dict[str, FakeTensor]:
+    """``arrays`` (a dict or an open ``.npz``) as a stand-in torch state dict, each key with ``prefix`` in front."""
+    return {prefix + k: FakeTensor(v) for k, v in arrays.items()}
+
+
+def fake_torch(monkeypatch: pytest.MonkeyPatch, checkpoint: Callable[[], Any]) -> list[tuple]:
+    """Put a stand-in ``torch`` module in ``sys.modules`` (torch is not installed here): its
+    ``torch.load(path, map_location=None, weights_only=None)`` returns ``checkpoint()`` and records
+    ``(str(path), map_location, weights_only)`` in the list this returns."""
+    calls: list[tuple] = []
+
+    def load(path, map_location=None, weights_only=None):
+        calls.append((str(path), map_location, weights_only))
+        return checkpoint()
+
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=load))
+    return calls
