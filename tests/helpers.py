@@ -1,10 +1,11 @@
 """Helpers shared by the tests: the repository's config files, loaded by path as the command line loads them, and
-the set-up several test files need (the tiny architecture, a stand-in torch)."""
+the set-up several test files need (the tiny architecture, a stand-in torch, the command line in a subprocess)."""
 
 from __future__ import annotations
 
 import importlib.util
 import pathlib
+import subprocess
 import sys
 import types
 from collections.abc import Callable, Mapping
@@ -42,14 +43,20 @@ def module_at(path: pathlib.Path) -> ModuleType:
     return module
 
 
+def run_cli(args, env: dict | None = None, timeout: float = 300, *, cwd: str | pathlib.Path | None = REPO,
+            module: str = "oefsmc_jax") -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` (by default the ``oefsmc`` command line) in a fresh interpreter in ``cwd``, its
+    output captured as text; ``env=None`` passes this process's environment on."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def in_fresh_process(nodeid: str) -> bool:
     """For a test that must not share its process with the tests before it: False in the child (run the body
     there), True in the parent after the same test passed in a fresh ``pytest`` process. XLA:CPU has crashed
     (SIGSEGV) inside the ImageNet-layout end-to-end run, but only late in a long test process and never alone; a
     fresh process keeps such a crash, if it comes, to this test's own failure."""
     import os
-    import subprocess
-    import sys
 
     if os.environ.get("OEFSMC_TEST_CHILD") == nodeid:
         return False

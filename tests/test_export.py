@@ -3,14 +3,12 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_spec
+from helpers import run_cli, tiny_spec
 
 import oefsmc_jax
 from oefsmc_jax.data.augment import normalize
@@ -124,8 +122,8 @@ def test_cli_export_end_to_end(run_dir, tmp_path):
     out = tmp_path / "cli_out"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     env.pop("XLA_FLAGS", None)
-    r = subprocess.run([sys.executable, "-m", "oefsmc_jax", "export", "--workdir", str(wd), "--arm", "oe",
-                        "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = run_cli(["export", "--workdir", str(wd), "--arm", "oe", "--out", str(out)], env=env, timeout=300,
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (out / "0").is_dir() and load_model(out)[2]["arm"] == "oe"
     small = load_model(out)[0]
