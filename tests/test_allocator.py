@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import run_cli
 
 from oefsmc_jax import allocator
 
@@ -62,12 +63,11 @@ def test_no_reexec_when_turned_off_or_already_preloaded(tmp_path):
 def test_cli_and_experiments_reexec_once(tmp_path):
     """`oefsmc experiments` runs in the same process as `oefsmc`: one re-exec, one line, once the command line
     parses (a usage error exits before any re-exec)."""
-    cmd = [sys.executable, "-m", "oefsmc_jax", "experiments", "summarize", "--workdir", str(tmp_path)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(OEFSMC_TCMALLOC="1"), cwd=tmp_path)
+    args = ["experiments", "summarize", "--workdir", str(tmp_path)]
+    out = run_cli(args, env=_env(OEFSMC_TCMALLOC="1"), timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "no grid records to summarize" in out.stderr
     assert out.stderr.count(f"oefsmc: preloading {LIB}") == 1, out.stderr
-    out = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=120, env=_env(OEFSMC_TCMALLOC="1"),
-                         cwd=tmp_path)
+    out = run_cli(args[:-2], env=_env(OEFSMC_TCMALLOC="1"), timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "preloading" not in out.stderr and "--workdir" in out.stderr
 
 

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax import losses
 from oefsmc_jax.methods import KD
 from oefsmc_jax.methods.fit import batch_indices
-from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune
+from oefsmc_jax.models import build_model, l1_prune
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.training import step as step_mod
 from oefsmc_jax.training import train as train_mod
@@ -74,7 +75,7 @@ def test_seeds_and_arms_of_one_shape_trace_the_step_and_eval_forward_once(traces
     run's eval forward on a test split: one trace of each."""
     from oefsmc_jax.training.from_config import predict_fn
 
-    t_spec = cifar_resnet_spec(8, K, widths=(4, 8, 8))
+    t_spec = tiny_spec(8, K)
     t_vars = jax.device_get(build_model(t_spec).init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),
                                                      train=False))
     s_spec, s_vars = l1_prune(t_spec, t_vars, 0.5)

@@ -5,21 +5,16 @@ import os
 import re
 import runpy
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tomllib
-from helpers import config_import
+from helpers import config_import, run_cli
 
 from oefsmc_jax.main import SUBCOMMANDS, cli, parse
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def _parse(argv, capsys):
@@ -32,7 +27,7 @@ def _parse(argv, capsys):
 
 
 def test_main_help_lists_every_subcommand_with_one_line_and_examples():
-    out = _run("oefsmc_jax", "--help")  # in a fresh interpreter: no JAX import, no re-exec
+    out = run_cli(["--help"])  # in a fresh interpreter: no JAX import, no re-exec
     assert out.returncode == 0 and out.stderr == "", out.stderr
     text = out.stdout
     for name in SUBCOMMANDS:
@@ -40,7 +35,7 @@ def test_main_help_lists_every_subcommand_with_one_line_and_examples():
     for word in ("(the default)", "--config.FIELD=VALUE", "--workdir", "--multihost", "examples:",
                  "configs/demo.py", "SUBCOMMAND --help"):
         assert word in text, word
-    assert _run("oefsmc_jax", "-h").stdout == text
+    assert run_cli(["-h"]).stdout == text
 
 
 @pytest.mark.parametrize("name", list(SUBCOMMANDS))
@@ -65,7 +60,7 @@ def test_every_subcommand_has_its_own_help(name, capsys):
 def test_module_aliases_print_the_same_help():
     for alias, name in (("oefsmc_jax.experiments", "experiments"), ("oefsmc_jax.experiments.pools", "pools"),
                         ("oefsmc_jax.experiments.ood_classes", "ood-classes")):
-        direct, sub = _run(alias, "--help"), _run("oefsmc_jax", name, "--help")
+        direct, sub = run_cli(["--help"], module=alias), run_cli([name, "--help"])
         assert direct.returncode == 0 and sub.returncode == 0, (direct.stderr, sub.stderr)
         assert direct.stdout == sub.stdout and direct.stdout.startswith(f"usage: oefsmc {name} "), alias
 

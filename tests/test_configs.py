@@ -1,18 +1,14 @@
 """Configs and validation: every shipped config validates; every bad field fails early with one line naming it."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import config
+from helpers import config, run_cli
 
 from oefsmc_jax.config_validation import validate
 from oefsmc_jax.errors import ConfigError
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 cifar10, cifar100, demo, imagenet = config("cifar10"), config("cifar100"), config("demo"), config("imagenet")
 
 
@@ -133,8 +129,7 @@ def test_overlapping_ood_and_id_images_are_refused(tmp_path):
                  "none", marks=pytest.mark.slow),
 ])
 def test_cli_reports_bad_input_in_one_line(args, expected, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "oefsmc_jax", *args, "--workdir", str(tmp_path / "w")],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = run_cli([*args, "--workdir", str(tmp_path / "w")], timeout=120)
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip() and not ln.startswith("run: ")]
     assert len(lines) == 1 and lines[0].startswith(expected), out.stderr

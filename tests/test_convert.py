@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-import types
 
 import jax
 import numpy as np
 import pytest
+from helpers import fake_torch, torch_state_dict
 
 from oefsmc_jax.convert import (
     AKAMASTER_MEAN,
@@ -191,31 +191,11 @@ def test_unknown_suffix(tmp_path):
         import_teacher(src, tmp_path / "out")
 
 
-class _FakeTensor:
-    def __init__(self, a):
-        self.a = a
-
-    def detach(self):
-        return self
-
-    def cpu(self):
-        return self
-
-    def numpy(self):
-        return self.a
-
-
 def test_th_path_with_fake_torch(shared_data, tmp_path, monkeypatch):
     """The .th reader strips 'module.' and converts tensors (a stand-in torch module plays torch.load)."""
     with np.load(teacher_file(shared_data, 20)) as f:
-        state = {"module." + k: _FakeTensor(f[k]) for k in f.files}
-    calls = []
-
-    def fake_load(path, map_location=None, weights_only=None):
-        calls.append((str(path), map_location, weights_only))
-        return {"best_prec1": 91.78, "state_dict": state}
-
-    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=fake_load))
+        state = torch_state_dict(f, prefix="module.")
+    calls = fake_torch(monkeypatch, lambda: {"best_prec1": 91.78, "state_dict": state})
     src = tmp_path / "resnet20.th"
     src.write_bytes(b"not really torch")
     spec, v = load_akamaster_th(src, depth=20)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
-import types
 
 import jax
 import numpy as np
 import pytest
+from helpers import fake_torch, torch_state_dict
 
 from oefsmc_jax.convert import (
     AKAMASTER_MEAN,
@@ -233,31 +233,11 @@ def test_wrong_depth_and_family(shared_data, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-class _FakeTensor:
-    def __init__(self, a):
-        self.a = a
-
-    def detach(self):
-        return self
-
-    def cpu(self):
-        return self
-
-    def numpy(self):
-        return self.a
-
-
 def test_pt_path_with_fake_torch(shared_data, tmp_path, monkeypatch):
     """The release .pt files are bare state dicts; a stand-in torch.load plays torch (not installed here)."""
     with np.load(chen_file(shared_data, 20)) as f:
-        state = {k: _FakeTensor(f[k]) for k in f.files}
-    calls = []
-
-    def fake_load(path, map_location=None, weights_only=None):
-        calls.append((str(path), map_location, weights_only))
-        return state
-
-    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(load=fake_load))
+        state = torch_state_dict(f)
+    calls = fake_torch(monkeypatch, lambda: state)
     src = tmp_path / "cifar10_resnet20.pt"
     src.write_bytes(b"not really torch")
     spec, v = load_pretrained_th(src, depth=20)

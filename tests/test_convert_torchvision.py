@@ -16,13 +16,11 @@ from __future__ import annotations
 import json
 import pathlib
 import struct
-import sys
-import types
 
 import jax
 import numpy as np
 import pytest
-from helpers import config, module_at
+from helpers import config, fake_torch, module_at, torch_state_dict
 
 from oefsmc_jax.convert import (
     TORCHVISION_INPUT,
@@ -170,24 +168,9 @@ def test_wrong_depth_and_cli_error(r18, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-class _FakeTensor:
-    def __init__(self, a):
-        self.a = a
-
-    def detach(self):
-        return self
-
-    def cpu(self):
-        return self
-
-    def numpy(self):
-        return self.a
-
-
 def test_pth_with_fake_torch(r18, tmp_path, monkeypatch):
     """A torchvision ``.pth`` (a bare state dict; here a stand-in torch.load) goes through the same converter."""
-    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(
-        load=lambda path, map_location=None, weights_only=None: {k: _FakeTensor(v) for k, v in r18.items()}))
+    fake_torch(monkeypatch, lambda: torch_state_dict(r18))
     src = tmp_path / "resnet18-f37072fd.pth"
     src.write_bytes(b"stand-in")
     spec = import_teacher(src, tmp_path / "out", depth=18)

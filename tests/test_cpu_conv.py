@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 from jax.sharding import PartitionSpec as P
 
 from oefsmc_jax import config_defaults
 from oefsmc_jax.config_validation import validate
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.kernels import cpu_conv
-from oefsmc_jax.models import build_model, cifar_resnet_spec
+from oefsmc_jax.models import build_model
 from oefsmc_jax.training.parallel import make_mesh
 
 
@@ -50,7 +51,7 @@ def test_kernel_equals_float64_gradient(n, hw, ci, co, s):
 
 
 def _loss_and_grad(**model_kw):
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     model = build_model(spec, **model_kw)
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), train=False)
     x = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 8, 3))
@@ -157,7 +158,7 @@ def test_trainer_cache_builds_a_new_step_when_a_mode_changes():
     from oefsmc_jax.training import train
     from oefsmc_jax.training.step import StepConfig
 
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     cfg = StepConfig(batch_id=8, batch_ood=8, pad=1, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)
     assert (cfg.cpu_fusion, cfg.cpu_wgrad) == ("exact", "xla")
     rest = (spec, spec, KD((0.5, 0.5, 0.5)).recipe())
@@ -178,7 +179,7 @@ def test_models_call_the_convolution_they_are_given():
 
     f, params = _loss_and_grad()
     assert "custom_vjp" not in jax.make_jaxpr(f)(params).pretty_print()
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     student, teacher = kernel_models(build_model(spec), None)
     assert teacher is None and student.conv_general_dilated is cpu_conv.conv_general_dilated
     assert build_model(spec).conv_general_dilated is jax.lax.conv_general_dilated

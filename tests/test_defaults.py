@@ -1,20 +1,17 @@
 """Every method runs with its defaults; empty splits and sources are refused before any work."""
 
 
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tiny_demo
-from helpers import config
+from helpers import config, run_cli, tiny_spec
 
 from oefsmc_jax.config_validation import validate
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.methods import METHODS
 
-REPO = tiny_demo.REPO
 # the tiny demo with the step budgets cut; every method's own hyper-parameters stay at their defaults except the
 # number of inner iterations of the two methods that have one
 FAST = {**tiny_demo.OVERRIDES, "teacher.steps": 2, "train.steps": 2, "method.practise.fit_steps": 2,
@@ -36,11 +33,10 @@ def test_shared_method_defaults_are_the_configs():
     from oefsmc_jax.config_defaults import base_config
     from oefsmc_jax.methods import build_method
     from oefsmc_jax.methods.base import SHARED_DEFAULTS
-    from oefsmc_jax.models import cifar_resnet_spec
 
     declared = base_config().method
     assert {k: declared[k] for k in SHARED_DEFAULTS} == SHARED_DEFAULTS
-    spec = cifar_resnet_spec(14, 10, widths=(4, 8, 8))
+    spec = tiny_spec(14)
     for name in sorted(METHODS):
         if name == "supervised":
             continue
@@ -91,9 +87,8 @@ def test_an_empty_test_split_is_refused_before_any_work(tmp_path):
     """Before, it was found only after the teacher had trained ("attempt to get argmax of an empty sequence")."""
     empty = _empty_npz(tmp_path / "empty.npz")
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "oefsmc_jax", "--config", "configs/cifar10.py", "--workdir",
-                          str(tmp_path / "w"), f"--config.data.test.path={empty}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = run_cli(["--config", "configs/cifar10.py", "--workdir", str(tmp_path / "w"),
+                   f"--config.data.test.path={empty}"], timeout=120)
     assert out.returncode == 2, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert lines == [f"error: config.data.test.path: {empty} holds no images (array 'x'); the evaluation split "

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from helpers import config
+from helpers import config, tiny_spec
 
 from oefsmc_jax.data.prepare import prepare_data
 from oefsmc_jax.errors import ConfigError
@@ -19,7 +19,7 @@ from oefsmc_jax.evaluation import paired_difference
 from oefsmc_jax.experiments import cell_config, expand, read_results, run_grid, summarize
 from oefsmc_jax.experiments.summarize import paired_table
 from oefsmc_jax.methods import BP, KD
-from oefsmc_jax.models import cifar_resnet_spec, init_variables
+from oefsmc_jax.models import init_variables
 from oefsmc_jax.oe.arms import ARMS, class_balanced_probs, data_needs
 from oefsmc_jax.training.checkpoint import load_model, save_model
 
@@ -234,7 +234,7 @@ def test_validation_split_is_balanced_and_disjoint_from_the_few_samples(tmp_path
 def tiny_grid_config(tmp_path_factory):
     """The tiny grid and its saved random teacher, not yet run."""
     root = tmp_path_factory.mktemp("grid")
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     save_model(root / "teacher", spec, init_variables(spec, 8, 0))
     base = demo.get_config()
     for k in ("id", "test", "ood"):

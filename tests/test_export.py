@@ -3,23 +3,22 @@
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_cli, tiny_spec
 
 import oefsmc_jax
 from oefsmc_jax.data.augment import normalize
 from oefsmc_jax.export import export_student, load_compressed
-from oefsmc_jax.models import build_model, cifar_resnet_spec, count_flops, count_params, drop_blocks, l1_prune
+from oefsmc_jax.models import build_model, count_flops, count_params, drop_blocks, l1_prune
 from oefsmc_jax.models.latency import latency_cost, measure_latency, traced_macs, xla_flops
 from oefsmc_jax.training.checkpoint import load_model, save_model
 
 K, SIZE = 10, 8
-SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))  # one block per stage; only s0b0 has an identity shortcut
+SPEC = tiny_spec(8, K)  # one block per stage; only s0b0 has an identity shortcut
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -123,8 +122,8 @@ def test_cli_export_end_to_end(run_dir, tmp_path):
     out = tmp_path / "cli_out"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     env.pop("XLA_FLAGS", None)
-    r = subprocess.run([sys.executable, "-m", "oefsmc_jax", "export", "--workdir", str(wd), "--arm", "oe",
-                        "--out", str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    r = run_cli(["export", "--workdir", str(wd), "--arm", "oe", "--out", str(out)], env=env, timeout=300,
+                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (out / "0").is_dir() and load_model(out)[2]["arm"] == "oe"
     small = load_model(out)[0]
@@ -158,7 +157,7 @@ def test_save_model_replaces_a_model_left_by_a_killed_run(tmp_path):
     """A run killed after saving its student but before writing its result saves the student again on resume."""
     from oefsmc_jax.models import init_variables
 
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     a = init_variables(spec, 8, 0)
     b = init_variables(spec, 8, 1)
     save_model(tmp_path / "student", spec, a, {"arm": "oe"})

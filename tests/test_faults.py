@@ -22,9 +22,9 @@ import jax
 import numpy as np
 import pytest
 import tiny_demo
-from helpers import config_import
+from helpers import config_import, tiny_spec
 
-from oefsmc_jax.models import cifar_resnet_spec, init_variables
+from oefsmc_jax.models import init_variables
 from oefsmc_jax.training.checkpoint import load_model, save_model
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ FAST = {**tiny_demo.OVERRIDES, "train.steps": 40, "train.ckpt_every": 10, "train
 def setup(tmp_path_factory):
     """A saved random teacher (so no trial trains one); no persistent compilation cache (as in every test)."""
     root = tmp_path_factory.mktemp("faults")
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     save_model(root / "teacher", spec, init_variables(spec, 8, 0))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OEFSMC_COMPILE_CACHE": "off",
            "OEFSMC_TCMALLOC": "0"}

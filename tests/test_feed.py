@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax.methods import KD
-from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune
+from oefsmc_jax.models import build_model, l1_prune
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.training.feed import HostFeeder, pool_bytes
 from oefsmc_jax.training.loop import finetune_one
@@ -26,7 +27,7 @@ OPTIM = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "sche
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    spec = cifar_resnet_spec(8, K, widths=(4, 8, 8))
+    spec = tiny_spec(8, K)
     t_vars = jax.device_get(build_model(spec).init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),
                                                    train=False))
     s_spec, s_vars = l1_prune(spec, t_vars, 0.5)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax.methods.fskd_solver import (
     BN_EPSILON,
@@ -15,7 +16,6 @@ from oefsmc_jax.methods.fskd_solver import (
 )
 from oefsmc_jax.models import (
     build_model,
-    cifar_resnet_spec,
     imagenet_resnet_spec,
     init_variables,
     l1_prune,
@@ -25,7 +25,7 @@ from oefsmc_jax.models import (
 )
 
 K, SIZE = 10, 8
-SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
+SPEC = tiny_spec(8, K)
 TOL = 1e-5
 
 
@@ -150,7 +150,7 @@ def test_correction_points():
         (("s2b0", "bn1"), 8), (("s2b0", "bn2"), 8)]
     assert pts[1].conv == ("s0b0", "conv2")
     # dropped blocks are skipped, pruned widths reported
-    spec = cifar_resnet_spec(14, K, widths=(4, 8, 8))
+    spec = tiny_spec(14, K)
     spec = spec.with_kept(((True, False), (True, True), (True, True))).with_inner_widths(
         (((2,), (4,)), ((8,), (3,)), ((8,), (8,))))
     assert [(p.bn[0], p.width) for p in correction_points(spec)] == [

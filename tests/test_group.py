@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax import cell
 from oefsmc_jax.kernels import cpu_conv
 from oefsmc_jax.methods import KD
-from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune
+from oefsmc_jax.models import build_model, l1_prune
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.training import preemption
 from oefsmc_jax.training.loop import finetune, finetune_group, finetune_one
@@ -30,7 +31,7 @@ LOOP = LoopConfig(steps=STEPS, log_every=2, eval_every=1, patience=2, ckpt_every
 
 @pytest.fixture(scope="module")
 def parts():
-    spec = cifar_resnet_spec(8, K, widths=(4, 8, 8))
+    spec = tiny_spec(8, K)
     t_vars = jax.device_get(build_model(spec).init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)),
                                                    train=False))
     t_vars = jax.tree_util.tree_map_with_path(lambda p, x: x + 0.1 if "mean" in str(p[-1]) else x, t_vars)

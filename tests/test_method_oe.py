@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax.config_defaults import base_config
 from oefsmc_jax.data import ImageSet
@@ -13,7 +14,7 @@ from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.methods import CD, FSKD, METHODS, PRACTISE, CompressionContext, Method, MiR, build_method, resolve_oe
 from oefsmc_jax.methods.cd import CDParams, layer_rows
 from oefsmc_jax.methods.fskd_solver import fold_corrections
-from oefsmc_jax.models import build_model, cifar_resnet_spec, init_variables, shrink
+from oefsmc_jax.models import build_model, init_variables, shrink
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.oe.arms import ARMS, ArmOOD
 from oefsmc_jax.oe.calibration import Calibration, arm_calibration
@@ -22,7 +23,7 @@ from oefsmc_jax.training.step import StepData, init_state
 from oefsmc_jax.training.train import make_trainer
 
 K, SIZE = 10, 8
-SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
+SPEC = tiny_spec(8, K)
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
 
 

@@ -5,11 +5,12 @@ import chex
 import jax
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.methods import CD, FSKD, KD, CompressionContext, MiR, build_method
 from oefsmc_jax.methods.mir import MIR_RECIPE
-from oefsmc_jax.models import build_model, cifar_resnet_spec, init_variables, shrink, vgg_spec
+from oefsmc_jax.models import build_model, init_variables, shrink, vgg_spec
 from oefsmc_jax.oe.arms import ARMS, check_arms
 from oefsmc_jax.oe.calibration import calibration_set
 from oefsmc_jax.training.loop import finetune
@@ -18,7 +19,7 @@ from oefsmc_jax.training.step import StepConfig, StepData
 from oefsmc_jax.training.train import LoopConfig, RunJob, make_trainer
 
 K, SIZE = 10, 8
-SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
+SPEC = tiny_spec(8, K)
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
 
 
@@ -169,7 +170,7 @@ def test_cd_keeps_the_target_count_and_zeroes_pruned_inputs(teacher, data):
 
 
 # ------------------------------------------------------------------------------------------------ every method
-SPEC14 = cifar_resnet_spec(14, K, widths=(4, 8, 8))  # two blocks per stage: PRACTISE has candidates
+SPEC14 = tiny_spec(14, K)  # two blocks per stage: PRACTISE has candidates
 METHOD_CFG = {"prune_ratio": 0.5, "practise": {"k": 1, "fit_steps": 2, "batch_size": 8}, "cd": {"iters": 3},
               "fskd": {}}
 

@@ -7,12 +7,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax.data import ImageSet
 from oefsmc_jax.data.prepare import RunData
 from oefsmc_jax.evaluation import agreement
 from oefsmc_jax.methods import BP, KD, CompressionContext, build_method
-from oefsmc_jax.models import build_model, cifar_resnet_spec, init_variables
+from oefsmc_jax.models import build_model, init_variables
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.oe.calibration import arm_calibration
 from oefsmc_jax.training.loop import finetune
@@ -21,7 +22,7 @@ from oefsmc_jax.training.step import StepConfig, StepData, init_state, make_pred
 from oefsmc_jax.training.train import LoopConfig, RunJob, make_trainer
 
 K, SIZE = 10, 8
-SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
+SPEC = tiny_spec(8, K)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax.models import (
     ArchSpec,
@@ -112,7 +113,7 @@ def assert_matches_init(spec: ArchSpec, variables, size: int):
 
 
 # ---------------------------------------------------------------------- fixtures
-TINY = cifar_resnet_spec(8, widths=(4, 8, 8))
+TINY = tiny_spec()
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +377,7 @@ def test_masks_act_on_bn_outputs(tiny):
 def test_drop_blocks(tiny):
     v = tiny["variables"]
     assert droppable_blocks(TINY) == [(0, 0)]
-    assert droppable_blocks(cifar_resnet_spec(14, widths=(4, 8, 8))) == [(0, 0), (0, 1), (1, 1), (2, 1)]
+    assert droppable_blocks(tiny_spec(14)) == [(0, 0), (0, 1), (1, 1), (2, 1)]
     assert droppable_blocks(vgg16_spec()) == []
     with pytest.raises(ValueError, match=r"\(1,0\).*identity"):
         drop_blocks(TINY, v, [(1, 0)])

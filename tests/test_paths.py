@@ -16,6 +16,7 @@ import os
 import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
+from helpers import tiny_spec
 
 from oefsmc_jax import paths
 
@@ -119,14 +120,14 @@ def test_teacher_pool_cache_on_a_gs_workdir(tmp_path, monkeypatch):
     import ml_collections
 
     from oefsmc_jax.data import ImageSet
-    from oefsmc_jax.models import cifar_resnet_spec, init_variables
+    from oefsmc_jax.models import init_variables
     from oefsmc_jax.teacher import teacher_pool_probs
     from oefsmc_jax.training.parallel import make_mesh
 
     monkeypatch.chdir(tmp_path)
     c = ml_collections.ConfigDict({"oe": {"cache_dir": ""}, "eval": {"batch_size": 64},
                                    "data": {"mean": (0.5,) * 3, "std": (0.25,) * 3}})
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     pool = ImageSet(np.random.default_rng(0).integers(0, 256, (70, 16, 16, 3), dtype=np.uint8),
                     np.full(70, -1, np.int32), "pool")
     t = (spec, init_variables(spec, 16, 0))

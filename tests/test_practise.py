@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.methods.base import CompressionContext
@@ -24,13 +25,13 @@ from oefsmc_jax.methods.practise import (
     identity_adaptors,
     weighted_feature_mse,
 )
-from oefsmc_jax.models import build_model, cifar_resnet_spec, count_flops, drop_blocks, imagenet_resnet_spec, vgg_spec
+from oefsmc_jax.models import build_model, count_flops, drop_blocks, imagenet_resnet_spec, vgg_spec
 from oefsmc_jax.oe.calibration import calibration_set
 from oefsmc_jax.training.parallel import make_mesh
 
 K, SIZE = 10, 8
-SPEC = cifar_resnet_spec(14, K, widths=(4, 8, 8))  # two blocks per stage: candidates s0b1, s1b1, s2b1
-SPEC_B = cifar_resnet_spec(14, K, shortcut="B", widths=(4, 8, 8))
+SPEC = tiny_spec(14, K)  # two blocks per stage: candidates s0b1, s1b1, s2b1
+SPEC_B = tiny_spec(14, K, shortcut="B")
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 STEPS = 30
 # test-sized fit: no augmentation on 8x8 random images (pad 4 would black out half of an image) and no weight decay,
@@ -115,7 +116,7 @@ def test_candidates_and_placement_option_a():
     assert adaptor_points(SPEC, 0, 1) == ("s0b0/conv2:out", "s1b0/conv1:in")
     assert adaptor_points(SPEC, 1, 1) == ("s1b0/conv2:out", "s2b0/conv1:in")
     assert adaptor_points(SPEC, 2, 1) == ("s2b0/conv2:out",)  # nothing after the last stage
-    spec20 = cifar_resnet_spec(20, K, widths=(4, 8, 8))  # three blocks per stage
+    spec20 = tiny_spec(20, K)  # three blocks per stage
     assert adaptor_points(spec20, 0, 1) == ("s0b0/conv2:out", "s0b2/conv1:in", "s1b0/conv1:in")
     assert adaptor_points(spec20, 1, 2) == ("s1b0/conv2:out", "s1b1/conv2:out", "s2b0/conv1:in")
     with pytest.raises(ValueError, match=r"block \(1,0\) is not a PRACTISE candidate"):

@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
-from oefsmc_jax.models import build_model, cifar_resnet_spec, init_variables
+from oefsmc_jax.models import build_model, init_variables
 from oefsmc_jax.models.probe import apply_conv, conv_geometry, forward, points
 
-SPEC = cifar_resnet_spec(14, 10, widths=(4, 8, 8))  # two blocks per stage
+SPEC = tiny_spec(14)  # two blocks per stage
 MODEL = build_model(SPEC)
 
 

@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import subprocess
-import sys
 
 import pytest
-from helpers import config_import
+from helpers import config_import, run_cli
 from test_paths import BUCKET, fake_bucket  # a test module beside this one
 
 from oefsmc_jax import paths
 from oefsmc_jax.experiments import read_results, summarize
 from oefsmc_jax.experiments.runner import _append
 from oefsmc_jax.workdir_guards import finished_result
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 A = {"cell": "a", "arm": "base", "metrics": {"top1": 50.0}}
 B_BASE = {"cell": "b", "arm": "base", "metrics": {"top1": 41.5}}
@@ -104,8 +100,7 @@ def test_summarize_without_records_writes_nothing(tmp_path, content):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "oefsmc_jax.experiments", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return run_cli(args, module="oefsmc_jax.experiments")
 
 
 GRID = f"""

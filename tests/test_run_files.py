@@ -2,11 +2,12 @@
 
 import numpy as np
 import pytest
+from helpers import tiny_spec
 from test_selection import _demo_config
 
 from oefsmc_jax.data import ImageSet
 from oefsmc_jax.data.prepare import prepare_data
-from oefsmc_jax.models import cifar_resnet_spec, init_variables
+from oefsmc_jax.models import init_variables
 from oefsmc_jax.oe.arms import data_needs
 from oefsmc_jax.teacher import teacher_pool_probs
 from oefsmc_jax.training.parallel import make_mesh
@@ -17,7 +18,7 @@ from oefsmc_jax.workdir_guards import check_same_subset
 def test_a_damaged_pool_cache_is_computed_again(tmp_path, capfd, damage):
     c = _demo_config("oe_complement")
     c.data.image_size = 16
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     pool = ImageSet(np.random.default_rng(0).integers(0, 256, (300, 16, 16, 3), dtype=np.uint8),
                     np.full(300, -1, np.int32), "pool")
     mesh, teacher = make_mesh(1), (spec, init_variables(spec, 16, 0))

@@ -5,10 +5,11 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax.data import ImageSet, image_hashes, ood_split
 from oefsmc_jax.data.prepare import prepare_data
-from oefsmc_jax.models import cifar_resnet_spec, init_variables
+from oefsmc_jax.models import init_variables
 from oefsmc_jax.oe.arms import arm_selection, data_needs
 from oefsmc_jax.oe.selection import (
     complement_requests,
@@ -94,7 +95,7 @@ def test_random_rule_is_the_seeded_uniform_draw_and_teacher_arms_get_the_rest_of
 def test_teacher_pool_pass_is_cached_and_keyed_by_the_teacher(tmp_path, capfd):
     c = _demo_config("oe_complement")
     c.data.image_size = 16
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     pool = ImageSet(np.random.default_rng(0).integers(0, 256, (300, 16, 16, 3), dtype=np.uint8),
                     np.full(300, -1, np.int32), "pool")
     mesh = make_mesh(1)
@@ -115,7 +116,7 @@ def test_teacher_pool_pass_streams_a_mapped_pool_in_chunks_and_equals_the_in_mem
 
     c = _demo_config("oe_complement")
     c.data.image_size = 16
-    spec = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+    spec = tiny_spec()
     x = np.random.default_rng(1).integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "pool.npz", x=x)
     src = open_source({"kind": "npz", "path": str(tmp_path / "pool.npz"), "image_size": 16})

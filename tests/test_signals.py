@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 import tiny_demo
+from helpers import tiny_spec
 
 from oefsmc_jax.data import ImageSet
 from oefsmc_jax.methods import CD, FSKD, CompressionContext, MiR
@@ -22,13 +23,13 @@ from oefsmc_jax.methods import cd as cd_module
 from oefsmc_jax.methods import fskd as fskd_module
 from oefsmc_jax.methods import practise as practise_module
 from oefsmc_jax.methods.base import Method
-from oefsmc_jax.models import build_model, cifar_resnet_spec
+from oefsmc_jax.models import build_model
 from oefsmc_jax.oe.calibration import calibration_set
 from oefsmc_jax.training import preemption
 
 K, SIZE = 10, 8
-SPEC = cifar_resnet_spec(8, K, widths=(4, 8, 8))
-SPEC14 = cifar_resnet_spec(14, K, widths=(4, 8, 8))  # PRACTISE needs droppable blocks: s0b1, s1b1, s2b1
+SPEC = tiny_spec(8, K)
+SPEC14 = tiny_spec(14, K)  # PRACTISE needs droppable blocks: s0b1, s1b1, s2b1
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
 
 

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_spec
 
 from oefsmc_jax.methods import KD
-from oefsmc_jax.models import build_model, cifar_resnet_spec, l1_prune, mask_multipliers, shrink
+from oefsmc_jax.models import build_model, l1_prune, mask_multipliers, shrink
 from oefsmc_jax.oe import complementary
 from oefsmc_jax.training.optim import make_optimizer
 from oefsmc_jax.training.parallel import make_mesh, replicate
@@ -23,7 +24,7 @@ CFG = StepConfig(batch_id=16, batch_ood=8, pad=1, flip=True, mean=(0.5,) * 3, st
 
 @pytest.fixture(scope="module")
 def setup():
-    spec = cifar_resnet_spec(8, K, widths=(4, 8, 8))
+    spec = tiny_spec(8, K)
     model = build_model(spec)
     t_vars = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False))
     # make BN statistics non-trivial so eval mode differs from train mode

@@ -14,7 +14,7 @@ import threading
 
 import ml_collections
 import pytest
-from helpers import config
+from helpers import config, run_cli
 
 from oefsmc_jax import cli_util, paths, workdir_lock
 from oefsmc_jax.workdir_lock import WorkdirBusy
@@ -61,8 +61,7 @@ def test_second_run_on_a_locked_workdir_is_refused_with_exit_73_naming_the_holde
     work = tmp_path / "w"
     holder = _holder(work)
     try:
-        out = subprocess.run([sys.executable, "-m", "oefsmc_jax", "--config", "configs/demo.py", "--workdir",
-                              str(work)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        out = run_cli(["--config", "configs/demo.py", "--workdir", str(work)], env=ENV, timeout=300)
     finally:
         holder.stdin.close()
         holder.wait(timeout=30)
@@ -283,9 +282,8 @@ PROGRESS = ("run: ", "data: ", "teacher: ", "[", "| ", "report: ", "workdir: ", 
 
 
 def _demo_cli(work):
-    out = subprocess.run([sys.executable, "-m", "oefsmc_jax", "--config", "configs/demo.py:per_class=5", "--workdir",
-                          str(work), *tiny_demo.flags(SMALL)], cwd=REPO, env=ENV, capture_output=True, text=True,
-                         timeout=900)
+    out = run_cli(["--config", "configs/demo.py:per_class=5", "--workdir", str(work), *tiny_demo.flags(SMALL)],
+                  env=ENV, timeout=900)
     return out.returncode, out.stderr, [ln for ln in out.stderr.splitlines() if ln.strip() and
                                         not ln.startswith(PROGRESS)]
 
