@@ -7,14 +7,15 @@ import jax
 import numpy as np
 import pytest
 import tiny_demo
+from helpers import tiny_spec
 
 from oefsmc_jax import compression_cache
 from oefsmc_jax.methods import KD
-from oefsmc_jax.models import cifar_resnet_spec, init_variables
+from oefsmc_jax.models import init_variables
 from oefsmc_jax.oe.calibration import calibration_set
 from oefsmc_jax.training.checkpoint import load_model
 
-SPEC = cifar_resnet_spec(8, 10, widths=(4, 8, 8))
+SPEC = tiny_spec()
 MODES = {"cpu_fusion": "exact", "cpu_wgrad": "xla"}
 
 
