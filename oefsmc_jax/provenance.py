@@ -33,6 +33,32 @@ def code_version() -> dict[str, Any]:
 
 
 @functools.cache
+def host_cpu() -> str:
+    """The host CPU as a record names it: model name, family/model numbers and the widest x86 vector extension (XLA's
+    CPU code differs between CPU models, so a CPU result is bitwise reproducible only on the same kind), e.g.
+    ``AMD EPYC, family 25 model 17, avx512``; on other systems what :mod:`platform` knows."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    parts = [name]
+    if "cpu family" in info and "model" in info:
+        parts.append(f"family {info['cpu family']} model {info['model']}")
+    flags = set(info.get("flags", "").split())
+    isa = next((x for x in ("avx512f", "avx2", "avx", "sse4_2") if x in flags), None)
+    if isa:
+        parts.append(isa.replace("avx512f", "avx512").replace("sse4_2", "sse4.2"))
+    return ", ".join(parts)
+
+
+@functools.cache
 def versions() -> dict[str, str | None]:
     """Installed versions of the packages a result depends on, and Python's."""
     out: dict[str, str | None] = {"python": platform.python_version()}

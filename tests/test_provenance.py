@@ -53,3 +53,19 @@ def test_an_arm_keeps_the_commit_that_started_training_it(tmp_path):
     older.mkdir()
     (older / "checkpoints").mkdir()
     assert trained_commit(older / "trained_commit.json") == {"git_commit": None, "git_dirty": None}
+
+
+def test_host_cpu_names_the_model_and_vector_extension(monkeypatch, tmp_path):
+    from oefsmc_jax import provenance
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                       "model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 avx512f\n\nprocessor\t: 1\n"
+                       "model name\t: ignored\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(cpuinfo if p == "/proc/cpuinfo" else p, *a, **k))
+    provenance.host_cpu.cache_clear()
+    try:
+        assert provenance.host_cpu() == "AMD EPYC, family 25 model 17, avx512"
+    finally:
+        provenance.host_cpu.cache_clear()
