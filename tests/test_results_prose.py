@@ -18,7 +18,9 @@ TOP = (REPO / "README.md").read_text()
 
 
 def _records(rel: str) -> list[dict]:
-    return [json.loads(line) for line in (RESULTS / rel / "results.jsonl").read_text().splitlines() if line.strip()]
+    """The records of ``rel``: a grid folder's ``results.jsonl``, or a ``.jsonl`` file."""
+    path = RESULTS / rel if rel.endswith(".jsonl") else RESULTS / rel / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _signed(x: float) -> str:
@@ -237,3 +239,36 @@ def test_confirmatory_interim_figures():
                                ("oe_complement_r", "oe_complement", "top1", "+1.2 [+0.1, +2.2]")):
         assert _contrast(recs, a, b, 10, metric=metric) == want
         assert want in PROSE, want
+
+
+def test_reproduction_table_recomputed_from_the_records():
+    text = (RESULTS / "reproduce" / "README.md").read_text()
+    committed = {(r["group"], r["cell"], r["arm"]): r["metrics"]["top1"]
+                 for rel in ("paper_cifar10/results.jsonl", "selection_cifar10/results.jsonl",
+                             "methods_cifar10/results.jsonl", "cpu_wgrad_check/xla.jsonl") for r in _records(rel)}
+    reruns = {}
+    for name in ("main_3036df9", "before_68f0b11", "at_c196e28"):
+        for r in _records(f"reproduce/{name}.jsonl"):
+            assert r["git_commit"].startswith(name.split("_")[-1]) and r["git_dirty"] is False
+            reruns.setdefault((r["group"], r["cell"], r["arm"]), {})[name] = r["metrics"]["top1"]
+    assert set(reruns) <= set(committed)
+    table, cell = {}, None
+    for ln in text.splitlines():
+        if not ln.startswith("| ") or "---" in ln or ln.startswith("| cell"):
+            continue
+        cols = [c.strip() for c in ln.strip().strip("|").split("|")]
+        cell = cols[0].split("`")[1] if cols[0] else cell  # an empty first column continues the cell above
+        table[(cell, cols[1])] = cols[2:]
+    assert len(table) == len(reruns)
+    for (group, cell, arm), got in reruns.items():
+        cols = table[(cell, arm)]
+        assert cols[0] == f"{committed[(group, cell, arm)]:.2f}", (cell, arm)
+        assert cols[1:] == [f"{got[n]:.2f}" if n in got else "" for n in ("main_3036df9", "before_68f0b11",
+                                                                          "at_c196e28")], (cell, arm)
+    # the statements: equal before and after the split; the record-making commit differs from its own record here
+    assert reruns[("sweep_base", "kd-resnet20-n10-exp-splitval-s1", "base")]["main_3036df9"] == reruns[
+        ("sweep_base", "kd-resnet20-n10-exp-splitval-s1", "base")]["before_68f0b11"]
+    wg = reruns[("factorial", "kd-resnet20-n10-exp-s0", "base")]
+    assert len(set(wg.values())) == 1 and wg["at_c196e28"] != committed[("factorial", "kd-resnet20-n10-exp-s0", "base")]
+    assert reruns[("methods", "fskd-resnet20-n10-balanced-s3", "base")]["main_3036df9"] == committed[
+        ("methods", "fskd-resnet20-n10-balanced-s3", "base")]
