@@ -19,8 +19,9 @@ Solver (:func:`cd_solve_layer`), per step ``i = 0 .. iters-1``, as the official 
 
 1. gradient of L at ``w`` (L is quadratic in ``D = w - w_t``: ``L = tr(D^T A D)`` with ``A`` the weighted im2col
    Gram ``sum_i w_i (mu Pt_i^T Pt_i + (1 - mu) Ps_i^T Ps_i) / norm``, built once per layer, so the gradient is
-   ``2 A D``, one [9 C_in]^2 matmul per step instead of four convs: the same value up to float rounding, ~100x
-   faster on a CPU); the gradient and BOTH Adam moments are multiplied by the current input-channel mask;
+   ``2 A D``, one [9 C_in]^2 matmul per step instead of four convs: the same value up to float rounding, far
+   cheaper on a CPU, ``benchmarks/cd_layer_solve.py``); the gradient and BOTH Adam moments are multiplied by the
+   current input-channel mask;
    one Adam step (PyTorch formula: beta 0.9/0.999, eps 1e-8, no weight decay) with the step's lr;
 2. for ``i <= iters//3``: target ``k_i = int((C_in - keep) * (iters/3 - i) / (iters/3)) + keep`` (computed in
    Python float64, exactly as the official code); whenever ``k_i`` falls below the previous target, every input
