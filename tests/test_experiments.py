@@ -512,3 +512,23 @@ def test_bad_group_settings_are_named(tiny_grid_config, tmp_path, field, value, 
     with pytest.raises(ConfigError, match=message):
         run_grid(bad, tmp_path / "w")
     assert not (tmp_path / "w").exists()  # refused before anything is written
+
+
+def test_settings_table_pairs_each_setting_with_the_same_arm_at_the_defaults():
+    from oefsmc_jax.experiments.summarize import settings_table
+
+    def rec(group, arm, seed, top1, **ov):
+        return {"group": group, "method": "cd", "arch": "r", "per_class": 10, "mode": "exp", "seed": seed,
+                "arm": arm, "overrides": ov, "metrics": {"top1": top1}}
+
+    records = [rec("default", "oe", 0, 60.0), rec("default", "oe", 1, 62.0), rec("default", "base", 0, 50.0),
+               rec("eta", "oe", 0, 63.0, **{"oe.eta": 0.0}), rec("eta", "oe", 1, 63.0, **{"oe.eta": 0.0}),
+               rec("eta", "oe", 2, 70.0, **{"oe.eta": 0.0}),  # seed 2 has no default partner: left out
+               rec("bn", "oe", 0, 58.0, **{"oe.bn_mode": "separate"}),
+               rec("es", "oe", 0, 1.0, **{"oe.early_stopping": False})]  # early stopping has its own table
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in settings_table(records).splitlines()[2:]]
+    # eta=0: d = (63 - 60, 63 - 62) = (3, 1): mean 2, sd 1.414, se 1, t(1) = 12.706 -> [-10.7, +14.7]
+    assert rows == [["CD", "10", "exp", "bn_mode=separate", "+ OE-FSMC", "1", "58.0", "60.0", "-2.00", "-", "-2.0"],
+                    ["CD", "10", "exp", "eta=0.0", "+ OE-FSMC", "2", "63.0", "61.0", "+2.00", "[-10.7, +14.7]",
+                     "+3.0, +1.0"]]
+    assert settings_table([r for r in records if r["group"] == "default"]) == ""

@@ -315,6 +315,45 @@ def join_results(results: str | os.PathLike, also: tuple = ()) -> tuple[list[dic
     return records, sources
 
 
+def settings_table(records: list[dict], metric: str = "top1") -> str:
+    """What each setting does against the method's defaults: every record run with overrides (other than
+    ``oe.early_stopping``, which :func:`early_stopping_table` pairs) paired with the record of the same method,
+    teacher, budget, set, arm and seed run without any (another group may hold it: a sweep's reference group); per
+    setting and arm the mean with it and at the defaults, and the paired difference with its 95 % t-interval; ''
+    when nothing pairs."""
+    defaults, changed = {}, collections.defaultdict(list)
+    for r in records:
+        if r["metrics"].get(metric) is None:
+            continue
+        key = (r["method"], r["arch"], r["per_class"], r["mode"], r["arm"])
+        ov = dict(r.get("overrides") or {})
+        if not ov:
+            defaults[key + (r["seed"],)] = r["metrics"][metric]
+        elif "oe.early_stopping" not in ov:
+            changed[key + (json.dumps(ov, sort_keys=True),)].append(r)
+    order = list(ARM_NAMES)
+    rows = []
+    for key in sorted(changed, key=lambda k: (k[0], k[1], k[2], k[3] != "balanced", k[5],
+                                              order.index(k[4]) if k[4] in order else len(order))):
+        pairs = [(r["metrics"][metric], defaults[key[:5] + (r["seed"],)]) for r in
+                 sorted(changed[key], key=lambda r: r["seed"]) if key[:5] + (r["seed"],) in defaults]
+        if not pairs:
+            continue
+        a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+        d = paired_difference(a, b)
+        ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+        rows.append({"method": key[0].upper(), "budget": key[2], "set": key[3], "settings": _overrides_str(key[5]),
+                     "arm": ARM_NAMES.get(key[4], key[4]), "n": d["n"], "with": float(np.mean(a)),
+                     "default": float(np.mean(b)), "mean": f"{d['mean']:+.2f}", "ci": ci,
+                     "per_seed": ", ".join(f"{x - y:+.1f}" for x, y in pairs)})
+    if not rows:
+        return ""
+    return format_table(rows, [("method", "Method", None), ("budget", "Per class", None), ("set", "Set", None),
+                               ("settings", "Setting", None), ("arm", "Arm", None), ("n", "Seeds", None),
+                               ("with", f"{metric}, setting", ".1f"), ("default", f"{metric}, defaults", ".1f"),
+                               ("mean", "Mean Δ", None), ("ci", "95 % CI", None), ("per_seed", "Per seed", None)])
+
+
 def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_names: list[str] | None = None,
               title: str = "Results", also: tuple = (), primary: Any = None,
               primary_after_results: bool = False) -> paths.Path:
@@ -376,6 +415,10 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
                 .append(c)
         if plot_contrasts(dict(panels), out / "factorial.png", title):
             parts += ["![factorial](factorial.png)", ""]
+    settings = settings_table(records)
+    if settings:
+        parts += ["## What each setting does against the method's defaults (same arm, paired by seed) — exploratory",
+                  "", settings, ""]
     stopping = early_stopping_table(records)
     if stopping:
         parts += ["## What early stopping does to each arm (on minus off, paired by seed) — exploratory", "",
