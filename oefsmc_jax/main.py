@@ -119,6 +119,9 @@ def _ood_classes_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rho", type=float, default=10.0, help="imbalance ratio (default 10)")
     p.add_argument("--factor", type=float, default=2.5, help="oe.selection_factor c of the teacher rules "
                                                              "(default 2.5)")
+    p.add_argument("--pool", choices=("tiny", "tiny_disjoint", "dtd"), default="tiny",
+                   help="OOD pool: tiny (Tiny-ImageNet val, default), tiny_disjoint (without its classes that overlap "
+                        "CIFAR-10), dtd (DTD-10 textures)")
 
 
 class Subcommand(NamedTuple):

@@ -1,6 +1,7 @@
 """The which-pool-classes-each-rule-picks tool: overlap groups and per-class pick counts, with exact values."""
 
 import numpy as np
+import pytest
 
 from oefsmc_jax.experiments.ood_classes import overlap_groups, picks_by_class, table
 
@@ -30,3 +31,17 @@ def test_picks_random_expected_values():
     np.testing.assert_allclose(p, 2 * np.outer([0.25, 0.75], [1 / 6, 2 / 6, 3 / 6]), rtol=1e-6)
     rows = table(p, np.array([2, 0, 0]), ["a", "b", "c"], ["x", "y"], "random")
     assert "| x | 0 | 17 % | 0 % |" in rows[4] and "| **all** | 2 | 17 % | 0 % | |" in rows[-2]
+
+
+def test_pools_load_as_the_runs_see_them(shared_data):
+    from oefsmc_jax.experiments.ood_classes import load_pool
+
+    name, x, y, names, group = load_pool(shared_data, "tiny")
+    assert name == "tinyimagenet_val_32x32.npz" and len(y) == 10000 and len(names) == 200
+    assert (group == 2).sum() > 0 and (group == 1).sum() > 0
+    _, xd, yd, _, _ = load_pool(shared_data, "tiny_disjoint")
+    assert len(yd) == 8500 and len(xd) == 8500 and not np.isin(yd, np.flatnonzero(group > 0)).any()
+    name, x, y, names, group = load_pool(shared_data, "dtd")
+    assert name == "dtd10_32x32.npz" and len(y) == 1200 and len(names) == 10 and not group.any()
+    with pytest.raises(ValueError, match="--pool 'nope': allowed: tiny, tiny_disjoint, dtd"):
+        load_pool(shared_data, "nope")

@@ -41,6 +41,32 @@ def overlap_groups(overlap: dict, num_pool_classes: int) -> np.ndarray:
     return group
 
 
+#: what each ``--pool`` is
+POOL_NOTES = {"tiny": "Tiny-ImageNet val", "tiny_disjoint": "Tiny-ImageNet val without the classes that overlap "
+              "CIFAR-10 in meaning or nearly", "dtd": "DTD-10 textures, no class overlap at all"}
+
+
+def load_pool(root: pathlib.Path, kind: str) -> tuple[str, np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """The pool ``kind`` (:data:`POOL_NOTES`) from the shared data folder ``root``: its file name, images, class of
+    every image, class names, and each class's overlap group (:func:`overlap_groups`; all 0 for DTD). The
+    class-disjoint pool drops the classes the runs' ``pool=tiny_disjoint`` drops (``all_indices`` of the overlap
+    list)."""
+    if kind not in POOL_NOTES:
+        raise ValueError(f"--pool {kind!r}: allowed: {', '.join(POOL_NOTES)}")
+    name = "dtd10_32x32.npz" if kind == "dtd" else "tinyimagenet_val_32x32.npz"
+    pool = np.load(root / name)
+    names = [str(n).split(",")[0] for n in pool["class_names"]]
+    x, y = pool["x"], np.asarray(pool["y"], np.int64)
+    if kind == "dtd":
+        return name, x, y, names, np.zeros(len(names), np.int64)
+    overlap = json.loads((root / "tinyimagenet_cifar10_overlap.json").read_text())
+    group = overlap_groups(overlap, len(names))
+    if kind == "tiny_disjoint":
+        keep = ~np.isin(y, np.asarray([int(i) for i in overlap["all_indices"]]))
+        x, y = x[keep], y[keep]
+    return name, x, y, names, group
+
+
 def picks_by_class(rule: str, probs: np.ndarray, pool_y: np.ndarray, counts: np.ndarray, factor: float,
                    num_pool_classes: int) -> np.ndarray:
     """Expected number of images of each pool class picked for each ID class: ``[K, num_pool_classes]``.
@@ -151,36 +177,33 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     teacher_path = sorted((root / "teachers" / "akamaster_cifar10_resnet").glob(f"{a.arch}-*.npz"))
     if not teacher_path:
         raise SystemExit(f"error: no akamaster teacher {a.arch}-*.npz under {root / 'teachers'}")
-    pool = np.load(root / "tinyimagenet_val_32x32.npz")
-    overlap = json.loads((root / "tinyimagenet_cifar10_overlap.json").read_text())
-    pool_names = [str(n).split(",")[0] for n in pool["class_names"]]
-    pool_y = np.asarray(pool["y"], np.int64)
-    group = overlap_groups(overlap, len(pool_names))
-
+    pool_file, pool_x, pool_y, pool_names, group = load_pool(root, getattr(a, "pool", "tiny"))
     spec, variables = load_pretrained(teacher_path[0])
     mean, std = teacher_preprocessing(teacher_path[0])
     predict = make_predict(make_mesh(None), build_model(spec), tuple(mean), tuple(std), 500,
                            cpu_fusion=xla_cpu.resolve_mode(""))  # $OEFSMC_CPU_FUSION, else the default
-    logits = np.concatenate([predict(variables, pool["x"][i:i + 2000])["logits"] for i in range(0, len(pool_y), 2000)])
+    logits = np.concatenate([predict(variables, pool_x[i:i + 2000])["logits"] for i in range(0, len(pool_y), 2000)])
     probs = np.asarray(jax.nn.softmax(logits, -1), np.float64)
-    print(f"teacher {teacher_path[0].name}: pool of {len(pool_y)} images, {int((group == 2).sum())} strict and "
-          f"{int((group == 1).sum())} near overlap classes; teacher argmax lands on an overlap class's own CIFAR "
-          f"class for {100 * _agree(probs, pool_y, overlap):.0f} % of those images", file=sys.stderr)
+    print(f"teacher {teacher_path[0].name}: pool {pool_file} ({a.pool if hasattr(a, 'pool') else 'tiny'}) of "
+          f"{len(pool_y)} images, {int((group == 2).sum())} strict and {int((group == 1).sum())} near overlap "
+          "classes", file=sys.stderr)
 
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"teacher": teacher_path[0].name, "pool": "tinyimagenet_val_32x32.npz",
+    pool_kind = getattr(a, "pool", "tiny")
+    record: dict[str, Any] = {"teacher": teacher_path[0].name, "pool": pool_file, "pool_kind": pool_kind,
                               "factor": a.factor, "rho": a.rho, "budgets": {}, **code_version(),
                               "versions": versions(), "device": jax.devices()[0].device_kind}
     for n in a.per_class:
         counts = class_counts(len(CIFAR10), "exp", n, a.rho, True)
         per_rule = {r: picks_by_class(r, probs, pool_y, counts, a.factor, len(pool_names))
                     for r in ("random", "teacher_complement", "teacher_confidence")}
-        lines = [f"# Which Tiny-ImageNet classes each rule picks: {n} per class, rho = {a.rho:g}", "",
-                 f"Teacher `{teacher_path[0].name}` (akamaster ResNet), pool `tinyimagenet_val_32x32.npz` (10,000 "
-                 f"images, 200 classes), ID counts {counts.tolist()}, teacher rules at c = {a.factor:g}. `random` "
-                 "rows are expected values (pool share x the complementary distribution), the teacher rows exact "
-                 "counts. Overlap lists: `tinyimagenet_cifar10_overlap.json`.", ""]
+        lines = [f"# Which pool classes each rule picks: {n} per class, rho = {a.rho:g}, pool {pool_kind}", "",
+                 f"Teacher `{teacher_path[0].name}` (akamaster ResNet), pool `{pool_file}` ({POOL_NOTES[pool_kind]}: "
+                 f"{len(pool_y):,} images, {len(np.unique(pool_y))} classes), ID counts {counts.tolist()}, teacher "
+                 f"rules at c = {a.factor:g}. `random` rows are expected values (pool share x the complementary "
+                 "distribution), the teacher rows exact counts. Overlap lists: `tinyimagenet_cifar10_overlap.json`.",
+                 ""]
         for r, p in per_rule.items():
             lines += table(p, group, pool_names, CIFAR10, r)
         (out / f"ood_classes_n{n}.md").write_text("\n".join(lines))
@@ -189,6 +212,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         record["budgets"][str(n)] = {"counts": counts.tolist(),
                                      **{r: np.round(p, 4).tolist() for r, p in per_rule.items()}}
         print(f"n{n}: wrote {out / f'ood_classes_n{n}.md'} and .png", file=sys.stderr)
+    if pool_kind == "tiny":  # how often the teacher's argmax is the CIFAR-10 class a strict-overlap image is
+        overlap = json.loads((root / "tinyimagenet_cifar10_overlap.json").read_text())
+        record["strict_overlap_argmax_share"] = round(_agree(probs, pool_y, overlap), 4)
     record["pool_class_names"] = pool_names
     record["overlap_group"] = group.tolist()
     (out / "ood_classes.json").write_text(json.dumps(portable(record, {"data": root}), indent=1))
