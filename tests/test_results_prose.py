@@ -152,7 +152,9 @@ def test_teacher_picks_from_cifar_like_classes():
     assert shares == {"10": (39, 29, 10), "50": (26, 21, 5)}
     assert ("at 10 per class 39 % of them from Tiny-ImageNet classes that are CIFAR-10 classes in meaning\n"
             "  or close to one (29 % and 10 %), at 50 per class 26 % (21 % and 5 %)") in PROSE
-    assert "59 %" not in PROSE  # the argmax figure is not in any committed file
+    # the teacher's argmax share on strict-overlap images is quoted only where its file is read
+    # (test_ood_classes_at_c1_on_three_pools)
+    assert PROSE.count("59 %") == 1
 
 
 def test_methods_provenance_names_the_commits_the_records_carry():
@@ -272,3 +274,34 @@ def test_reproduction_table_recomputed_from_the_records():
     assert len(set(wg.values())) == 1 and wg["at_c196e28"] != committed[("factorial", "kd-resnet20-n10-exp-s0", "base")]
     assert reruns[("methods", "fskd-resnet20-n10-balanced-s3", "base")]["main_3036df9"] == committed[
         ("methods", "fskd-resnet20-n10-balanced-s3", "base")]
+
+
+def test_ood_classes_at_c1_on_three_pools():
+    import numpy as np
+
+    text = (RESULTS / "README.md").read_text()
+    rows = {}
+    for pool, label in (("c1_tiny", "Tiny-ImageNet"), ("c1_tiny_disjoint", "Tiny-ImageNet, class-disjoint"),
+                        ("c1_dtd", "DTD-10 textures")):
+        r = json.loads((RESULTS / "ood_classes" / pool / "ood_classes.json").read_text())
+        assert r["factor"] == 1.0 and r["pool_kind"] == pool[3:]
+        group, names = np.asarray(r["overlap_group"]), r["pool_class_names"]
+        for rule in ("teacher_complement", "teacher_confidence"):
+            cols = []
+            for n in ("10", "50"):
+                m = np.asarray(r["budgets"][n][rule])
+                cols += [f"{m.sum():,.0f}", f"{100 * m[:, group > 0].sum() / m.sum():.0f} %"]
+            m10 = np.asarray(r["budgets"]["10"][rule]).sum(0)
+            top = np.argsort(-m10, kind="stable")[:3]
+            assert m10[top[1]] > m10[top[2]]  # the two named are not tied with a third
+            cols.append(", ".join(f"{names[j]} ({m10[j]:.0f})" for j in top[:2]))
+            rows[(label, rule)] = cols
+        if pool == "c1_tiny":
+            assert f"{100 * r['strict_overlap_argmax_share']:.0f} % of the\nstrict-overlap images" in text
+    table, label = {}, None
+    for ln in text.split("### At c = 1")[1].split("Reading:")[0].splitlines():
+        if ln.startswith("| ") and "---" not in ln and not ln.startswith("| pool"):
+            cols = [c.strip() for c in ln.strip().strip("|").split("|")]
+            label = cols[0] or label
+            table[(label, cols[1].strip("`"))] = cols[2:]
+    assert table == rows
