@@ -103,3 +103,40 @@ class LogitAdjusted:
 
     def __call__(self, logits: Any, labels: Any) -> Any:
         return logit_adjusted_cross_entropy(logits, labels, jnp.asarray(self.prior, jnp.float32))
+
+
+# The base losses of the methods' fine-tuning recipes: ``loss(student, teacher, labels, label_loss)`` on the ID part
+# of a batch (``training.recipe.Recipe``). Module functions and frozen callables, so that equal recipes compare equal
+# and share a compiled step.
+
+
+def supervised_term(student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
+    """The supervised term alone, ``label_loss(logits, labels)`` (BP; CD's own fine-tuning): an arm may replace it."""
+    return label_loss(student["logits"], labels)
+
+
+def plain_cross_entropy(student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
+    """Cross-entropy on the labels whatever the arm (plain supervised training, e.g. the demo's teacher)."""
+    return cross_entropy(student["logits"], labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class HintonKD:
+    """Hinton's KD on the ID images: ``(1 - gamma) * label_loss + gamma * tau^2 KL(teacher || student)``."""
+
+    gamma: float
+    tau: float
+
+    def __call__(self, student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
+        return (1.0 - self.gamma) * label_loss(student["logits"], labels) + self.gamma * kd_kl(
+            student["logits"], teacher["logits"], self.tau)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitKL:
+    """Label-free logit distillation ``tau^2 KL(teacher || student)`` (FSKD when it fine-tunes)."""
+
+    tau: float
+
+    def __call__(self, student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
+        return kd_kl(student["logits"], teacher["logits"], self.tau)

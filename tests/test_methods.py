@@ -291,3 +291,15 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(teacher, tiny_da
     assert (ckpts / "3.corrupt").is_dir()
     for a, b in zip(jax.tree.leaves(ref.variables), jax.tree.leaves(res.variables)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_recipes_compare_by_value_so_equal_methods_share_a_compiled_step():
+    from oefsmc_jax.methods import CD, FSKD, MiR
+
+    a, b = KD((0.5,), 0.5, 4.0).recipe(), KD((0.5,), 0.5, 4.0).recipe()
+    assert a == b and hash(a) == hash(b) and a is not b
+    # another hyper-parameter of the loss: another recipe; of the compression only: the same recipe
+    assert a != KD((0.5,), 0.25, 4.0).recipe() and a != KD((0.5,), 0.5, 2.0).recipe()
+    assert a == KD((0.25,), 0.5, 4.0).recipe() and BP((0.5,)).recipe() == BP((0.25,)).recipe()
+    assert FSKD().recipe() == FSKD().recipe() and MiR().recipe() == MiR().recipe()
+    assert len({CD.from_config({"prune_ratio": 0.5}, tiny_spec()).recipe() for _ in range(3)}) == 1

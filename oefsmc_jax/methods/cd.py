@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oefsmc_jax import losses
 from oefsmc_jax.errors import fail
 from oefsmc_jax.methods.base import (
     SHARED_DEFAULTS,
@@ -198,12 +199,9 @@ class CD(Method):
         if p.finetune == "kd":
             return KD(gamma=self.kd_gamma, tau=self.tau).recipe()
         if p.finetune == "ce":
-            return Recipe(loss=_ce_loss, distill="logits", needs_teacher=False)
-        return Recipe(loss=_ce_loss, distill="logits", needs_teacher=False,
+            return Recipe(loss=losses.supervised_term, distill="logits", needs_teacher=False)
+        return Recipe(loss=losses.supervised_term, distill="logits", needs_teacher=False,
                       schedule=FinetuneSchedule(steps=self.finetune_steps, lr=p.finetune_lr, momentum=0.9,
                                                 weight_decay=5e-4, decay_at=(0.5, 0.75), decay_factor=0.1,
                                                 batch_id=0, max_batch=128, augment=p.finetune_augment))
 
-
-def _ce_loss(student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
-    return label_loss(student["logits"], labels)

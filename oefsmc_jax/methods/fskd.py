@@ -25,7 +25,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -191,10 +190,7 @@ class FSKD(Method):
         p = self.params
         return (l1_prune_stage(self.prune_ratio), fskd_stage(p.block_output, p.fold, p.target))
 
-    def loss(self, student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
-        """Label-free logit distillation (only when fine-tuning is switched on)."""
-        return losses.kd_kl(student["logits"], teacher["logits"], self.tau)
-
     def recipe(self) -> Recipe:
         """No fine-tuning unless ``method.fskd.finetune``."""
-        return Recipe(loss=self.loss, distill="logits", finetunes=self.params.finetune, uses_labels=False)
+        return Recipe(loss=losses.LogitKL(self.tau), distill="logits", finetunes=self.params.finetune,
+                      uses_labels=False)

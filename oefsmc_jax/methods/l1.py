@@ -6,8 +6,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-import jax
-
 from oefsmc_jax import losses
 from oefsmc_jax.errors import fail
 from oefsmc_jax.methods.base import SHARED_DEFAULTS, CompressionContext, Method, Stage, prune_ratios, shared
@@ -35,10 +33,6 @@ def feature_width_keys(spec: ArchSpec) -> tuple[tuple[int, int, int], ...]:
     return tuple(lk.key for lk in width_links(spec) if lk.consumer in (("head",), ("fc0",)))
 
 
-def _kd_signal(student: dict, teacher: dict, tau: float) -> jax.Array:
-    return losses.kd_kl(student["logits"], teacher["logits"], tau)
-
-
 @dataclasses.dataclass(frozen=True)
 class BP(Method):
     """Prune, then fine-tune every weight (classifier included) with cross-entropy on the few ID samples."""
@@ -55,13 +49,9 @@ class BP(Method):
         """L1 pruning."""
         return (l1_prune_stage(self.prune_ratio),)
 
-    def loss(self, student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
-        """Cross-entropy (or the arm's supervised term) on the ID labels."""
-        return label_loss(student["logits"], labels)
-
     def recipe(self) -> Recipe:
         """CE, logit distillation for OE-FSMC, everything trained; the teacher only for joint distillation."""
-        return Recipe(loss=self.loss, distill="logits", needs_teacher=False)
+        return Recipe(loss=losses.supervised_term, distill="logits", needs_teacher=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,14 +79,9 @@ class KD(Method):
         """L1 pruning."""
         return (l1_prune_stage(self.prune_ratio),)
 
-    def loss(self, student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
-        """Hinton's KD loss on the ID images."""
-        return (1.0 - self.gamma) * label_loss(student["logits"], labels) + self.gamma * _kd_signal(
-            student, teacher, self.tau)
-
     def recipe(self) -> Recipe:
         """KD loss, logit distillation for OE-FSMC, everything trained."""
-        return Recipe(loss=self.loss, distill="logits")
+        return Recipe(loss=losses.HintonKD(self.gamma, self.tau), distill="logits")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +94,6 @@ class Supervised(Method):
         """No compression."""
         return ()
 
-    def loss(self, student: dict, teacher: dict | None, labels: jax.Array, label_loss: Any) -> jax.Array:
-        """Cross-entropy on the labels."""
-        return losses.cross_entropy(student["logits"], labels)
-
     def recipe(self) -> Recipe:
         """CE, no teacher."""
-        return Recipe(loss=self.loss, needs_teacher=False)
+        return Recipe(loss=losses.plain_cross_entropy, needs_teacher=False)

@@ -50,7 +50,8 @@ class FinetuneSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """How a method fine-tunes its student (method.md §4-5). Hashable, so equal recipes share a compiled step.
+    """How a method fine-tunes its student (method.md §4-5). Hashable and compared by value (its losses are module
+    functions or frozen callables), so equal recipes share a compiled step.
 
     ``loss(student, teacher, labels, label_loss)`` is the method's own loss on the ID part of the batch (model
     outputs have ``logits`` and ``features``; ``label_loss(logits, labels)`` is the supervised term, which the
@@ -72,21 +73,6 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.distill not in DISTILL:
             raise ValueError(f"distill must be one of {DISTILL}, got {self.distill!r}")
-
-    def _key(self) -> tuple:
-        # a bound method compares by the identity of its object; compare the (hashable, frozen) object by value,
-        # so the recipes of two equal method objects (e.g. two cells of a grid) are equal and share compiled steps
-        def value(f: Any) -> Any:
-            obj, func = getattr(f, "__self__", None), getattr(f, "__func__", None)
-            return ("bound", func, obj) if obj is not None and func is not None else f
-
-        return tuple(value(getattr(self, f.name)) for f in dataclasses.fields(self))
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self._key() == other._key()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash(self._key())
 
     def base_loss(self, student: dict, teacher: dict | None, labels: jax.Array) -> jax.Array:
         """The method's loss on the ID images with this recipe's supervised term."""
