@@ -66,7 +66,7 @@ def get_teacher(config: Any, workdir: paths.Path, mesh: Any, data: RunData) -> t
         if asked is not None and (asked.family, asked.kept, asked.inner_widths) != (spec.family, spec.kept,
                                                                                      spec.inner_widths):
             log(f"teacher: note: the checkpoint is a {spec.family} with {sum(map(len, spec.kept))} blocks, not the "
-                f"config.arch {config.arch.get('name', '?')!r}; the checkpoint's architecture is what runs")
+                f"config.arch {config.arch.name!r}; the checkpoint's architecture is what runs")
         return spec, variables
     tdir = workdir / "teacher"
     if (tdir / "model").exists():
