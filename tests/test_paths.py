@@ -126,7 +126,8 @@ def test_teacher_pool_cache_on_a_gs_workdir(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     c = ml_collections.ConfigDict({"oe": {"cache_dir": ""}, "eval": {"batch_size": 64},
-                                   "data": {"mean": (0.5,) * 3, "std": (0.25,) * 3}})
+                                   "data": {"mean": (0.5,) * 3, "std": (0.25,) * 3},
+                                   "cpu_fusion": "", "cpu_wgrad": ""})
     spec = tiny_spec()
     pool = ImageSet(np.random.default_rng(0).integers(0, 256, (70, 16, 16, 3), dtype=np.uint8),
                     np.full(70, -1, np.int32), "pool")
