@@ -66,6 +66,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.title = "Per-method OE-FSMC settings: validation sweep on real CIFAR-10 (JPEG q75), Tiny-ImageNet 32x32 pool"
     c.primary_contrasts = []  # a tuning sweep: every contrast is exploratory
     c.primary_declared_after_results = False
+    # How the sweep sets the defaults (oefsmc_jax.experiments.tuning): written after 66 of its 126 cells had
+    # run (CD, FSKD, most of PRACTISE), before any default was moved
+    c.tuning_rule = {"metric": "top1", "margin": 0.5,
+                   "candidates": {"oe": {"eta": list(SWEEP_ETA), "lambda_jd": list(SWEEP_LAMBDA),
+                                         "bn_mode": list(SWEEP_BN), "calibration_ood_share": list(SWEEP_SHARE)},
+                                  "method": {"fskd": {"target": ["branch", "block"]},
+                                             "cd": {"finetune": ["official", "kd"]}}}}
     seeds = list(range(a["seeds"])) if not a["runlocal"] else [0]
     per_class = [10] if not a["runlocal"] else [2]
     groups = []

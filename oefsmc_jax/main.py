@@ -170,7 +170,8 @@ def _experiments_command(args: argparse.Namespace) -> int:
         path = summarize(workdir / "results.jsonl", out, names, title, also=tuple(args.also),
                          primary=cfg.get("primary_contrasts") if cfg is not None else None,
                          primary_after_results=bool(cfg.get("primary_declared_after_results", False))
-                         if cfg is not None else False)
+                         if cfg is not None else False,
+                         tuning_rule=cfg.get("tuning_rule") if cfg is not None else None)
         print(f"summary: {path}", file=sys.stderr)
 
     cli_util.run_reporting_errors(write_summary)  # no records, or a missing --also file: one line, exit 2

@@ -15,6 +15,7 @@ from oefsmc_jax.evaluation import format_table, paired_difference, plot_per_clas
 from oefsmc_jax.experiments.grid import setting_key
 from oefsmc_jax.experiments.primary import primary_table
 from oefsmc_jax.experiments.runner import read_results
+from oefsmc_jax.experiments.tuning import TuningRule, choose, describe_rule, tuning_table, write_chosen
 from oefsmc_jax.oe.arms import ARMS
 
 ARM_NAMES = {name: arm.short for name, arm in ARMS.items()}  # the arms table of oefsmc_jax.oe.arms
@@ -356,11 +357,13 @@ def settings_table(records: list[dict], metric: str = "top1") -> str:
 
 def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_names: list[str] | None = None,
               title: str = "Results", also: tuple = (), primary: Any = None,
-              primary_after_results: bool = False) -> paths.Path:
+              primary_after_results: bool = False, tuning_rule: Any = None) -> paths.Path:
     """Write ``summary.md``, ``accuracy_vs_budget.png`` and one per-class plot into ``out_dir``, from the records of
     ``results`` joined with those of the files in ``also`` (:func:`join_results`). ``primary``: the grid config's
     ``primary_contrasts`` (:mod:`oefsmc_jax.experiments.primary`), reported first with a Holm correction; every
-    other contrast is labelled exploratory. ``primary_after_results``: they were declared after the results."""
+    other contrast is labelled exploratory. ``primary_after_results``: they were declared after the results.
+    ``tuning_rule``: a tuning sweep's ``config.tuning_rule`` (:mod:`oefsmc_jax.experiments.tuning`); its choices
+    are reported and written to ``chosen.json``."""
     for f in also:
         if not paths.as_path(f).exists():
             raise FileNotFoundError(f"--also {os.fspath(f)}: no such results file")
@@ -415,6 +418,13 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
                 .append(c)
         if plot_contrasts(dict(panels), out / "factorial.png", title):
             parts += ["![factorial](factorial.png)", ""]
+    rule = TuningRule.from_config(tuning_rule)
+    if rule is not None:
+        choices = choose(records, rule)
+        write_chosen(choices, out / "chosen.json")
+        parts += ["## The defaults this sweep chooses (`chosen.json`)", "", describe_rule(rule), "",
+                  tuning_table(choices, rule) or "No setting has both its default and another value run yet.",
+                  ""]
     settings = settings_table(records)
     if settings:
         parts += ["## What each setting does against the method's defaults (same arm, paired by seed) — exploratory",
@@ -429,7 +439,8 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
                   imbalance, ""]
     if plot_budget(records, out / "accuracy_vs_budget.png"):
         parts += ["## Accuracy against budget", "", "![accuracy against budget](accuracy_vs_budget.png)", ""]
-    cell = next((r for r in records if r["mode"] == "exp" and not r.get("overrides") and r["arm"] == "oe"), None)
+    cell = next((r for r in records if r["mode"] == "exp" and not r.get("overrides") and r["arm"] == "oe"
+                 and "per_class" in r["metrics"] and "config" in r and "subset" in r["config"]), None)
     if cell is not None:
         arms = {ARM_NAMES.get(r["arm"], r["arm"]): r["metrics"]["per_class"] for r in records
                 if r["cell"] == cell["cell"]}
