@@ -66,7 +66,8 @@ def _experiments_flags(p: argparse.ArgumentParser) -> None:
                    help="only rewrite the summary of DIR's results.jsonl (no --config needed)")
     _summary_flags(p, config_required_text="required unless summarize (where it names the classes and title)")
     p.add_argument("--only", default=None, metavar="GROUP", help="run only the group with this name")
-    p.add_argument("--cell", default=None, metavar="ID", help="run only one cell, e.g. kd-resnet20-n10-exp-s0")
+    p.add_argument("--cell", default=None, metavar="ID[,ID...]",
+                   help="run only these cells (comma-separated), e.g. kd-resnet20-n10-exp-s0,kd-resnet20-n10-exp-s1")
 
 
 def _export_flags(p: argparse.ArgumentParser) -> None:

@@ -292,6 +292,8 @@ def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
     again = run_grid(grid, root / "w")
     assert len(again) == len(records)
     assert "3 cells, 3 finished earlier, 0 to run" in capfd.readouterr().err
+    run_grid(grid, root / "w", cell_id="bp-resnet8-n3-exp-s0, kd-resnet8-n3-exp-s1")  # a list of cells
+    assert "2 cells, 2 finished earlier, 0 to run" in capfd.readouterr().err
     assert ARMS["oe_complement_r"].fixed_labels and not ARMS["oe_complement"].fixed_labels
 
 

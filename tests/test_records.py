@@ -128,6 +128,11 @@ def test_cli_unknown_group_or_cell_is_one_line_before_anything_is_written(tmp_pa
     assert p.returncode == 2, p.stderr
     assert p.stderr == ("error: --cell 'NOPE': no such cell of group 'g' in this grid config; cells: "
                         "kd-resnet8-n3-exp-s0, kd-resnet8-n3-exp-s1\n")
+    p = _cli("--config", str(tmp_path / "grid.py"), "--workdir", str(w), "--cell",
+             "kd-resnet8-n3-exp-s1,bp-resnet8-n3-exp-s9")
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == ("error: --cell 'bp-resnet8-n3-exp-s9': no such cell in this grid config; cells: "
+                        "kd-resnet8-n3-exp-s0, kd-resnet8-n3-exp-s1, bp-resnet8-n3-exp-s0\n")
     assert not w.exists()
 
 

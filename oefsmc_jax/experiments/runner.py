@@ -118,8 +118,8 @@ def _append(path: paths.Path, records: list[dict]) -> None:
 @workdir_lock.scope
 def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only: str | None = None,
              cell_id: str | None = None) -> list[dict]:
-    """Run every unfinished cell of ``config`` (optionally only the group ``only`` or the cell ``cell_id``);
-    returns all records."""
+    """Run every unfinished cell of ``config`` (optionally only the group ``only``, or only the cells ``cell_id``
+    names, comma-separated; cells that differ only in their seed still train together); returns all records."""
     from oefsmc_jax.config_validation import validate
     from oefsmc_jax.errors import ConfigError
     from oefsmc_jax.run import run
@@ -145,11 +145,14 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
     cells = expand(groups)
     if cell_id is not None:
         ids = [c.id for c in cells]
-        cells = [c for c in cells if c.id == cell_id]
-        if not cells:
+        wanted = [w.strip() for w in cell_id.split(",") if w.strip()]
+        unknown = [w for w in wanted if w not in ids]
+        if unknown or not wanted:
             where = f" of group {only!r}" if only is not None else ""
             shown = ", ".join(ids[:6]) + (f", ... ({len(ids)} in all)" if len(ids) > 6 else "")
-            raise ConfigError(f"--cell {cell_id!r}: no such cell{where} in this grid config; cells: {shown}")
+            bad = ", ".join(repr(w) for w in unknown) if unknown else repr(cell_id)
+            raise ConfigError(f"--cell {bad}: no such cell{where} in this grid config; cells: {shown}")
+        cells = [c for c in cells if c.id in wanted]
     teachers = dict(config.teacher_for_arch)
     configs = [cell_config(config.base, cell, teachers, config.rho) for cell in cells]
     for c in configs:  # one cache of teacher pool probabilities for the whole grid
