@@ -1,7 +1,12 @@
-"""Validation sweep of OE-FSMC's per-method settings (declared, not yet run): the grid that is to set each method's
-``oe_defaults`` (``Method.oe_defaults`` in ``oefsmc_jax/methods/``; the config's ``oe.lambda_jd``, ``oe.eta``,
-``oe.bn_mode`` and ``oe.calibration_ood_share`` stay at their sentinels here, so every cell runs its method's
-defaults except for the one factor its group changes).
+"""Validation sweep of OE-FSMC's per-method settings: the grid that set each method's ``oe_defaults``
+(``Method.oe_defaults`` in ``oefsmc_jax/methods/``) and FSKD's and CD's recipe choices. The config's
+``oe.lambda_jd``, ``oe.eta``, ``oe.bn_mode`` and ``oe.calibration_ood_share`` stay at their sentinels here, so every
+cell runs its method's defaults except for the one factor its group changes; ``tuning_rule`` says how a value
+replaces a default (``oefsmc_jax/experiments/tuning.py``).
+
+The sweep is always around the *current* defaults. Its committed records (``docs/results/methods_sweep_cifar10/``)
+were made around the defaults before it moved them (each record names its commit), so rerunning this config after
+the move runs the sweep around the chosen values: a check that they hold, not a copy of those records.
 
 Scored on a balanced validation split carved from the ID training images (``eval.split=val``); the test split is
 never read. KD-style budget of the other grids: ResNet-20 teacher, 10 per class, long-tailed (rho = 10, equal
@@ -17,8 +22,9 @@ Groups, one factor at a time around the current defaults, for each method M of B
   apply to it);
 - ``sweep_M_share``: ``oe.calibration_ood_share`` in {0, 0.25, 0.5, count} (methods with a data-dependent
   compression stage: PRACTISE, FSKD, CD; MiR's and BP's/KD's L1 pruning reads no data);
-- ``sweep_fskd_target``: FSKD's block-output Q fitted to the block output after the add (``method.fskd.target``);
-  ``sweep_cd_finetune``: CD with the project's loop and KD instead of its official fine-tuning (``method.cd.finetune``).
+- ``sweep_fskd_target``: the other target of FSKD's block-output Q (``method.fskd.target``: branch, before the
+  residual add, or block, after it); ``sweep_cd_finetune``: the other of CD's official fine-tuning and KD in the
+  project's loop (``method.cd.finetune``); both with arms ``base,oe``, scored on the base arm (the recipe).
 
 Values equal to a method's default are left out of its groups (``sweep_M_default`` holds them), so no cell runs
 twice. Argument keys: steps, batch, seeds, methods (``+``-separated subset), runlocal (a tiny set-up check).
@@ -37,6 +43,8 @@ SWEEP_ETA = (0.0, 0.01, 0.1)
 SWEEP_LAMBDA = (0.3, 1.0, 3.0)
 SWEEP_BN = ("joint", "separate")
 SWEEP_SHARE = ("0", "0.25", "0.5", "count")
+SWEEP_FSKD_TARGET = ("branch", "block")
+SWEEP_CD_FINETUNE = ("official", "kd")
 
 
 def _reset_to_method_defaults(b: ml_collections.ConfigDict) -> None:
@@ -71,8 +79,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tuning_rule = {"metric": "top1", "margin": 0.5,
                    "candidates": {"oe": {"eta": list(SWEEP_ETA), "lambda_jd": list(SWEEP_LAMBDA),
                                          "bn_mode": list(SWEEP_BN), "calibration_ood_share": list(SWEEP_SHARE)},
-                                  "method": {"fskd": {"target": ["branch", "block"]},
-                                             "cd": {"finetune": ["official", "kd"]}}}}
+                                  "method": {"fskd": {"target": list(SWEEP_FSKD_TARGET)},
+                                             "cd": {"finetune": list(SWEEP_CD_FINETUNE)}}}}
     seeds = list(range(a["seeds"])) if not a["runlocal"] else [0]
     per_class = [10] if not a["runlocal"] else [2]
     groups = []
@@ -81,10 +89,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         d = resolve_oe(b, cls)
         cell = {"method": [m], "arch": ["resnet20"], "per_class": per_class, "mode": ["exp"], "seed": seeds}
 
-        def group(name: str, field: str, values: tuple, default: object, cell: dict = cell, m: str = m) -> None:
+        def group(name: str, field: str, values: tuple, default: object, cell: dict = cell, m: str = m,
+                  arms: str = "oe") -> None:
             for v in values:
                 if v != default:
-                    groups.append({"name": f"sweep_{m}_{name}", **cell, "arms": "oe", "overrides": {field: v}})
+                    groups.append({"name": f"sweep_{m}_{name}", **cell, "arms": arms, "overrides": {field: v}})
 
         groups.append({"name": f"sweep_{m}_default", **cell, "arms": "base,oe"})
         finetunes = m != "fskd"  # FSKD does not fine-tune by default: eta, lambda_jd and bn_mode do not apply
@@ -95,11 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if cls.uses_calibration:
             share = "count" if d.calibration_ood_share is None else f"{d.calibration_ood_share:g}"
             group("share", "oe.calibration_ood_share", SWEEP_SHARE, share)
-        if m == "fskd":
-            groups.append({"name": "sweep_fskd_target", **cell, "arms": "base,oe",
-                           "overrides": {"method.fskd.target": "block"}})
+        if m == "fskd":  # a recipe choice: scored on the base arm (the recipe), OE-FSMC's arm beside it
+            group("target", "method.fskd.target", SWEEP_FSKD_TARGET, b.method.fskd.target, arms="base,oe")
         if m == "cd":
-            groups.append({"name": "sweep_cd_finetune", **cell, "arms": "base,oe",
-                           "overrides": {"method.cd.finetune": "kd"}})
+            group("finetune", "method.cd.finetune", SWEEP_CD_FINETUNE, b.method.cd.finetune, arms="base,oe")
     c.groups = groups
     return c

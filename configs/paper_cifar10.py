@@ -30,13 +30,15 @@ def pin_committed_settings(base: ml_collections.ConfigDict) -> None:
     CD and FSKD got their own recipes, so that these grids and their records reproduce: eta 0.1 for every OOD arm
     (MiR and PRACTISE included), BatchNorm joint, the calibration set weighted by 1 / count(label) over ID and OOD
     rows, CD with the project's fine-tuning loop (CE) and its layer solves on one fixed 128-row subset, FSKD's Q
-    folded right after each solve. ``oe.lambda_jd`` is pinned by each grid itself."""
+    folded right after each solve and its block-output Q fitted to the branch output. ``oe.lambda_jd`` is pinned
+    by each grid itself."""
     base.oe.eta = 0.1
     base.oe.bn_mode = "joint"
     base.oe.calibration_ood_share = "count"
     base.method.cd.finetune = "ce"
     base.method.cd.batch_size = 128
     base.method.fskd.fold = "solve"
+    base.method.fskd.target = "branch"
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

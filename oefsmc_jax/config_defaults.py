@@ -143,9 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
     # This field and the three below default to a sentinel meaning "the method's own default" (Method.oe_defaults
     # in the method's file; resolved in one place, oefsmc_jax.methods.resolve_oe): -1 for the numbers, "method"
     # for the strings.
-    # Today every method has lambda_jd 0.3 (the KD sweep of configs/paper_cifar10.py), eta 0.1 (0 for the
-    # label-free MiR and PRACTISE), bn_mode joint and calibration_ood_share count; configs/methods_sweep_cifar10.py
-    # declares the per-method validation sweep that is to set them.
+    # Each method's values come from the validation sweep of configs/methods_sweep_cifar10.py (its rule:
+    # config.tuning_rule; its choices: docs/results/methods_sweep_cifar10/chosen.json, which tests/test_tuning.py
+    # recomputes from the records and checks against the code).
     c.oe.lambda_jd = -1.0  # joint distillation weight (0 = off; -1 = the method's default) [choice]
     c.oe.eta = -1.0  # class-dependent regulariser R's weight (0 = off; -1 = the method's default) [choice]
     c.oe.bn_mode = "method"  # joint: BN sees ID and OOD together (Outlier Exposure) | separate: BN statistics from

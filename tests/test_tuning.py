@@ -1,10 +1,13 @@
 """The tuning rule of a sweep (oefsmc_jax.experiments.tuning): exact choices on hand-made records."""
 
 import json
+import pathlib
 
 import pytest
+from helpers import config
 
 from oefsmc_jax.errors import ConfigError
+from oefsmc_jax.experiments.runner import read_results
 from oefsmc_jax.experiments.summarize import summarize
 from oefsmc_jax.experiments.tuning import TuningRule, canonical, choose, chosen_settings
 
@@ -90,3 +93,29 @@ def test_summary_reports_the_choices_and_writes_chosen_json(tmp_path):
     assert "## The defaults this sweep chooses" in text
     assert "| KD     | oe.eta  | oe        | 3     | 0.1 (62.0)" in text
     assert json.loads((tmp_path / "out" / "chosen.json").read_text()) == {"kd": {"oe.eta": 0.0}}
+
+
+SWEEP = pathlib.Path(__file__).resolve().parents[1] / "docs" / "results" / "methods_sweep_cifar10"
+
+
+def _code_default(method: str, field: str):
+    from oefsmc_jax.config_defaults import base_config
+    from oefsmc_jax.methods import METHODS
+
+    if field.startswith("oe."):
+        return canonical(METHODS[method].oe_defaults.describe()[field[3:]])
+    _, sub, leaf = field.split(".")
+    return canonical(base_config().method[sub][leaf])
+
+
+def test_method_defaults_are_the_committed_sweeps_choices():
+    """Every default the committed sweep chose (complete settings only) is the code's default, and its
+    chosen.json is what the rule gives on its records."""
+    sweep = config("methods_sweep_cifar10").get_config()
+    rule = TuningRule.from_config(sweep.tuning_rule)
+    chosen = chosen_settings(choose(read_results(SWEEP / "results.jsonl"), rule))
+    assert json.loads((SWEEP / "chosen.json").read_text()) == json.loads(json.dumps(chosen))
+    assert {"cd", "fskd"} <= set(chosen)
+    for method, fields in chosen.items():
+        for field, value in fields.items():
+            assert _code_default(method, field) == value, (method, field)

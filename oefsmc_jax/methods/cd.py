@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ from oefsmc_jax.methods.base import (
     SHARED_DEFAULTS,
     CompressionContext,
     Method,
+    OESettings,
     Stage,
     hparams_from,
     prune_ratios,
@@ -172,6 +173,9 @@ class CD(Method):
     finetune_steps: int = 100  # the official fine-tuning's steps for this teacher (CDParams.finetune_steps resolved)
     name = "cd"
     uses_calibration = True
+    # chosen on the validation split by the sweep of configs/methods_sweep_cifar10.py (groups sweep_cd_lambda and
+    # sweep_cd_share; eta and bn_mode kept): joint distillation 3, OOD rows half the weight of each layer solve
+    oe_defaults: ClassVar[OESettings] = OESettings(lambda_jd=3.0, calibration_ood_share=0.5)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> CD:

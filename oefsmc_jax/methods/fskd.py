@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +34,7 @@ from oefsmc_jax.methods.base import (
     SHARED_DEFAULTS,
     CompressionContext,
     Method,
+    OESettings,
     Stage,
     hparams_from,
     prune_ratios,
@@ -66,9 +67,11 @@ class FSKDParams:
     # export: Q stays a layer (q_<bn>) until the student is exported; solve: each Q is folded into its conv + BN
     # right after its solve (identical in eval mode up to float rounding; not when fine-tuning in train mode)
     fold: str = "export"
-    # what the block-output Q is fitted to: branch (the teacher's last BN output, before the residual add) or
-    # block (the teacher's block output after the add, pre-ReLU, less the student's shortcut)
-    target: str = "branch"
+    # what the block-output Q is fitted to: block (the teacher's block output after the add, pre-ReLU, less the
+    # student's shortcut, so the residual stream's accumulated error is corrected too) or branch (the teacher's
+    # last BN output, before the add, as the official code). Block: chosen on the validation split by the sweep
+    # of configs/methods_sweep_cifar10.py (group sweep_fskd_target, base arm; docs/results/methods_sweep_cifar10)
+    target: str = "block"
 
     def __post_init__(self) -> None:
         if self.fold not in ("export", "solve"):
@@ -178,6 +181,10 @@ class FSKD(Method):
     tau: float = SHARED_DEFAULTS["tau"]
     name = "fskd"
     uses_calibration = True
+    # FSKD does not fine-tune, so OOD images can act only through its least squares; the validation sweep of
+    # configs/methods_sweep_cifar10.py (group sweep_fskd_share) gave them no weight there (share 0), which makes
+    # OE-FSMC's arm the base method unless oe.calibration_ood_share or method.fskd.finetune says otherwise
+    oe_defaults: ClassVar[OESettings] = OESettings(calibration_ood_share=0.0)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> FSKD:
