@@ -10,7 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OEFSMC_TCMALLOC", "0")
 # no persistent compilation cache in the tests or the command-line runs they start: no test reads executables that
 # another test, session or checkout wrote, and a user's $OEFSMC_COMPILE_CACHE does not reach them
-# (tests/test_compile_cache.py names its own folder)
+# (tests/test_compile_cache.py names its own folder, and each fault-injection test one of its own)
 os.environ["OEFSMC_COMPILE_CACHE"] = "off"
 
 import pytest  # noqa: E402
