@@ -94,9 +94,11 @@ def test_rerun_reuses_finished_arms(finished_run, capfd):
 
 
 def _demo_command(workdir):
-    """The tiny demo as a command line (the same run as ``finished_run``) and its environment."""
+    """The tiny demo as a command line (the same run as ``finished_run``) and its environment, with a compilation
+    cache of the test's own: the interrupted run writes it and its rerun reads it, as a user's would."""
     return ([sys.executable, "-m", "oefsmc_jax", "--config", f"{REPO / 'configs' / 'demo.py'}:per_class=5",
-             "--workdir", str(workdir), *_flags()], {**os.environ, "PYTHONPATH": str(REPO)})
+             "--workdir", str(workdir), *_flags()],
+            {**os.environ, "PYTHONPATH": str(REPO), "OEFSMC_COMPILE_CACHE": str(workdir.parent / "xla")})
 
 
 def _start_until_first_checkpoint(cmd, env, cwd, ckpt_dir):

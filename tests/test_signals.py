@@ -251,7 +251,8 @@ def test_teacher_pool_pass_stops_at_a_chunk_and_the_rerun_redoes_it(monkeypatch,
 def _demo(workdir):
     cmd = [sys.executable, "-m", "oefsmc_jax", "--config", f"{tiny_demo.REPO / 'configs' / 'demo.py'}:per_class=5",
            "--workdir", str(workdir), *tiny_demo.flags()]
-    return cmd, {**os.environ, "PYTHONPATH": str(tiny_demo.REPO)}
+    # a compilation cache of the test's own: the interrupted run writes it, its rerun reads it, as a user's would
+    return cmd, {**os.environ, "PYTHONPATH": str(tiny_demo.REPO), "OEFSMC_COMPILE_CACHE": str(workdir.parent / "xla")}
 
 
 class _Run:
