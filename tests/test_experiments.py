@@ -105,8 +105,8 @@ def test_fair_methods_grid_runs_each_methods_own_settings_and_declares_its_contr
     assert len(cells) == 6 * 2 * 5 * 2 + 2 * 5  # methods x budgets x seeds x (long-tailed, balanced) + CD + KD
     assert {c.method for c in cells} == {"bp", "kd", "mir", "practise", "fskd", "cd"}
     teacher = {c.method: c.arms[2] for c in cells if c.group == "fair"}
-    # R stays off where the method has none: MiR's and PRACTISE's label-free recipes
-    assert teacher == {"bp": "oe_complement_r", "kd": "oe_complement_r", "mir": "oe_complement",
+    # R stays off where the method's R is off: MiR's and PRACTISE's label-free recipes, KD by its sweep
+    assert teacher == {"bp": "oe_complement_r", "kd": "oe_complement", "mir": "oe_complement",
                        "practise": "oe_complement", "fskd": "oe_complement_r", "cd": "oe_complement_r"}
     for cell in cells:
         c = cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho)
@@ -116,7 +116,8 @@ def test_fair_methods_grid_runs_each_methods_own_settings_and_declares_its_contr
         assert c.method.cd.finetune == ("kd" if cell.group == "fair_cd_kd" else "official")
         assert (c.method.cd.batch_size, c.method.fskd.fold) == (0, "export")
     contrasts = grid.primary_contrasts
-    assert len(contrasts) == 36 and grid.primary_declared_after_results is False
+    assert len(contrasts) == 30 and grid.primary_declared_after_results is False
+    assert "fskd" not in {p["method"] for p in contrasts}  # its OOD arms are the base method by construction
     assert {(p["a"], p["b"]) for p in contrasts if p["method"] == "mir"} == {
         ("oe", "base"), ("oe_complement", "base"), ("oe_complement", "oe")}
 

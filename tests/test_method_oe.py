@@ -14,6 +14,7 @@ from oefsmc_jax.errors import ConfigError
 from oefsmc_jax.methods import (
     CD,
     FSKD,
+    KD,
     METHODS,
     PRACTISE,
     CompressionContext,
@@ -78,7 +79,7 @@ def test_resolve_oe_gives_each_method_its_defaults_and_the_config_overrides_them
     for name, cls in METHODS.items():
         s = resolve_oe(c, cls)
         assert s == cls.oe_defaults, name
-        assert s.eta == (0.0 if cls in (MiR, PRACTISE) else 0.1), name  # R off for the label-free recipes
+        assert s.eta == (0.0 if cls in (MiR, PRACTISE, KD) else 0.1), name  # R off: label-free recipes; KD by its sweep
     # the values the validation sweep chose (tests/test_tuning.py ties every one to the sweep's records)
     assert resolve_oe(c, CD) == OESettings(lambda_jd=3.0, eta=0.1, bn_mode="joint", calibration_ood_share=0.5)
     assert resolve_oe(c, FSKD).calibration_ood_share == 0.0

@@ -389,9 +389,10 @@ class PRACTISE(Method):
     params: PractiseParams = PractiseParams(k=1)
     name = "practise"
     config_params = PractiseParams
-    # R off: the MiR recipe is label-free (see mir.py); lambda_jd chosen on the validation split by the sweep of
-    # configs/methods_sweep_cifar10.py (group sweep_practise_lambda)
-    oe_defaults: ClassVar[OESettings] = OESettings(lambda_jd=1.0, eta=0.0)
+    # R off: the MiR recipe is label-free (see mir.py); lambda_jd, and no weight for OOD rows in the recoverability
+    # scores (they change only which blocks are dropped), chosen on the validation split by the sweep of
+    # configs/methods_sweep_cifar10.py (groups sweep_practise_lambda, sweep_practise_share)
+    oe_defaults: ClassVar[OESettings] = OESettings(lambda_jd=1.0, eta=0.0, calibration_ood_share=0.0)
     uses_calibration = True
 
     def __post_init__(self) -> None:
