@@ -59,6 +59,14 @@ def host_cpu() -> str:
 
 
 @functools.cache
+def device_description(mesh: Any) -> str:
+    """The devices a run or grid runs on, for its records and report: e.g. ``1 x gpu (NVIDIA H200)``, or for CPU
+    devices the host's CPU, ``2 x cpu (AMD EPYC, family 25 model 17, avx512)``."""
+    d = mesh.devices.flat[0]
+    kind = host_cpu() if d.platform == "cpu" else d.device_kind
+    return f"{mesh.devices.size} x {d.platform} ({kind})"
+
+
 def versions() -> dict[str, str | None]:
     """Installed versions of the packages a result depends on, and Python's."""
     out: dict[str, str | None] = {"python": platform.python_version()}

@@ -38,6 +38,7 @@ from oefsmc_jax.oe import complementary
 from oefsmc_jax.oe.arms import ARMS, Arm, ArmOOD, arm_names, arm_ood, arms_of, check_arms, data_needs
 from oefsmc_jax.oe.calibration import arm_calibration
 from oefsmc_jax.progress import log, write_json
+from oefsmc_jax.provenance import code_version, device_description, versions
 from oefsmc_jax.teacher import get_teacher, teacher_pool_probs
 from oefsmc_jax.training import compile_cache, preemption, xla_cpu
 from oefsmc_jax.training.checkpoint import load_model, save_model
@@ -272,9 +273,12 @@ def _report(run: RunContext, results: dict[str, dict], teacher_metrics: dict) ->
     names = list(config.data.class_names) if config.data.class_names else [str(i) for i in range(k)]
     report = run.workdir / "report.md"
     if jax.process_index() == 0:
+        provenance = {**code_version(), "trained_commit": {ARMS[a].label.format(M=run.method.name.upper()):
+                                                           r.get("trained_commit") for a, r in results.items()},
+                      "device": device_description(run.mesh), "versions": versions()}
         write_report(run.workdir, {"title": config.title, "class_names": names,
                                    "train_counts": run.data.counts.tolist(), "arms": arms, "teacher": teacher_metrics,
-                                   "model": model, "config": config.to_dict()})
+                                   "model": model, "provenance": provenance, "config": config.to_dict()})
     table = side_by_side(arms, teacher_metrics)
     print(table, flush=True)
     log(f"report: {report}")

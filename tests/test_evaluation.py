@@ -262,3 +262,18 @@ def test_plot_per_class_handles_missing_and_checks_lengths(tmp_path):
         plot_per_class(tmp_path / "q.png", ["a", "b"], [1, 3, 2], {"x": [1.0, 2.0, 3.0]})
     with pytest.raises(ValueError):
         plot_per_class(tmp_path / "q.png", ["a", "b", "c"], [1, 3, 2], {"x": [1.0, 2.0]})
+
+
+def test_report_names_its_code_devices_and_versions(tmp_path):
+    prov = {"git_commit": "abc123", "git_dirty": True, "trained_commit": {"A": "abc123", "B": "0ld"},
+            "device": "4 x cpu (Test CPU)", "versions": {"jax": "0.10.2", "torch": None}}
+    text = write_report(tmp_path / "run", {**_results(), "provenance": prov}).read_text()
+    section = text.split("## Provenance\n\n", 1)[1].split("\n\n", 1)[0]
+    assert section.splitlines() == ["- Code: commit `abc123` (uncommitted changes).",
+                                    "- Trained at: A `abc123`; B `0ld`.",
+                                    "- Devices: 4 x cpu (Test CPU).",
+                                    "- Versions: jax 0.10.2."]
+    prov = {**prov, "git_dirty": False, "trained_commit": {"A": "abc123", "B": "abc123"}}
+    section = write_report(tmp_path / "r2", {**_results(), "provenance": prov}).read_text()
+    assert "- Code: commit `abc123`.\n- Devices:" in section  # one commit trained every arm: no second line
+    assert "## Provenance" not in write_report(tmp_path / "r3", _results()).read_text()

@@ -315,13 +315,30 @@ def _model_table(model: Mapping[str, Any]) -> str:
     )  # fmt: skip
 
 
+def _provenance(prov: Mapping[str, Any]) -> str:
+    """The code, devices and package versions a report's figures come from, as a bullet list."""
+    commit = prov.get("git_commit") or "unknown (not a git checkout)"
+    dirty = {True: " (uncommitted changes)", False: ""}.get(prov.get("git_dirty"), "")
+    lines = [f"- Code: commit `{commit}`{dirty}."]
+    trained = {arm: c for arm, c in (prov.get("trained_commit") or {}).items() if c}
+    if trained and set(trained.values()) != {prov.get("git_commit")}:
+        lines.append("- Trained at: " + "; ".join(f"{arm} `{c}`" for arm, c in trained.items()) + ".")
+    if prov.get("device"):
+        lines.append(f"- Devices: {prov['device']}.")
+    vers = prov.get("versions") or {}
+    if vers:
+        lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v) + ".")
+    return "\n".join(lines)
+
+
 def write_report(workdir: str | os.PathLike, results: Mapping[str, Any]) -> paths.Path:
     """Write ``report.md`` and ``per_class_accuracy.png`` into ``workdir``; return the path of the report.
 
     ``results`` holds ``title``, ``class_names``, ``train_counts``, ``arms`` (name -> classification_metrics
     dict, plus optional numeric extras such as ``agreement``, ``steps``, ``wall_s``), ``teacher`` (metrics
     dict or None), ``model`` (``teacher_params``, ``student_params``, ``teacher_flops``, ``student_flops``,
-    optional ``teacher_latency_ms``, ``student_latency_ms``) and ``config`` (dumped as JSON at the end).
+    optional ``teacher_latency_ms``, ``student_latency_ms``), ``provenance`` (optional: ``git_commit``,
+    ``git_dirty``, ``trained_commit`` per arm, ``device``, ``versions``) and ``config`` (dumped as JSON at the end).
     """
     workdir = paths.as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -357,6 +374,9 @@ def write_report(workdir: str | os.PathLike, results: Mapping[str, Any]) -> path
               _per_class_table(class_names, train_counts, arms, teacher), ""]  # fmt: skip
     if model:
         lines += ["## Model size", "", _model_table(model), ""]
+    prov = results.get("provenance")
+    if prov:
+        lines += ["## Provenance", "", _provenance(prov), ""]
     if config is not None:
         lines += ["## Config", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
     path = workdir / "report.md"

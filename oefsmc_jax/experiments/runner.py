@@ -24,7 +24,7 @@ import ml_collections
 from oefsmc_jax import __version__, paths, workdir_lock
 from oefsmc_jax.experiments.grid import Cell, expand
 from oefsmc_jax.experiments.primary import check_primary_contrasts
-from oefsmc_jax.provenance import code_version, host_cpu, portable, versions
+from oefsmc_jax.provenance import code_version, device_description, portable, versions
 from oefsmc_jax.training import preemption
 
 #: cells run together when the grid config has no ``group_size``: their runs of equal shapes share one program
@@ -61,14 +61,6 @@ def _data_root() -> pathlib.Path:
     """The shared data folder the configs read (``$OEFSMC_DATA`` or ``../shared/data``)."""
     default = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
     return pathlib.Path(os.environ.get("OEFSMC_DATA", default))
-
-
-def device_description(mesh: Any) -> str:
-    """The devices a grid runs on, for its records: e.g. ``1 x gpu (NVIDIA H200)``, or for CPU devices the host's
-    CPU, ``2 x cpu (AMD EPYC, family 25 model 17, avx512)``."""
-    d = mesh.devices.flat[0]
-    kind = host_cpu() if d.platform == "cpu" else d.device_kind
-    return f"{mesh.devices.size} x {d.platform} ({kind})"
 
 
 def batch_cells(todo: list[tuple[Cell, Any]], group_size: int) -> list[list[tuple[Cell, Any]]]:
