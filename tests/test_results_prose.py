@@ -305,3 +305,25 @@ def test_ood_classes_at_c1_on_three_pools():
             label = cols[0] or label
             table[(label, cols[1].strip("`"))] = cols[2:]
     assert table == rows
+
+
+def test_readme_demo_table_is_the_committed_demo_report():
+    """The README's demo figures are those of docs/results/demo/report.md, which names the commit it came from."""
+    report = (RESULTS / "demo" / "report.md").read_text()
+
+    def rows(text: str, first: str) -> dict[str, list[str]]:
+        block = text[text.index(f"| {first}"):].split("\n\n", 1)[0].splitlines()
+        head = [c.strip() for c in block[0].strip("|").split("|")]
+        out = {}
+        for line in block[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            out[cells[0]] = dict(zip(head, cells))
+        return out
+
+    got = rows(TOP[TOP.index("## What the demo does"):], "Method")
+    want = rows(report, "Method")
+    assert set(got) == set(want) == {"KD", "KD + OE-FSMC", "Teacher"}
+    for arm in got:
+        assert [got[arm]["Top-1"], got[arm]["Balanced"], got[arm]["Few-shot"]] == [
+            want[arm]["Top-1"], want[arm]["Balanced"], want[arm]["Few"]], arm
+    assert "- Code: commit `" in report and "(uncommitted changes)" not in report
