@@ -312,7 +312,7 @@ def test_readme_demo_table_is_the_committed_demo_report():
     report = (RESULTS / "demo" / "report.md").read_text()
 
     def rows(text: str, first: str) -> dict[str, list[str]]:
-        block = text[text.index(f"| {first}"):].split("\n\n", 1)[0].splitlines()
+        block = [x for x in text[text.index(f"| {first}"):].split("\n\n", 1)[0].splitlines() if x.startswith("|")]
         head = [c.strip() for c in block[0].strip("|").split("|")]
         out = {}
         for line in block[2:]:
