@@ -219,9 +219,8 @@ class Method:
     config_params: ClassVar[type | None] = None
     #: OE-FSMC's settings for this method where the config leaves them at the sentinel (:func:`resolve_oe`). The
     #: base values are the project's: lambda_jd 0.3 and eta 0.1 from the KD sweep of configs/paper_cifar10.py.
-    #: Per-method values are to be chosen by the validation sweep of configs/methods_sweep_cifar10.py (groups
-    #: ``sweep_<method>_*``), which has not been run: until then every method keeps these, except the label-free
-    #: recipes (MiR, PRACTISE), whose R is off.
+    #: Each method overrides what the validation sweep of configs/methods_sweep_cifar10.py (groups
+    #: ``sweep_<method>_*``, rule ``tuning_rule``) chose for it; tests/test_tuning.py ties them to its records.
     oe_defaults: ClassVar[OESettings] = OESettings()
 
     @classmethod
