@@ -79,11 +79,13 @@ def test_resolve_oe_gives_each_method_its_defaults_and_the_config_overrides_them
     for name, cls in METHODS.items():
         s = resolve_oe(c, cls)
         assert s == cls.oe_defaults, name
-        assert s.eta == (0.0 if cls in (MiR, PRACTISE, KD) else 0.1), name  # R off: label-free recipes; KD by its sweep
+        assert (s.eta == 0.0) == (cls in (MiR, PRACTISE, KD)), name  # R off: label-free recipes; KD by its sweep
     # the values the validation sweep chose (tests/test_tuning.py ties every one to the sweep's records)
     assert resolve_oe(c, CD) == OESettings(lambda_jd=3.0, eta=0.1, bn_mode="joint", calibration_ood_share=0.5)
     assert resolve_oe(c, FSKD).calibration_ood_share == 0.0
     assert resolve_oe(c, PRACTISE).lambda_jd == 1.0
+    assert resolve_oe(c, MiR) == OESettings(lambda_jd=3.0, eta=0.0, bn_mode="separate")
+    assert resolve_oe(c, METHODS["bp"]).eta == 0.01
     c.oe.eta, c.oe.lambda_jd, c.oe.bn_mode, c.oe.calibration_ood_share = 0.1, 1.0, "separate", "0.25"
     s = resolve_oe(c, MiR)
     assert (s.eta, s.lambda_jd, s.bn_mode, s.calibration_ood_share) == (0.1, 1.0, "separate", 0.25)

@@ -327,3 +327,30 @@ def test_readme_demo_table_is_the_committed_demo_report():
         assert [got[arm]["Top-1"], got[arm]["Balanced"], got[arm]["Few-shot"]] == [
             want[arm]["Top-1"], want[arm]["Balanced"], want[arm]["Few"]], arm
     assert "- Code: commit `" in report and "(uncommitted changes)" not in report
+
+
+def test_methods_sweep_figures():
+    """Every gain the sweep's reading quotes, recomputed with its declared rule from its records."""
+    from oefsmc_jax.experiments.tuning import TuningRule, choose
+
+    rule = TuningRule.from_config(config("methods_sweep_cifar10").get_config().tuning_rule)
+    choices = {(c.method, c.field): c for c in choose(_records("methods_sweep_cifar10"), rule)}
+    section = " ".join(PROSE[PROSE.index("## `methods_sweep_cifar10/`"):PROSE.index("## `methods_cifar10/`")].split())
+
+    def gain(method: str, field: str, value) -> str:
+        g = choices[(method, field)].gains[value]
+        return f"{_signed(g['mean'])} [{_signed(g['ci_low'])}, {_signed(g['ci_high'])}]"
+
+    moved = [(k, c.chosen) for k, c in choices.items() if c.chosen != c.reference]
+    assert len(moved) == 10
+    for (method, field), value in moved:
+        assert gain(method, field, value) in section, (method, field)
+    for method, field, value in (("mir", "oe.eta", 0.1), ("practise", "oe.eta", 0.1), ("bp", "oe.lambda_jd", 3.0),
+                                 ("kd", "oe.lambda_jd", 3.0), ("cd", "method.cd.finetune", "kd")):
+        assert gain(method, field, value) in section, (method, field)
+    by_seed = collections.defaultdict(dict)
+    for r in _records("methods_sweep_cifar10"):
+        if r["method"] == "kd" and r["arm"] == "oe" and r["overrides"] in ({}, {"oe.eta": 0.0}):
+            by_seed[bool(r["overrides"])][r["seed"]] = r["metrics"]["top1"]
+    per_seed = [_signed(by_seed[True][s] - by_seed[False][s]) for s in sorted(by_seed[False])]
+    assert f"(per seed {per_seed[0]}, {per_seed[1]} and {per_seed[2]})" in section

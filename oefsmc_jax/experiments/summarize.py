@@ -399,7 +399,10 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
     else:
         parts += ["No primary contrasts are declared for this grid (`config.primary_contrasts`): every contrast "
                   "below is **exploratory**.", ""]
-    parts += ["## Paired differences to the base method (same seed, same subset, same test split) — exploratory", "",
+    splits = {((r.get("config") or {}).get("eval") or {}).get("split", "test") for r in records}
+    split = {frozenset({"val"}): "validation split", frozenset({"test"}): "test split"}.get(frozenset(splits),
+                                                                                          "evaluation split")
+    parts += [f"## Paired differences to the base method (same seed, same subset, same {split}) — exploratory", "",
               paired_table(records, "top1"), "", paired_table(records, "few"), ""]
     guided = ("oe_complement", "oe_confidence")
     vs_paper = paired_table(records, "top1", reference="oe", arms=guided)

@@ -47,6 +47,9 @@ class BP(Method):
 
     prune_ratio: tuple[float, ...] = (SHARED_DEFAULTS["prune_ratio"],)
     name = "bp"
+    # a weaker R: chosen on the validation split by the sweep of configs/methods_sweep_cifar10.py (group
+    # sweep_bp_eta; lambda_jd and bn_mode kept)
+    oe_defaults: ClassVar[OESettings] = OESettings(eta=0.01)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> BP:

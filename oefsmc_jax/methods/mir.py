@@ -48,8 +48,10 @@ class MiR(Method):
     prune_ratio: tuple[float, ...] = (SHARED_DEFAULTS["prune_ratio"],)
     name = "mir"
     # R off: the recipe is label-free and the classifier frozen, so CE on random complementary labels can only
-    # push the backbone's features towards random classes (set oe.eta to switch it on)
-    oe_defaults: ClassVar[OESettings] = OESettings(eta=0.0)
+    # push the backbone's features towards random classes (set oe.eta to switch it on). lambda_jd and BatchNorm
+    # statistics kept apart for OOD images: chosen on the validation split by the sweep of
+    # configs/methods_sweep_cifar10.py (groups sweep_mir_lambda, sweep_mir_bn)
+    oe_defaults: ClassVar[OESettings] = OESettings(lambda_jd=3.0, eta=0.0, bn_mode="separate")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], spec: ArchSpec) -> MiR:
