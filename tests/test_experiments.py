@@ -275,7 +275,9 @@ def test_grid_records_every_arm_and_never_reruns(tiny_grid, capfd):
     h = {r["arm"]: r for r in records if r["cell"] == "bp-resnet8-n3-exp-s0"}
     # the deconfounding arms: random images at the teacher complement's count with R off; the complement with R on
     assert h["oe_random_matched"]["ood_images"] == h["oe_complement"]["ood_images"] > 0
-    assert (h["oe_complement"]["eta"], h["oe_random_matched"]["eta"], h["oe_complement_r"]["eta"]) == (0.0, 0.0, 0.1)
+    bp_eta = BP.oe_defaults.eta  # R on at BP's own weight
+    assert (h["oe_complement"]["eta"], h["oe_random_matched"]["eta"], h["oe_complement_r"]["eta"]) == (0.0, 0.0,
+                                                                                                       bp_eta)
     assert h["oe_random_matched"]["ood_selection"] == "random"
     assert h["oe_random_matched"]["metrics"] != h["oe_complement"]["metrics"]
     for arm, rule in (("oe", "random"), ("oe_complement", "teacher_complement"),
