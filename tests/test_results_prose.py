@@ -218,29 +218,44 @@ def test_committed_summaries_open_with_their_primary_contrasts_declared_after_th
     assert text.index("## Primary contrasts") < text.index("## Paired differences to the base method")
 
 
-def test_confirmatory_interim_figures():
-    """The confirmatory grid's interim reading (8 seeds, 10 per class) against its records: the two primary
-    contrasts with their Holm-adjusted p, and the exploratory confidence/targeting split."""
+def test_confirmatory_figures():
+    """The confirmatory grid's reading against its records: the four primary contrasts with their Holm-adjusted
+    p, and the exploratory confidence/targeting split at both budgets."""
     from oefsmc_jax.experiments.primary import primary_contrasts
 
     recs = _records("confirm_cifar10")
-    assert len(recs) == 48 and {r["seed"] for r in recs} == set(range(5, 13))
+    assert len(recs) == 120 and {r["seed"] for r in recs} == set(range(5, 15))
+    assert len({(r["cell"], r["arm"]) for r in recs}) == 120
     assert {r["config"]["subset"]["class_order"] for r in recs} == {"random"}
-    assert {r["trained_commit"][:7] for r in recs} == {"0ede5db"}
-    paper, kd = _contrast(recs, "oe_complement_r", "oe", 10), _contrast(recs, "oe_complement_r", "base", 10)
-    assert (paper, kd) == ("+8.1 [+6.7, +9.6]", "+11.3 [+9.4, +13.2]")
-    for text in (PROSE, TOP):
-        assert paper in text and kd in text
+    assert {r["trained_commit"][:7] for r in recs} == {"0ede5db", "711c4ba"}
+    assert {(r["steps"], r["stopped_early"]) for r in recs} == {(200, False)}
+    flat = " ".join(PROSE.split())
+    top = " ".join(TOP.split())
+    for n, paper, kd in ((10, "+7.5 [+5.9, +9.0]", "+11.3 [+9.6, +13.0]"), (50, "+6.6 [+3.4, +9.8]",
+                                                                         "+6.9 [+3.3, +10.5]")):
+        assert (_contrast(recs, "oe_complement_r", "oe", n), _contrast(recs, "oe_complement_r", "base", n)) == (
+            paper, kd)
+        for text in (flat, top):
+            assert paper in text and kd in text
     rows = primary_contrasts(recs, config("confirm_cifar10").get_config().primary_contrasts)
-    assert [r["status"] for r in rows] == ["ok", "ok", "not run", "not run"]
-    assert all(r["p_holm"] < 0.0001 for r in rows[:2]) and [r["p_holm"] for r in rows[2:]] == [1.0, 1.0]
-    for a, b, metric, want in (("oe_complement", "oe_random_matched", "top1", "+7.3 [+5.0, +9.6]"),
-                               ("oe_confidence", "oe_random_matched", "top1", "+6.3 [+3.8, +8.8]"),
-                               ("oe_complement", "oe_confidence", "top1", "+1.0 [−0.7, +2.7]"),
-                               ("oe_complement", "oe_confidence", "few", "+2.6 [+0.6, +4.7]"),
-                               ("oe_complement_r", "oe_complement", "top1", "+1.2 [+0.1, +2.2]")):
-        assert _contrast(recs, a, b, 10, metric=metric) == want
-        assert want in PROSE, want
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert all(r["p_holm"] < 0.0001 for r in rows[:2]) and [round(r["p_holm"], 4) for r in rows[2:]] == [0.0021] * 2
+    assert [f"{r['d']['mean']:+.2f}" for r in rows] == ["+7.46", "+11.29", "+6.60", "+6.92"]
+    for n, a, b, metric, want in (
+            (10, "oe_complement", "oe_random_matched", "top1", "+6.5 [+4.2, +8.9]"),
+            (10, "oe_confidence", "oe_random_matched", "top1", "+6.0 [+3.9, +8.0]"),
+            (10, "oe_complement", "oe_confidence", "top1", "+0.6 [−1.0, +2.2]"),
+            (10, "oe_complement", "oe_confidence", "few", "+2.7 [−0.1, +5.4]"),
+            (10, "oe_complement_r", "oe_complement", "top1", "+1.0 [+0.1, +1.9]"),
+            (10, "oe", "base", "top1", "+3.8 [+1.9, +5.8]"),
+            (50, "oe_complement", "oe_random_matched", "top1", "+4.6 [+1.7, +7.5]"),
+            (50, "oe_confidence", "oe_random_matched", "top1", "+4.7 [+2.6, +6.8]"),
+            (50, "oe_complement", "oe_confidence", "top1", "−0.1 [−2.7, +2.5]"),
+            (50, "oe_complement", "oe_confidence", "few", "−1.0 [−4.9, +2.8]"),
+            (50, "oe_complement_r", "oe_complement", "top1", "+1.5 [+0.3, +2.6]"),
+            (50, "oe", "base", "top1", "+0.3 [−3.8, +4.4]")):
+        assert _contrast(recs, a, b, n, metric=metric) == want, (n, a, b, metric)
+        assert want in flat, want
 
 
 def test_reproduction_table_recomputed_from_the_records():
