@@ -81,6 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         b.method[m] = ml_collections.ConfigDict(d.method[m].to_dict())
         if iters is not None:
             b.method[m].iters = iters
+    b.method.fskd.target = "block"  # its sweep's choice; defined for ResNet-20's identity shortcuts
     b.oe.selection_factor = 1.0
     b.oe.early_stopping = False
     c.title = "OE-FSMC under one fair protocol for six methods on real CIFAR-10 (JPEG q75), Tiny-ImageNet 32x32 pool"

@@ -57,7 +57,8 @@ def test_a_run_that_hits_the_cache_equals_the_run_that_filled_it(committed, tmp_
     from oefsmc_jax.run import run
 
     overrides = {**tiny_demo.OVERRIDES, "method.name": "fskd", "arms": "base,oe", "teacher.steps": 10,
-                 "method.cache_compression": True, "oe.cache_dir": str(tmp_path / "cache")}
+                 "method.cache_compression": True, "oe.cache_dir": str(tmp_path / "cache"),
+                 "oe.calibration_ood_share": "count"}  # OOD rows weighted: the two arms compress differently
     first = run(tiny_demo.config(overrides), tmp_path / "one")
     assert "reusing the compressed student of an equal" not in capfd.readouterr().err
     second = run(tiny_demo.config(overrides), tmp_path / "two")

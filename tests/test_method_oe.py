@@ -71,7 +71,7 @@ def test_config_reference_holds_the_sentinels():
     c = base_config()
     assert (c.oe.lambda_jd, c.oe.eta, c.oe.bn_mode, c.oe.calibration_ood_share) == (-1.0, -1.0, "method", "method")
     assert (c.method.cd.finetune, c.method.cd.batch_size, c.method.cd.finetune_steps) == ("official", 0, -1)
-    assert (c.method.fskd.fold, c.method.fskd.target) == ("export", "block")
+    assert (c.method.fskd.fold, c.method.fskd.target) == ("export", "branch")
 
 
 def test_resolve_oe_gives_each_method_its_defaults_and_the_config_overrides_them():

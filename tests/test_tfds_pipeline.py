@@ -113,6 +113,7 @@ def test_imagenet_resnet34_data_dependent_method_end_to_end_on_mock_data(tmp_pat
     c.data.ood.max_examples = 300
     c.oe.heldout = 16
     c.oe.size = 40  # a balanced set gets no OOD images by default (m = K*n_max - n = 0)
+    c.oe.calibration_ood_share = "count"  # FSKD's own share (0) would leave the OOD rows out of its solves
     with mock(2000, 1000, 40, []):
         out = run(c, tmp_path / "run")
     base, oe = out["arms"]["base"], out["arms"]["oe"]

@@ -116,6 +116,14 @@ def test_method_defaults_are_the_committed_sweeps_choices():
     chosen = chosen_settings(choose(read_results(SWEEP / "results.jsonl"), rule))
     assert json.loads((SWEEP / "chosen.json").read_text()) == json.loads(json.dumps(chosen))
     assert set(chosen) == {"bp", "kd", "mir", "practise", "fskd", "cd"}  # the sweep is complete
+    # FSKD's block target is applied where it is defined (identity-shortcut ResNets: the fair grid sets it), not as
+    # the package default (see FSKDParams.target)
+    applied_by_config = {("fskd", "method.fskd.target"): "block"}
+    fair = config("methods_fair_cifar10").get_config().base
     for method, fields in chosen.items():
         for field, value in fields.items():
+            if (method, field) in applied_by_config:
+                assert value == applied_by_config[(method, field)] == fair.method.fskd.target
+                assert _code_default(method, field) == "branch"
+                continue
             assert _code_default(method, field) == value, (method, field)
