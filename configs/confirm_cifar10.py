@@ -1,4 +1,5 @@
-"""A confirmatory grid for the teacher-guided OOD selection, declared before it runs (not run yet).
+"""A confirmatory grid for the teacher-guided OOD selection, declared before it ran (committed at ``0ede5db``; run in
+full, read in ``docs/results/README.md``, records in ``docs/results/confirm_cifar10``).
 
 The exploratory grids (``deconfound_cifar10``, ``selection_cifar10``) found the teacher-complement arm ahead of the
 paper's arm for KD at 10 per class, on seeds 0-4, with the classes always made rare in index order. This grid asks
