@@ -369,3 +369,69 @@ def test_methods_sweep_figures():
             by_seed[bool(r["overrides"])][r["seed"]] = r["metrics"]["top1"]
     per_seed = [_signed(by_seed[True][s] - by_seed[False][s]) for s in sorted(by_seed[False])]
     assert f"(per seed {per_seed[0]}, {per_seed[1]} and {per_seed[2]})" in section
+
+
+# (method, per class, metric, arm, against, group of the arm): the exploratory figures the reading quotes; "base"
+# against means the long-tailed base arm of the same method and budget
+FAIR_QUOTED = [
+    *[(m, 10, "few", a, "base", "fair") for m, a in (("bp", "oe"), ("mir", "oe"), ("cd", "oe"), ("kd", "oe"),
+                                                      ("practise", "oe"), ("bp", "oe_complement_r"),
+                                                      ("kd", "oe_complement"), ("mir", "oe_complement"),
+                                                      ("cd", "oe_complement_r"))],
+    ("cd", 10, "top1", "base", "base", "fair_cd_kd"),
+    *[(m, n, "top1", "base", "base", "fair_balanced") for m, n in (("bp", 10), ("bp", 50), ("cd", 10), ("kd", 10),
+                                                                  ("kd", 50), ("mir", 10))],
+]
+
+
+def _fair_setting(records: list[dict], group: str, method: str, per_class: int) -> dict[str, dict[int, dict]]:
+    out = collections.defaultdict(dict)
+    for r in records:
+        if (r["group"], r["method"], r["per_class"]) == (group, method, per_class):
+            out[r["arm"]][r["seed"]] = r["metrics"]
+    return out
+
+
+def _fair_pair(a: dict[int, dict], b: dict[int, dict], metric: str = "top1") -> str:
+    seeds = sorted(set(a) & set(b))
+    assert len(seeds) == 5
+    d = paired_difference([a[s][metric] for s in seeds], [b[s][metric] for s in seeds])
+    return f"{_signed(d['mean'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]"
+
+
+def test_fair_methods_grid_figures():
+    """The corrected methods grid's reading against its records: every primary contrast that ran, with its
+    Holm-adjusted p over the declared 30, in the section's table; the exploratory figures its prose quotes; the
+    protocol the records must share (one commit, clean tree, no early stopping, 200 steps for the project's loop)."""
+    from oefsmc_jax.experiments.primary import primary_contrasts
+
+    recs = _records("methods_fair_cifar10")
+    grid = config("methods_fair_cifar10").get_config()
+    assert len({(r["cell"], r["arm"]) for r in recs}) == len(recs)
+    assert {r["trained_commit"][:7] for r in recs} == {"70372bb"} and not any(r["git_dirty"] for r in recs)
+    assert {r["seed"] for r in recs} == set(range(5)) and not any(r["stopped_early"] for r in recs)
+    assert {r["steps"] for r in recs if r["method"] in ("bp", "kd", "mir", "practise")} == {200}
+    section = " ".join(PROSE[PROSE.index("## `methods_fair_cifar10/`"):PROSE.index("## `methods_sweep_cifar10/`")]
+                       .split())
+    rows = primary_contrasts(recs, grid.primary_contrasts)
+    assert len(rows) == 30 and not any(r["status"].startswith("ambiguous") for r in rows)
+    ran = [r for r in rows if r["status"] == "ok"]
+    for r in ran:
+        p = "< 0.0001" if r["p_holm"] < 0.0001 else f"{r['p_holm']:.4f}"
+        d = r["d"]
+        want = f"{_signed(d['mean'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}], p {p}"
+        assert want in section, (r["label"], want)
+    top = " ".join(TOP.split())
+    quoted = {(r["entry"]["method"], r["entry"]["per_class"], r["entry"]["a"], r["entry"]["b"]): r["d"] for r in ran}
+    for method, a, b in (("bp", "oe", "base"), ("cd", "oe", "base"), ("mir", "oe_complement", "base"),
+                         ("practise", "oe_complement", "base"), ("kd", "oe_complement", "oe")):
+        d = quoted[(method, 10, a, b)]
+        assert f"{_signed(d['mean'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]" in top, (method, a, b)
+    done = {(r["entry"]["method"], r["entry"]["per_class"]) for r in ran}
+    for method, n in sorted({(e["method"], e["per_class"]) for e in grid.primary_contrasts} - done):
+        name = {"mir": "MiR"}.get(method, method.upper())
+        assert f"| {name}, {n} | not run | not run | not run |" in section, (method, n)
+    for method, n, metric, a, b, group_a in FAIR_QUOTED:
+        s = _fair_setting(recs, group_a, method, n)
+        base = _fair_setting(recs, "fair", method, n)["base"]
+        assert _fair_pair(s[a], base if b == "base" else s[b], metric) in section, (method, n, metric, a, group_a)
