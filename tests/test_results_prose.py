@@ -27,6 +27,11 @@ def _signed(x: float) -> str:
     return f"{x:+.1f}".replace("-", "−")
 
 
+def _ci(d: dict) -> str:
+    """``+m.m [lo, hi]`` of a :func:`paired_difference`, as the prose writes it."""
+    return f"{_signed(d['mean'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]"
+
+
 def _contrast(records: list[dict], a: str, b: str, per_class: int, method: str = "kd", metric: str = "top1",
               group: str | None = None) -> str:
     """``+m.m [lo, hi]`` of the paired difference ``a - b`` over the seeds that have both, as the prose writes it."""
@@ -36,7 +41,7 @@ def _contrast(records: list[dict], a: str, b: str, per_class: int, method: str =
             by[r["arm"]][r["seed"]] = r["metrics"][metric]
     seeds = sorted(set(by[a]) & set(by[b]))
     d = paired_difference([by[a][s] for s in seeds], [by[b][s] for s in seeds])
-    return f"{_signed(d['mean'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]"
+    return _ci(d)
 
 
 def _steps(records: list[dict], arm: str, per_class: int) -> list[tuple[int, int, bool]]:
@@ -130,7 +135,7 @@ def test_early_stopping_on_minus_off_for_the_base_arm():
            if r["arm"] == "base"}
     seeds = sorted(off)
     d = paired_difference([on[s] for s in seeds], [off[s] for s in seeds])
-    text = f"{_signed(d['mean'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]"
+    text = _ci(d)
     assert text == "+0.3 [−2.5, +3.2]"
     assert f"| base (KD) | 48.8 | 48.5 | {text} | 2 of 5 |" in PROSE
 
@@ -396,7 +401,7 @@ def _fair_pair(a: dict[int, dict], b: dict[int, dict], metric: str = "top1") -> 
     seeds = sorted(set(a) & set(b))
     assert len(seeds) == 5
     d = paired_difference([a[s][metric] for s in seeds], [b[s][metric] for s in seeds])
-    return f"{_signed(d['mean'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]"
+    return _ci(d)
 
 
 def test_fair_methods_grid_figures():
@@ -418,15 +423,13 @@ def test_fair_methods_grid_figures():
     ran = [r for r in rows if r["status"] == "ok"]
     for r in ran:
         p = "< 0.0001" if r["p_holm"] < 0.0001 else f"{r['p_holm']:.4f}"
-        d = r["d"]
-        want = f"{_signed(d['mean'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}], p {p}"
+        want = f"{_ci(r['d'])}, p {p}"
         assert want in section, (r["label"], want)
     top = " ".join(TOP.split())
     quoted = {(r["entry"]["method"], r["entry"]["per_class"], r["entry"]["a"], r["entry"]["b"]): r["d"] for r in ran}
     for method, a, b in (("bp", "oe", "base"), ("cd", "oe", "base"), ("mir", "oe_complement", "base"),
                          ("practise", "oe_complement", "base"), ("kd", "oe_complement", "oe")):
-        d = quoted[(method, 10, a, b)]
-        assert f"{_signed(d['mean'])} [{_signed(d['ci_low'])}, {_signed(d['ci_high'])}]" in top, (method, a, b)
+        assert _ci(quoted[(method, 10, a, b)]) in top, (method, a, b)
     done = {(r["entry"]["method"], r["entry"]["per_class"]) for r in ran}
     for method, n in sorted({(e["method"], e["per_class"]) for e in grid.primary_contrasts} - done):
         name = {"mir": "MiR"}.get(method, method.upper())
