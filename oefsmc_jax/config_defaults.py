@@ -157,7 +157,10 @@ def base_config() -> ml_collections.ConfigDict:
     # over ID and OOD rows together) or "method" (the method's default) [choice]
     c.oe.calibration_ood_share = "method"
     c.oe.early_stopping = True  # stop on held-out OOD student-teacher agreement [choice]
-    c.oe.early_stopping_arms = "ood"  # ood: only the arms with OOD images stop early | all: every arm does
+    # with early stopping off: still score the held-out agreement and record what early stopping would have kept
+    # (its step and that student's test accuracy), without using it; training and the reported weights are unchanged
+    c.oe.track_best = False
+    c.oe.early_stopping_arms = "ood"  # ood: only the arms with OOD images stop early (or track) | all: every arm
     c.oe.heldout = 1000  # size of the held-out OOD slice
     c.oe.eval_every = 50  # steps between two agreement checks
     c.oe.patience = 5  # checks without improvement before the run stops (the best weights are kept)

@@ -152,8 +152,9 @@ def _check_method(config: Any) -> tuple[Any, list]:
 def _check_sources(config: Any, arms: list) -> bool:
     """Check every data source the run reads; returns whether it reads the OOD pool."""
     sources = [("data.id", config.data.id), ("data.test", config.data.test)]
-    uses_pool = any(a.uses_ood for a in arms) or (config.oe.early_stopping and
-                                                   config.oe.early_stopping_arms == "all")
+    from oefsmc_jax.oe.arms import scores_heldout
+
+    uses_pool = any(a.uses_ood for a in arms) or (scores_heldout(config) and config.oe.early_stopping_arms == "all")
     if uses_pool:
         sources.append(("data.ood", config.data.ood))
     for field, cfg in sources:
@@ -192,8 +193,15 @@ def _check_oe(config: Any, method: Any, arms: list, uses_pool: bool) -> None:
         _fail("oe.alpha", f"must be -1 (max(beta) + min(beta)) or a value >= max(beta), got {oe.alpha}")
     if oe.size < -1:
         _fail("oe.size", f"must be -1 (automatic) or >= 0, got {oe.size}")
-    if oe.early_stopping and uses_pool and (oe.eval_every < 1 or oe.patience < 1 or oe.heldout < 1):
-        _fail("oe.eval_every", "early stopping needs oe.eval_every >= 1, oe.patience >= 1 and oe.heldout >= 1")
+    if not isinstance(oe.get("track_best", False), bool):
+        _fail("oe.track_best", f"must be True or False, got {oe.track_best!r}")
+    if oe.get("track_best", False) and oe.early_stopping:
+        _fail("oe.track_best", "records what early stopping would have kept in a run without it; with "
+                               "oe.early_stopping = True the run keeps it already: set one of the two")
+    if (oe.early_stopping or oe.get("track_best", False)) and uses_pool and (
+            oe.eval_every < 1 or oe.patience < 1 or oe.heldout < 1):
+        what = "early stopping" if oe.early_stopping else "oe.track_best"
+        _fail("oe.eval_every", f"{what} needs oe.eval_every >= 1, oe.patience >= 1 and oe.heldout >= 1")
 
 
 def _check_train(t: Any, num_devices: int) -> None:

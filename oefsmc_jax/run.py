@@ -46,6 +46,7 @@ from oefsmc_jax.training.from_config import compile_modes, finetune_settings, pr
 from oefsmc_jax.training.loop import finetune
 from oefsmc_jax.training.parallel import make_mesh, replicate
 from oefsmc_jax.training.recipe import Recipe
+from oefsmc_jax.training.run_state import TrackedBest
 from oefsmc_jax.training.step import StepData
 from oefsmc_jax.training.train import RunJob
 from oefsmc_jax.training.xla_cpu import mesh_platform
@@ -129,8 +130,10 @@ def run_arm(run: RunContext, name: str) -> dict:
     trained = trained_commit(adir / "trained_commit.json")
     plan = plan_arm(run, name)
     spec, variables = compress_arm(run, plan)
+    tracked = None
     if plan.recipe.finetunes:
         res = finetune_arm(run, plan, spec, variables)
+        tracked = res.tracked
         variables = res.variables
         training = {"steps": res.steps_run, "best_step": res.best_step, "best_heldout_agreement": res.best_agreement,
                     "stopped_early": res.stopped_early}
@@ -142,6 +145,8 @@ def run_arm(run: RunContext, name: str) -> dict:
     result = {**evaluate_arm(run, plan, spec_x, vars_x, training), "wall_s": time.time() - t0,
               "version": __version__, "trained_commit": trained.get("git_commit"),
               "trained_dirty": trained.get("git_dirty")}
+    if tracked is not None:
+        result["tracked_best"] = evaluate_tracked(run, spec, tracked)
     if run.config.eval.latency:
         result["latency_ms"] = measure_latency(spec_x, vars_x, run.config.data.image_size)
     write_json(adir / "result.json", result)
@@ -203,19 +208,20 @@ def finetune_arm(run: RunContext, plan: ArmPlan, spec: ArchSpec, variables: dict
     # host batches: the arrays stay on the host (training/feed.py gathers each step's images); else on every device
     step_data = host_data if host_batches else jax.tree.map(lambda a: replicate(a, run.mesh), host_data)
     heldout_pred = run.heldout_pred if plan.arm.uses_ood or config.oe.early_stopping_arms == "all" else None
-    early = bool(config.oe.early_stopping and data.heldout is not None and len(data.heldout) > 0
-                 and heldout_pred is not None)
+    has_heldout = data.heldout is not None and len(data.heldout) > 0 and heldout_pred is not None
+    early = bool(config.oe.early_stopping and has_heldout)
+    track = bool(config.oe.get("track_best", False) and has_heldout)
     s = plan.settings
     fs = finetune_settings(config, run.mesh, plan.recipe.schedule,
                            {"ood": use_ood, "lambda_jd": s.lambda_jd, "eta": plan.eta, "bn_mode": s.bn_mode},
-                           len(data.train), host_batches, early)
+                           len(data.train), host_batches, early, track)
     if fs.note:
         plan.log(fs.note)
     t_spec, t_vars = run.teacher
     return finetune(RunJob(name=plan.name, workdir=run.workdir / plan.name, mesh=run.mesh, spec=spec,
                            variables=variables, recipe=plan.recipe, teacher_spec=t_spec, teacher_variables=t_vars,
                            data=step_data, step_cfg=fs.step, optim_cfg=fs.optim, loop=fs.loop, seed=config.seed,
-                           heldout=(data.heldout.x, heldout_pred) if fs.early_stopping else None,
+                           heldout=(data.heldout.x, heldout_pred) if fs.loop.eval_every else None,
                            meta={"arm": plan.name, "spec": spec.to_dict(), "subset": data.subset}))
 
 
@@ -233,6 +239,18 @@ def evaluate_arm(run: RunContext, plan: ArmPlan, spec: ArchSpec, variables: dict
             "oe_settings": plan.settings.describe() if oe_on else None,
             **{k: v for k, v in training.items() if k != "steps"},
             "spec": spec.to_dict(), "params": count_params(spec), "flops": count_flops(spec, config.data.image_size)}
+
+
+def evaluate_tracked(run: RunContext, spec: ArchSpec, tracked: TrackedBest) -> dict:
+    """What early stopping would have kept in a run that trained its whole budget (``oe.track_best``): the best
+    held-out step before it would have stopped, the step it would have stopped at (None: never), and that
+    student's metrics on the evaluation split. Recorded beside the run's result, which stays its last weights."""
+    spec_b, vars_b = shrink(*fold_corrections(spec, tracked.variables))
+    pred = np.argmax(run.predict(spec_b)(vars_b, run.data.test.x)["logits"], -1)
+    metrics = classification_metrics(pred, run.data.test.y, run.config.data.num_classes, run.data.counts)
+    metrics["agreement"] = agreement(pred, run.teacher_test_pred)
+    return {"step": tracked.step, "stop_step": tracked.stop_step, "heldout_agreement": tracked.agreement,
+            "metrics": metrics}
 
 
 def _start(config: Any, workdir: paths.Path) -> tuple[Any, dict[str, str]]:

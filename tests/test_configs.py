@@ -68,6 +68,9 @@ def _bad(mutate):
     (lambda c: setattr(c, "arms", "base,oe,extra"), "config.arms", "unknown arm 'extra'"),
     (lambda c: setattr(c.oe, "bn_mode", "mixed"), "config.oe.bn_mode", "joint, separate"),
     (lambda c: setattr(c.optim, "name", "lbfgs"), "config.optim.name", "sgd, adam, adamw"),
+    (lambda c: setattr(c.oe, "track_best", True), "config.oe.track_best", "set one of the two"),
+    (lambda c: c.oe.update({"early_stopping": False, "track_best": True, "patience": 0}), "config.oe.eval_every",
+     "oe.track_best needs oe.eval_every >= 1, oe.patience >= 1"),
 ])
 def test_bad_fields_fail_with_one_line_naming_the_field(mutate, field, allowed):
     msg = _bad(mutate)

@@ -422,6 +422,27 @@ def test_early_stopping_table_pairs_on_and_off_runs_of_the_same_arm_and_seed():
     assert early_stopping_table([r for r in records if r["group"] != "no_es" and r["group"] != "sweep"]) == ""
 
 
+def test_tracked_best_table_reads_what_early_stopping_would_have_kept():
+    from oefsmc_jax.experiments.summarize import tracked_best_table
+
+    def rec(arm, seed, final, kept, step, stop=None, track=True):
+        r = {"method": "kd", "arch": "r", "per_class": 10, "mode": "exp", "seed": seed, "arm": arm, "overrides": {},
+             "metrics": {"top1": final}, "steps": 2000, "best_step": 2000, "stopped_early": False}
+        if track:
+            r["tracked_best"] = {"step": step, "stop_step": stop, "heldout_agreement": 80.0,
+                                 "metrics": {"top1": kept}}
+        return r
+
+    records = [rec("oe", 0, 50.0, 53.0, 300, 800), rec("oe", 1, 52.0, 53.0, 1900), rec("oe", 2, 40.0, 42.0, 700, 1200),
+               rec("base", 0, 30.0, 31.0, 100, 600), rec("base", 1, 30.0, 0.0, 100, track=False)]
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in tracked_best_table(records).splitlines()[2:]]
+    # oe: d = (3, 1, 2): mean 2, sd 1, se 0.577, t(2) = 4.303 -> half width 2.48
+    assert rows == [["KD", "10", "exp", "-", "base", "1", "30.0", "31.0", "+1.00", "-", "100 (100-100)", "1/1"],
+                    ["KD", "10", "exp", "-", "+ OE-FSMC", "3", "47.3", "49.3", "+2.00", "[-0.5, +4.5]",
+                     "700 (300-1900)", "2/3"]]
+    assert tracked_best_table([r for r in records if "tracked_best" not in r]) == ""
+
+
 def test_summarize_joins_results_files_and_the_first_file_wins(tmp_path):
     from oefsmc_jax.experiments.summarize import join_results, summarize
 

@@ -226,6 +226,10 @@ def test_cd_official_finetuning_reaches_the_loop(teacher, tiny_data, monkeypatch
     finetune_base(build_method(c.method, SPEC), None)
     assert (seen["loop"].steps, seen["step_cfg"].batch_id, seen["optim_cfg"]["lr"]) == (c.train.steps, 8,
                                                                                        c.optim.lr)
+    c.oe.early_stopping, c.oe.track_best = False, True  # scores the held-out slice, never stops
+    finetune_base(build_method(c.method, SPEC), tiny_data.heldout.y)
+    assert (seen["loop"].eval_every, seen["loop"].stop_early) == (c.oe.eval_every, False)
+    assert seen["heldout"][1] is tiny_data.heldout.y
 
 
 def _fskd_ctx(teacher, tiny_data):

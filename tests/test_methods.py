@@ -138,24 +138,31 @@ def test_each_oe_loss_term_switches_off(teacher, tiny_data, lambda_jd, eta, expe
     assert float(metrics["loss"]) == pytest.approx(total, rel=1e-5)
 
 
-@pytest.mark.slow
-def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
+def _es_run(teacher, d, workdir, loop: LoopConfig, heldout: bool):
+    """A 60-step BP run at a high learning rate, so that early stopping on the held-out slice stops it early."""
     mesh = make_mesh(1)
-    d = tiny_data
     predict = make_predict(mesh, build_model(SPEC), (0.5,) * 3, (0.25,) * 3)
     t_pred = np.argmax(predict(teacher, d.heldout.x)["logits"], -1)
     data = replicate(StepData(d.train.x, d.train.y, d.ood.x, None, np.full(K, 0.1, np.float32),
                               np.ones(K, np.float32)), mesh)
-    res = finetune(RunJob(name="es", workdir=tmp_path, mesh=mesh, spec=SPEC, variables=teacher,
+    res = finetune(RunJob(name="es", workdir=workdir, mesh=mesh, spec=SPEC, variables=teacher,
                           recipe=BP((0.5,) * 3).recipe(), teacher_spec=SPEC, teacher_variables=teacher, data=data,
                           step_cfg=StepConfig(batch_id=8, batch_ood=8, pad=1, mean=(0.5,) * 3, std=(0.25,) * 3),
-                          optim_cfg={"name": "sgd", "lr": 0.5, "schedule": "constant"},
-                          loop=LoopConfig(steps=60, log_every=60, eval_every=2, patience=2, ckpt_every=100), seed=0,
-                          heldout=(d.heldout.x, t_pred)))
+                          optim_cfg={"name": "sgd", "lr": 0.5, "schedule": "constant"}, loop=loop, seed=0,
+                          heldout=(d.heldout.x, t_pred) if heldout else None))
+    return res, predict, t_pred
+
+
+ES_LOOP = LoopConfig(steps=60, log_every=60, eval_every=2, patience=2, ckpt_every=100)
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
+    d = tiny_data
+    res, predict, t_pred = _es_run(teacher, d, tmp_path, ES_LOOP, heldout=True)
     # stops `patience` evaluations after the best one, long before the 60-step budget
     assert res.stopped_early and res.steps_run == res.best_step + 2 * 2 < 60
-    pred = np.argmax(make_predict(mesh, build_model(SPEC), (0.5,) * 3, (0.25,) * 3)(res.variables, d.heldout.x)
-                     ["logits"], -1)
+    pred = np.argmax(predict(res.variables, d.heldout.x)["logits"], -1)
     assert agreement(pred, t_pred) == pytest.approx(res.best_agreement)
     evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [e for e in evals if e["split"] == "eval"]
@@ -163,6 +170,27 @@ def test_early_stopping_keeps_the_best_weights(teacher, tiny_data, tmp_path):
     best = max(e["heldout_agreement"] for e in evals)
     assert best == pytest.approx(res.best_agreement)
     assert min(e["step"] for e in evals if e["heldout_agreement"] == best) == res.best_step
+
+
+@pytest.mark.slow
+def test_tracking_records_what_early_stopping_would_keep_and_trains_unchanged(teacher, tiny_data, tmp_path):
+    """``stop_early = False``: the run trains its whole budget to exactly the weights of a run without held-out
+    evaluation, and records exactly what early stopping would have kept (its step, agreement, stop and weights)."""
+    import dataclasses
+
+    stop, _, _ = _es_run(teacher, tiny_data, tmp_path / "stop", ES_LOOP, heldout=True)
+    track, _, _ = _es_run(teacher, tiny_data, tmp_path / "track", dataclasses.replace(ES_LOOP, stop_early=False),
+                          heldout=True)
+    fixed, _, _ = _es_run(teacher, tiny_data, tmp_path / "fixed", dataclasses.replace(ES_LOOP, eval_every=0),
+                          heldout=False)
+    assert stop.stopped_early and stop.tracked is None and fixed.tracked is None
+    assert (track.steps_run, track.best_step, track.stopped_early) == (60, 60, False)
+    jax.tree.map(np.testing.assert_array_equal, track.variables, fixed.variables)
+    t = track.tracked
+    assert (t.step, t.stop_step, t.agreement) == (stop.best_step, stop.steps_run, stop.best_agreement)
+    jax.tree.map(np.testing.assert_array_equal, t.variables, stop.variables)
+    evals = [json.loads(x) for x in (tmp_path / "track" / "metrics.jsonl").read_text().splitlines()]
+    assert max(e["step"] for e in evals if e["split"] == "eval") == stop.steps_run  # no evaluation after the stop
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from oefsmc_jax.experiments.primary import check_primary_contrasts, holm, paired
 REPO = pathlib.Path(__file__).resolve().parents[1]
 confirm_cifar10 = config("confirm_cifar10")
 deconfound_cifar10 = config("deconfound_cifar10")
+fixed_budget_cifar10 = config("fixed_budget_cifar10")
 methods_cifar10 = config("methods_cifar10")
 paper_cifar10 = config("paper_cifar10")
 selection_cifar10 = config("selection_cifar10")
@@ -126,7 +127,8 @@ def test_bad_primary_contrasts_are_named_in_one_line(entries, message):
                                            ",budgets=10", 2),
     (deconfound_cifar10, "arms=base+oe+oe_random_matched+oe_complement_r,budgets=50", 2),
     (paper_cifar10, "runlocal=1", 0), (selection_cifar10, "runlocal=1", 0), (methods_cifar10, "runlocal=1", 0),
-    (deconfound_cifar10, "runlocal=1", 0), (confirm_cifar10, "runlocal=1", 0)])
+    (deconfound_cifar10, "runlocal=1", 0), (confirm_cifar10, "runlocal=1", 0),
+    (fixed_budget_cifar10, "runlocal=1", 0)])
 def test_old_grids_declare_their_key_contrasts_after_the_fact(module, arg, n):
     grid = module.get_config(arg)
     check_primary_contrasts(grid)
@@ -162,6 +164,39 @@ def test_confirmatory_grid_is_declared_before_it_runs():
     rare = {s: frozenset(np.argsort(class_counts(10, "exp", 10, 10.0, True, class_order_permutation(10, s)))[:3])
             for s in range(5, 15)}
     assert len(set(rare.values())) >= 5
+
+
+@pytest.mark.needs_data
+def test_fixed_budget_grid_is_declared_before_it_runs_and_pairs_with_the_early_stopped_runs():
+    """The fixed 2,000-step grid: four primary contrasts declared before it ran; every arm trains its whole budget
+    and tracks what early stopping would have kept; each cell is the cell of the committed early-stopped 2,000-step
+    runs (same subset, pool, held-out slice, OE-FSMC settings and budget), early stopping aside."""
+    from oefsmc_jax.config_validation import validate
+
+    grid = fixed_budget_cifar10.get_config()
+    check_primary_contrasts(grid)
+    assert grid.primary_declared_after_results is False
+    assert [(e["a"], e["b"], e["per_class"]) for e in grid.primary_contrasts] == [
+        ("oe_complement_r", "oe", 10), ("oe_complement_r", "base", 10),
+        ("oe_complement_r", "oe", 50), ("oe_complement_r", "base", 50)]
+    cells = expand(grid.groups)
+    assert len(cells) == 10 and sorted({c.seed for c in cells}) == list(range(5))
+    assert {c.arms for c in cells} == {("base", "oe", "oe_random_matched", "oe_confidence", "oe_complement_r")}
+    path = pathlib.Path(__file__).parents[1] / "docs/results/deconfound_cifar10/tiny_2000steps/results.jsonl"
+    stopped = {r["cell"]: r["config"] for r in map(json.loads, path.read_text().splitlines())}
+    for cell in cells:
+        c = cell_config(grid.base, cell, dict(grid.teacher_for_arch), grid.rho)
+        if cell.seed == 0:
+            validate(c, num_devices=4)
+        assert (c.oe.early_stopping, c.oe.track_best, c.oe.early_stopping_arms) == (False, True, "all")
+        old = stopped[cell.id]
+        assert c.subset.to_dict() == old["subset"] and c.train.steps == old["train"]["steps"] == 2000
+        assert c.data.ood.path.endswith(old["data"]["ood"]["path"].removeprefix("<data>"))
+        same = [k for k in old["oe"] if k not in ("early_stopping", "cache_dir")]  # fields added since: pinned
+        assert {k: c.oe[k] for k in same} == {k: old["oe"][k] for k in same} and len(same) >= 14
+        assert (c.train.batch_id, c.train.batch_ood) == (old["train"]["batch_id"], old["train"]["batch_ood"])
+    with pytest.raises(ValueError, match="budgets='ten'"):
+        fixed_budget_cifar10.get_config("budgets=ten")
 
 
 def test_deconfound_labels_the_r_on_teacher_arm_against_random_images_as_two_changes():

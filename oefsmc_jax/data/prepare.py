@@ -108,7 +108,7 @@ def prepare_data(config: Any, workdir: paths.Path, needs: DataNeeds) -> RunData:
     if needs.ood or needs.heldout:
         pool = open_source(config.data.ood)  # nothing is read yet: only the chosen images, or chunks
         m = config.oe.size if config.oe.size >= 0 else default_ood_size(counts, config.oe.size_cap or None)
-        held_n = config.oe.heldout if config.oe.early_stopping else 0
+        held_n = config.oe.heldout if config.oe.early_stopping or config.oe.get("track_best", False) else 0
         if m + held_n > len(pool):
             raise ValueError(f"oe.size + oe.heldout = {m} + {held_n} exceeds the OOD pool's {len(pool)} images "
                              f"({pool.name}); lower oe.size / oe.heldout or use a larger pool")

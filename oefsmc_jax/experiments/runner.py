@@ -181,6 +181,7 @@ def run_grid(config: ml_collections.ConfigDict, workdir: str | os.PathLike, only
             records.append({"cell": cell.id, "arm": arm, **cell.settings(), "metrics": r["metrics"],
                             "teacher": out["teacher"], "steps": r["steps"], "best_step": r["best_step"],
                             "stopped_early": r.get("stopped_early"), "ood_selection": r.get("ood_selection"),
+                            **({"tracked_best": r["tracked_best"]} if r.get("tracked_best") else {}),
                             "ood_images": r.get("ood_images"), "eta": r.get("eta"),
                             "method_hparams": r.get("method"),
                             "params": r["params"], "flops": r["flops"], "wall_s": r["wall_s"],

@@ -251,6 +251,44 @@ def early_stopping_table(records: list[dict], metric: str = "top1") -> str:
                                ("kept", "Kept an earlier checkpoint", None)])
 
 
+def tracked_best_table(records: list[dict], metric: str = "top1") -> str:
+    """What early stopping would have kept in the runs that trained their whole budget with ``oe.track_best``: per
+    method, budget, set, settings and arm, the mean final ``metric``, the mean ``metric`` of the student early
+    stopping would have kept, their paired difference ``kept - final`` with its 95 % t-interval, the kept steps
+    (median and range) and how many runs early stopping would have stopped; '' when no record tracked."""
+    groups: dict = collections.defaultdict(list)
+    for r in records:
+        t = r.get("tracked_best")
+        if not t or r["metrics"].get(metric) is None or t["metrics"].get(metric) is None:
+            continue
+        key = (r["method"], r["arch"], r["per_class"], r["mode"],
+               json.dumps(r.get("overrides") or {}, sort_keys=True), r["arm"])
+        groups[key].append(r)
+    order = list(ARM_NAMES)
+    rows = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[3] != "balanced", k[4] != "{}", k[4],
+                                             order.index(k[5]) if k[5] in order else len(order))):
+        rs = sorted(groups[key], key=lambda r: r["seed"])
+        final = [r["metrics"][metric] for r in rs]
+        kept = [r["tracked_best"]["metrics"][metric] for r in rs]
+        d = paired_difference(kept, final)
+        ci = "-" if d.get("ci_low") is None else f"[{d['ci_low']:+.1f}, {d['ci_high']:+.1f}]"
+        steps = [r["tracked_best"]["step"] for r in rs]
+        stops = sum(r["tracked_best"].get("stop_step") is not None for r in rs)
+        rows.append({"method": key[0].upper(), "budget": key[2], "set": key[3], "settings": _overrides_str(key[4]),
+                     "arm": ARM_NAMES.get(key[5], key[5]), "n": d["n"], "final": float(np.mean(final)),
+                     "kept": float(np.mean(kept)), "mean": f"{d['mean']:+.2f}", "ci": ci,
+                     "steps": f"{int(np.median(steps))} ({min(steps)}-{max(steps)})", "stops": f"{stops}/{len(rs)}"})
+    if not rows:
+        return ""
+    return format_table(rows, [("method", "Method", None), ("budget", "Per class", None), ("set", "Set", None),
+                               ("settings", "Settings", None), ("arm", "Arm", None), ("n", "Seeds", None),
+                               ("final", f"{metric}, final", ".1f"), ("kept", f"{metric}, kept", ".1f"),
+                               ("mean", "Mean Δ (kept - final)", None), ("ci", "95 % CI", None),
+                               ("steps", "Kept step, median (range)", None),
+                               ("stops", "Would have stopped", None)])
+
+
 def plot_contrasts(panels: dict[str, list[dict]], path: str | os.PathLike, title: str = "",
                    metric: str = "top1") -> paths.Path | None:
     """A figure of paired contrasts: one horizontal bar per contrast (the mean difference) with its 95 % interval,
@@ -436,6 +474,10 @@ def summarize(results: str | os.PathLike, out_dir: str | os.PathLike, class_name
     if stopping:
         parts += ["## What early stopping does to each arm (on minus off, paired by seed) — exploratory", "",
                   stopping, ""]
+    tracked = tracked_best_table(records)
+    if tracked:
+        parts += ["## What early stopping would have kept (runs that trained their whole budget; kept minus final, "
+                  "paired by seed) — exploratory", "", tracked, ""]
     imbalance = imbalance_table(records)
     if imbalance:
         parts += ["## What imbalance costs (balanced minus long-tailed set of the same total) — exploratory", "",

@@ -146,11 +146,17 @@ def needs_teacher_probs(config: Any) -> bool:
         any(a.ood == "config" for a in arms_of(config)) and str(config.oe.selection).startswith("teacher_"))
 
 
+def scores_heldout(config: Any) -> bool:
+    """Whether runs score their agreement with the teacher on the held-out OOD slice: to stop early
+    (``oe.early_stopping``) or only to record what early stopping would have kept (``oe.track_best``)."""
+    return bool(config.oe.early_stopping or config.oe.get("track_best", False))
+
+
 def data_needs(config: Any) -> DataNeeds:
     """What the run's arms need of the OOD pool: the OOD subset (an arm adds OOD images), the held-out slice (also
     for arms without OOD images when ``oe.early_stopping_arms`` is ``all``), the selection candidates (an arm
     selects with the teacher)."""
-    heldout = bool(config.oe.early_stopping and config.oe.early_stopping_arms == "all")
+    heldout = bool(scores_heldout(config) and config.oe.early_stopping_arms == "all")
     return DataNeeds(ood=uses_ood(config), heldout=heldout, candidates=needs_teacher_probs(config))
 
 

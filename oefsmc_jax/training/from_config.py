@@ -62,11 +62,13 @@ class FinetuneSettings:
 
 
 def finetune_settings(config: Any, mesh: Any, schedule: FinetuneSchedule | None, oe: dict,
-                      num_train: int, host_batches: bool, early_stopping: bool) -> FinetuneSettings:
+                      num_train: int, host_batches: bool, early_stopping: bool,
+                      track_best: bool = False) -> FinetuneSettings:
     """The fine-tuning settings of one arm: ``train.*``, ``optim.*`` and ``data.*`` augmentation, or the recipe's own
     ``schedule`` where it has one; ``oe``: OE-FSMC's step terms of the arm (``ood``: whether it has OOD images,
     ``lambda_jd``, ``eta``, ``bn_mode``); ``num_train``: the few-sample set's size; ``early_stopping``: whether the
-    arm may stop early (a schedule can refuse it)."""
+    arm may stop early (a schedule can refuse it); ``track_best``: whether an arm that does not stop early still
+    scores the held-out agreement to record what early stopping would have kept."""
     tr = config.train
     steps, batch_id, optim_cfg = tr.steps, tr.batch_id, config.optim.to_dict()
     pad, flip = config.data.pad, config.data.flip
@@ -82,6 +84,8 @@ def finetune_settings(config: Any, mesh: Any, schedule: FinetuneSchedule | None,
                           pad=pad, flip=flip, mean=tuple(config.data.mean),
                           std=tuple(config.data.std), lambda_jd=oe["lambda_jd"], eta=oe["eta"], tau=config.method.tau,
                           bn_mode=oe["bn_mode"], host_batches=host_batches, **compile_modes(config, mesh))
-    loop = LoopConfig(steps=steps, log_every=tr.log_every, eval_every=config.oe.eval_every if early_stopping else 0,
-                      patience=config.oe.patience, ckpt_every=tr.ckpt_every, max_nonfinite=tr.max_nonfinite)
+    scored = early_stopping or track_best
+    loop = LoopConfig(steps=steps, log_every=tr.log_every, eval_every=config.oe.eval_every if scored else 0,
+                      patience=config.oe.patience, ckpt_every=tr.ckpt_every, max_nonfinite=tr.max_nonfinite,
+                      stop_early=early_stopping)
     return FinetuneSettings(step_cfg, loop, optim_cfg, early_stopping, note)

@@ -29,6 +29,18 @@ from oefsmc_jax.training.train import RunJob
 
 
 @dataclasses.dataclass
+class TrackedBest:
+    """What early stopping would have kept in a run that did not stop (``LoopConfig.stop_early = False``): the step
+    of the best held-out agreement before it would have stopped, that agreement, the step it would have stopped at
+    (None: it would have run to the end) and the weights at the best step."""
+
+    step: int
+    agreement: float
+    stop_step: int | None
+    variables: dict
+
+
+@dataclasses.dataclass
 class FinetuneResult:
     """Outcome of one fine-tuning run."""
 
@@ -39,6 +51,7 @@ class FinetuneResult:
     stopped_early: bool
     wall_s: float
     skipped_steps: int = 0  # steps whose update was skipped for a non-finite loss or gradient
+    tracked: TrackedBest | None = None  # what early stopping would have kept, when the run did not stop early
 
 
 class RunState:
@@ -84,7 +97,10 @@ class RunState:
     def evaluate(self, variables: dict, predict: Callable) -> None:
         """The held-out agreement with the teacher at this step: a new best (its weights kept) or one more
         evaluation without improvement; its metrics and log line. After ``loop.patience`` evaluations without
-        improvement the run stops."""
+        improvement the run stops; a run that only tracks (``loop.stop_early = False``) goes on, and stops
+        evaluating, since early stopping's choice is made."""
+        if not self.loop.stop_early and int(self.es["bad_evals"]) >= self.loop.patience:
+            return
         images, teacher_preds = self.job.heldout
         preds = np.argmax(predict(variables, images)["logits"], -1)
         agree = float(np.mean(preds == teacher_preds) * 100.0)
@@ -95,6 +111,10 @@ class RunState:
         self.log(f"[{self.name}] step {self.step}: held-out OOD agreement with teacher {agree:.2f}% "
                  f"(best {max(agree, best):.2f}% at step {int(self.es['best_step'])})")
         if int(self.es["bad_evals"]) >= self.loop.patience:
+            if not self.loop.stop_early:
+                self.log(f"[{self.name}] step {self.step}: early stopping would stop here and keep step "
+                         f"{int(self.es['best_step'])}; tracking only, training goes on")
+                return
             self.stopped = True
             self.log(f"[{self.name}] early stop at step {self.step}: no improvement in {self.loop.patience} "
                      "evaluations")
@@ -130,16 +150,27 @@ class RunState:
 
     def result(self, variables: dict, skipped: int, wall: float) -> FinetuneResult:
         """The run's outcome: its best held-out weights when it early-stopped on them, else ``variables`` (its last
-        weights)."""
-        use_best = self.job.heldout is not None and self.loop.eval_every and float(self.es["best_agreement"]) >= 0
+        weights), with what early stopping would have kept when it only tracked."""
+        scored = self.job.heldout is not None and self.loop.eval_every and float(self.es["best_agreement"]) >= 0
+        use_best = scored and self.loop.stop_early
         es = self.es
+        tracked = None
+        if scored and not use_best:
+            would_stop = int(es["bad_evals"]) >= self.loop.patience
+            best = int(es["best_step"])
+            tracked = TrackedBest(
+                step=best, agreement=float(es["best_agreement"]),
+                stop_step=best + self.loop.patience * self.loop.eval_every if would_stop else None,
+                variables=jax.device_get({"params": es["best_params"], "batch_stats": es["best_batch_stats"],
+                                          "masks": variables["masks"]}))
         out_vars = jax.device_get({"params": es["best_params"] if use_best else variables["params"],
                                    "batch_stats": es["best_batch_stats"] if use_best else variables["batch_stats"],
                                    "masks": variables["masks"]})
         return FinetuneResult(variables=out_vars, steps_run=self.step,
                               best_step=int(es["best_step"]) if use_best else self.step,
                               best_agreement=float(es["best_agreement"]) if use_best else None,
-                              stopped_early=self.step < self.loop.steps, wall_s=wall, skipped_steps=int(skipped))
+                              stopped_early=self.step < self.loop.steps, wall_s=wall, skipped_steps=int(skipped),
+                              tracked=tracked)
 
 
 def _early_stopping(es: dict, agree: float, params: Any, batch_stats: Any, step: int, mesh: Mesh) -> dict:

@@ -33,8 +33,11 @@ class LoopConfig:
 
     steps: int
     log_every: int = 50
-    eval_every: int = 0  # 0 = no early stopping (fixed budget)
+    eval_every: int = 0  # 0 = no held-out evaluation (fixed budget)
     patience: int = 5
+    # False: evaluate and keep the best weights as early stopping would, but never stop and report the last weights
+    # (what early stopping would have kept is recorded beside them)
+    stop_early: bool = True
     ckpt_every: int = 100
     keep_checkpoints: int = 2
     max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before the run stops
