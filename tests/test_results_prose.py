@@ -233,8 +233,11 @@ def test_confirmatory_figures():
     assert len({(r["cell"], r["arm"]) for r in recs}) == 120
     assert {r["config"]["subset"]["class_order"] for r in recs} == {"random"}
     assert {r["trained_commit"][:7] for r in recs} == {"0ede5db", "711c4ba"}
-    assert {(r["steps"], r["stopped_early"]) for r in recs} == {(200, False)}
+    # no held-out scoring: `best_step` is the last step, and nothing of what early stopping would keep is recorded
+    assert {(r["steps"], r["best_step"], r["stopped_early"]) for r in recs} == {(200, 200, False)}
+    assert not any("tracked_best" in r for r in recs)
     flat = " ".join(PROSE.split())
+    assert "its `best_step` is that same step, since these runs did not score the held-out slice" in flat
     top = " ".join(TOP.split())
     for n, paper, kd in ((10, "+7.5 [+5.9, +9.0]", "+11.3 [+9.6, +13.0]"), (50, "+6.6 [+3.4, +9.8]",
                                                                          "+6.9 [+3.3, +10.5]")):
