@@ -26,7 +26,7 @@ settings ``base+oe+oe_random_matched+oe_complement`` on the class-disjoint pools
 
 import ml_collections
 
-from oefsmc_jax.config_defaults import parse_arg, sibling
+from oefsmc_jax.config_defaults import parse_arg, parse_budgets, sibling
 
 cifar10 = sibling(__file__, "cifar10")
 paper_cifar10 = sibling(__file__, "paper_cifar10")
@@ -42,13 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arms = [x for x in a["arms"].split("+") if x]
     if not arms or set(arms) - set(ARMS.split(",")):
         raise ValueError(f"config argument arms={a['arms']!r}: allowed: {ARMS.replace(',', '+')} ('+'-separated)")
-    try:
-        budgets = [int(n) for n in a["budgets"].split("+") if n]
-    except ValueError:
-        budgets = []
-    if not budgets or min(budgets) < 1:
-        raise ValueError(f"config argument budgets={a['budgets']!r}: positive per-class counts, '+'-separated, "
-                         "e.g. 10+50")
+    budgets = parse_budgets(a["budgets"])
     arms = ",".join(arms)
     c = paper_cifar10.get_config(f"steps={a['steps']},batch={a['batch']},seeds=1,runlocal={int(a['runlocal'])}")
     b = c.base

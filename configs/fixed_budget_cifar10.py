@@ -27,7 +27,7 @@ Argument keys: steps, batch, seeds, budgets (``+``-separated), runlocal (a tiny 
 
 import ml_collections
 
-from oefsmc_jax.config_defaults import parse_arg, sibling
+from oefsmc_jax.config_defaults import parse_arg, parse_budgets, sibling
 
 deconfound_cifar10 = sibling(__file__, "deconfound_cifar10")
 
@@ -38,13 +38,7 @@ TEACHER_ARM = "oe_complement_r"
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The grid; see the module docstring."""
     a = parse_arg(arg, {"steps": 2000, "batch": 32, "seeds": 5, "budgets": "10+50", "runlocal": False})
-    try:
-        budgets = [int(n) for n in a["budgets"].split("+") if n]
-    except ValueError:
-        budgets = []
-    if not budgets or min(budgets) < 1:
-        raise ValueError(f"config argument budgets={a['budgets']!r}: positive per-class counts, '+'-separated, "
-                         "e.g. 10+50")
+    budgets = parse_budgets(a["budgets"])
     if a["seeds"] < 1:
         raise ValueError(f"config argument seeds={a['seeds']}: at least 1")
     c = deconfound_cifar10.get_config(f"pool=tiny,steps={a['steps']},batch={a['batch']},seeds=1,"

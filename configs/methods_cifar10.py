@@ -25,7 +25,7 @@ Run: ``python -m oefsmc_jax.experiments --config configs/methods_cifar10.py --wo
 
 import ml_collections
 
-from oefsmc_jax.config_defaults import parse_arg, sibling
+from oefsmc_jax.config_defaults import parse_arg, parse_budgets, sibling
 
 paper_cifar10 = sibling(__file__, "paper_cifar10")
 
@@ -41,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"config argument methods={a['methods']!r}: allowed: {'+'.join(METHODS)} ('+'-separated)")
     if a["order"] not in ("seed", "method"):
         raise ValueError(f"config argument order={a['order']!r}: allowed: seed, method")
-    budgets = [int(n) for n in a["budgets"].split("+") if n]
+    budgets = parse_budgets(a["budgets"])
     c = paper_cifar10.get_config(f"steps={a['steps']},batch={a['batch']},seeds=1,runlocal={int(a['runlocal'])}")
     b = c.base
     b.oe.selection_factor = 2.5  # c of the committed rows (the default is 1.0 now)

@@ -39,7 +39,7 @@ seeds of one method and budget before the next, so a grid stopped early holds co
 
 import ml_collections
 
-from oefsmc_jax.config_defaults import base_config, parse_arg, sibling
+from oefsmc_jax.config_defaults import base_config, parse_arg, parse_budgets, sibling
 from oefsmc_jax.methods import METHODS, resolve_oe
 
 methods_cifar10 = sibling(__file__, "methods_cifar10")
@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if not methods or set(methods) - set(FAIR_METHODS):
         raise ValueError(f"config argument methods={a['methods']!r}: allowed: {'+'.join(FAIR_METHODS)} "
                          "('+'-separated)")
-    budgets = [int(n) for n in a["budgets"].split("+") if n]
+    budgets = parse_budgets(a["budgets"])
     c = methods_cifar10.get_config(f"steps={a['steps']},batch={a['batch']},seeds=1,fit_steps={a['fit_steps']},"
                                    f"cd_iters={a['cd_iters']},runlocal={int(a['runlocal'])}")
     b = c.base

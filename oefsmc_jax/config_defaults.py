@@ -233,6 +233,18 @@ def parse_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_budgets(text: str) -> list[int]:
+    """The per-class budgets of a grid's ``budgets`` argument: positive counts, ``+``-separated (``'10+50'``);
+    anything else fails with a one-line error naming the argument."""
+    try:
+        budgets = [int(n) for n in text.split("+") if n.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) < 1:
+        raise ValueError(f"config argument budgets={text!r}: positive per-class counts, '+'-separated, e.g. 10+50")
+    return budgets
+
+
 def apply_common_args(c: ml_collections.ConfigDict, a: Mapping[str, Any]) -> None:
     """Copy the argument keys shared by all configs (method, arch, budget, imbalance, OE, seed) into ``c``."""
     c.method.name = a["method"]
