@@ -386,9 +386,11 @@ FAIR_QUOTED = [
                                                       ("practise", "oe"), ("bp", "oe_complement_r"),
                                                       ("kd", "oe_complement"), ("mir", "oe_complement"),
                                                       ("cd", "oe_complement_r"))],
+    ("mir", 50, "few", "oe", "base", "fair"), ("mir", 50, "few", "oe_complement", "base", "fair"),
     ("cd", 10, "top1", "base", "base", "fair_cd_kd"),
     *[(m, n, "top1", "base", "base", "fair_balanced") for m, n in (("bp", 10), ("bp", 50), ("cd", 10), ("kd", 10),
-                                                                  ("kd", 50), ("mir", 10))],
+                                                                  ("kd", 50), ("mir", 10), ("mir", 50),
+                                                                  ("practise", 10), ("fskd", 10))],
 ]
 
 
@@ -441,3 +443,13 @@ def test_fair_methods_grid_figures():
         s = _fair_setting(recs, group_a, method, n)
         base = _fair_setting(recs, "fair", method, n)["base"]
         assert _fair_pair(s[a], base if b == "base" else s[b], metric) in section, (method, n, metric, a, group_a)
+    # FSKD's OOD arms are its base method, per class and on every seed, as its settings give OOD images no role
+    fskd = _fair_setting(recs, "fair", "fskd", 10)
+    assert sorted(fskd) == ["base", "oe", "oe_complement_r"] and len(fskd["base"]) == 5
+    for arm in ("oe", "oe_complement_r"):
+        assert all(fskd[arm][seed] == fskd["base"][seed] for seed in range(5)), arm
+    mean = np.mean([m["top1"] for m in fskd["base"].values()])
+    assert f"({mean:.1f} mean top-1 for all three arms" in section
+    cells = {r["cell"] for r in recs}
+    assert f"({130 - len(cells)} of the 130 cells;" in section and f"({len(cells)} cells, {len(recs)} records)" in section
+    assert f"{len(cells)} of its 130 cells ran" in " ".join(config("methods_fair_cifar10").__doc__.split())
