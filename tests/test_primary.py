@@ -137,17 +137,22 @@ def test_old_grids_declare_their_key_contrasts_after_the_fact(module, arg, n):
         assert grid.primary_declared_after_results is True
 
 
+def _declares_the_teacher_family(grid):
+    """Declared before it ran: the teacher arm minus the paper's arm and minus the base, at 10 and at 50."""
+    check_primary_contrasts(grid)
+    assert grid.primary_declared_after_results is False
+    assert [(e["a"], e["b"], e["per_class"]) for e in grid.primary_contrasts] == [
+        ("oe_complement_r", "oe", 10), ("oe_complement_r", "base", 10),
+        ("oe_complement_r", "oe", 50), ("oe_complement_r", "base", 50)]
+
+
 @pytest.mark.needs_data
 def test_confirmatory_grid_is_declared_before_it_runs():
     from oefsmc_jax.config_validation import validate
     from oefsmc_jax.data import class_counts, class_order_permutation
 
     grid = confirm_cifar10.get_config()
-    check_primary_contrasts(grid)
-    assert grid.primary_declared_after_results is False
-    assert [(e["a"], e["b"], e["per_class"]) for e in grid.primary_contrasts] == [
-        ("oe_complement_r", "oe", 10), ("oe_complement_r", "base", 10),
-        ("oe_complement_r", "oe", 50), ("oe_complement_r", "base", 50)]
+    _declares_the_teacher_family(grid)
     cells = expand(grid.groups)
     assert len(cells) == 20 and sorted({c.seed for c in cells}) == list(range(5, 15))
     assert {c.per_class for c in cells} == {10, 50}
@@ -174,11 +179,7 @@ def test_fixed_budget_grid_is_declared_before_it_runs_and_pairs_with_the_early_s
     from oefsmc_jax.config_validation import validate
 
     grid = fixed_budget_cifar10.get_config()
-    check_primary_contrasts(grid)
-    assert grid.primary_declared_after_results is False
-    assert [(e["a"], e["b"], e["per_class"]) for e in grid.primary_contrasts] == [
-        ("oe_complement_r", "oe", 10), ("oe_complement_r", "base", 10),
-        ("oe_complement_r", "oe", 50), ("oe_complement_r", "base", 50)]
+    _declares_the_teacher_family(grid)
     cells = expand(grid.groups)
     assert len(cells) == 10 and sorted({c.seed for c in cells}) == list(range(5))
     assert {c.arms for c in cells} == {("base", "oe", "oe_random_matched", "oe_confidence", "oe_complement_r")}
