@@ -175,6 +175,7 @@ def _check_sources(config: Any, arms: list) -> bool:
 
 def _check_oe(config: Any, method: Any, arms: list, uses_pool: bool) -> None:
     from oefsmc_jax.methods import resolve_oe
+    from oefsmc_jax.oe.arms import scores_heldout
     from oefsmc_jax.oe.selection import SELECTIONS
 
     oe = config.oe
@@ -198,7 +199,7 @@ def _check_oe(config: Any, method: Any, arms: list, uses_pool: bool) -> None:
     if oe.get("track_best", False) and oe.early_stopping:
         _fail("oe.track_best", "records what early stopping would have kept in a run without it; with "
                                "oe.early_stopping = True the run keeps it already: set one of the two")
-    if (oe.early_stopping or oe.get("track_best", False)) and uses_pool and (
+    if scores_heldout(config) and uses_pool and (
             oe.eval_every < 1 or oe.patience < 1 or oe.heldout < 1):
         what = "early stopping" if oe.early_stopping else "oe.track_best"
         _fail("oe.eval_every", f"{what} needs oe.eval_every >= 1, oe.patience >= 1 and oe.heldout >= 1")
