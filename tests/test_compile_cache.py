@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from oefsmc_jax.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import jax, jax.numpy as jnp
@@ -41,6 +45,36 @@ def test_second_process_hits_the_persistent_cache(tmp_path):
     off = _run({**env, "OEFSMC_COMPILE_CACHE": "off"})
     assert "dir None" in off and "hits 0 misses 0" in off
 
+
+def test_threshold_env_stores_quick_compiles_or_names_itself(tmp_path):
+    """``$OEFSMC_COMPILE_CACHE_MIN_S``: a small executable is stored at 0 and left out at the default (0.5 s); a bad
+    value is one line that names the variable."""
+    script = ("import jax, jax.numpy as jnp\n"
+              "from oefsmc_jax.training.compile_cache import enable\n"
+              "enable(None)\n"
+              "jax.jit(lambda x: x + 1)(jnp.ones(3)).block_until_ready()\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    stored = {}
+    for name, value in (("zero", "0"), ("default", "")):
+        cache = tmp_path / name
+        run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**env, "OEFSMC_COMPILE_CACHE": str(cache), "OEFSMC_COMPILE_CACHE_MIN_S": value})
+        assert run.returncode == 0, run.stderr[-2000:]
+        stored[name] = [f for f in cache.iterdir() if f.name.endswith("-cache")]
+    assert len(stored["zero"]) >= 1 and stored["default"] == []
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan", "inf"])
+def test_bad_threshold_env_is_named(monkeypatch, value):
+    from oefsmc_jax.training.compile_cache import min_compile_seconds
+
+    monkeypatch.setenv("OEFSMC_COMPILE_CACHE_MIN_S", value)
+    with pytest.raises(ConfigError, match=r"^\$OEFSMC_COMPILE_CACHE_MIN_S: .* is not allowed; a number of seconds"):
+        min_compile_seconds()
+    monkeypatch.setenv("OEFSMC_COMPILE_CACHE_MIN_S", "0.25")
+    assert min_compile_seconds() == 0.25
+    monkeypatch.delenv("OEFSMC_COMPILE_CACHE_MIN_S")
+    assert min_compile_seconds() == 0.5
 
 
 def test_default_folder_is_the_env_var_or_the_user_cache(monkeypatch, tmp_path):

@@ -2,7 +2,10 @@
 
 :func:`enable` points JAX's persistent cache at a directory (``config.compile_cache``, or ``$OEFSMC_COMPILE_CACHE``,
 default ``~/.cache/oefsmc_jax/xla``; ``off`` disables it), so a second run, a resumed grid or the next cell of the
-same shapes loads its executables instead of compiling them. :class:`CompileClock` reads JAX's monitoring events:
+same shapes loads its executables instead of compiling them. Executables that compiled faster than
+``$OEFSMC_COMPILE_CACHE_MIN_S`` seconds (default 0.5) are not stored; 0 stores every one, the many small eager
+operations included, which makes a short process that runs again (a test, a resumed tiny run) start faster.
+:class:`CompileClock` reads JAX's monitoring events:
 seconds spent tracing/lowering/compiling and persistent-cache hits and misses since it was started, which the train
 loop prints for its step function.
 """
@@ -15,6 +18,8 @@ import threading
 
 import jax
 from jax import monitoring
+
+from oefsmc_jax.errors import ConfigError
 
 _lock = threading.Lock()
 _totals = {"compile_s": 0.0, "trace_s": 0.0, "hits": 0, "misses": 0}
@@ -56,10 +61,34 @@ def default_dir() -> str:
     return str(pathlib.Path(base) / "oefsmc_jax" / "xla")
 
 
-def enable(directory: str | None = None, min_compile_s: float = 0.5) -> str | None:
+MIN_S_ENV = "OEFSMC_COMPILE_CACHE_MIN_S"
+#: executables that compiled faster than this many seconds are not stored (unless ``$OEFSMC_COMPILE_CACHE_MIN_S``)
+DEFAULT_MIN_S = 0.5
+
+
+def min_compile_seconds() -> float:
+    """``$OEFSMC_COMPILE_CACHE_MIN_S`` as a number of seconds ≥ 0, else :data:`DEFAULT_MIN_S`; another value is a
+    ConfigError that names the variable."""
+    raw = os.environ.get(MIN_S_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MIN_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0.0 or value == float("inf"):
+        raise ConfigError(f"${MIN_S_ENV}: {raw!r} is not allowed; a number of seconds, 0 or more (0 stores "
+                          "every executable)")
+    return value
+
+
+def enable(directory: str | None = None, min_compile_s: float | None = None) -> str | None:
     """Use the persistent compilation cache in ``directory`` ('' = :func:`default_dir`, 'off' = none); returns the
-    directory in use (None when off). Executables that took under ``min_compile_s`` to compile are not stored."""
+    directory in use (None when off). Executables that took under ``min_compile_s`` (None:
+    :func:`min_compile_seconds`) to compile are not stored."""
     _register()
+    if min_compile_s is None:
+        min_compile_s = min_compile_seconds()
     directory = directory or default_dir()
     if directory.lower() in ("off", "none", "0"):
         return None
