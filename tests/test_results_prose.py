@@ -388,6 +388,7 @@ FAIR_QUOTED = [
                                                       ("cd", "oe_complement_r"))],
     ("mir", 50, "few", "oe", "base", "fair"), ("mir", 50, "few", "oe_complement", "base", "fair"),
     ("cd", 50, "few", "oe", "base", "fair"), ("cd", 50, "few", "oe_complement_r", "base", "fair"),
+    ("practise", 50, "few", "oe", "base", "fair"), ("practise", 50, "few", "oe_complement", "base", "fair"),
     ("cd", 10, "top1", "base", "base", "fair_cd_kd"), ("cd", 50, "top1", "base", "base", "fair_cd_kd"),
     *[(m, n, "top1", "base", "base", "fair_balanced") for m, n in (("bp", 10), ("bp", 50), ("cd", 10), ("cd", 50),
                                                                   ("kd", 10),
