@@ -461,3 +461,82 @@ def test_fair_methods_grid_figures():
     cd10, cd50 = _fair_setting(recs, "fair", "cd", 10), _fair_setting(recs, "fair", "cd", 50)
     gains = [[c["oe"][seed]["top1"] - c["base"][seed]["top1"] for seed in range(5)] for c in (cd10, cd50)]
     assert f"{_ci(paired_difference(*gains))} (the gain at 10 minus the gain at 50" in section
+
+
+def _tracked(records: list[dict], arm: str, per_class: int) -> dict[int, dict]:
+    return {r["seed"]: r for r in records if r["arm"] == arm and r["per_class"] == per_class}
+
+
+def test_fixed_budget_figures():
+    """The fixed 2,000-step grid's reading against its records: the protocol they share (one commit, 2,000 steps,
+    early stopping off, what it would have kept recorded), every primary contrast that ran with its Holm p over the
+    declared four (the rest marked not run), and the exploratory figures the prose quotes, each recomputed."""
+    from oefsmc_jax.experiments.primary import primary_contrasts
+
+    recs = _records("fixed_budget_cifar10")
+    grid = config("fixed_budget_cifar10").get_config()
+    assert len({(r["cell"], r["arm"]) for r in recs}) == len(recs)
+    assert {r["trained_commit"][:7] for r in recs} == {"b9993b3"} and not any(r["git_dirty"] for r in recs)
+    assert {(r["steps"], r["best_step"], r["stopped_early"]) for r in recs} == {(2000, 2000, False)}
+    assert all(r["tracked_best"]["step"] <= 2000 for r in recs)
+    section = " ".join(PROSE[PROSE.index("## `fixed_budget_cifar10/`"):PROSE.index("## `cpu_wgrad_check/`")].split())
+    rows = primary_contrasts(recs, grid.primary_contrasts)
+    assert len(rows) == 4
+    for r in rows:
+        if r["status"] == "ok":
+            p = "< 0.0001" if r["p_holm"] < 0.0001 else f"{r['p_holm']:.4f}"
+            assert f"{_ci(r['d'])}, p {p}" in section, r["label"]
+        else:
+            assert f"| {r['entry']['per_class']} | not run |" in section, r["label"]
+    budgets = sorted({r["per_class"] for r in recs})
+    cells = {r["cell"] for r in recs}
+    assert f"{len(cells)} of its 10 cells ran ({len(recs)} records)" in section
+    # exploratory: confidence against targeting, the pseudo-label term, the paper's arm over KD
+    for n in budgets:
+        for a, b, metric in (("oe_confidence", "oe_random_matched", "top1"),
+                             ("oe_complement_r", "oe_confidence", "top1"),
+                             ("oe_complement_r", "oe_confidence", "few"), ("oe", "base", "top1"),
+                             ("oe_random_matched", "oe", "top1")):
+            want = _contrast(recs, a, b, n, metric=metric)
+            assert want in section, (n, a, b, metric, want)
+        # what early stopping would have kept (tracked, exploratory): kept minus final, and the kept steps
+        for arm in ("base", "oe", "oe_complement_r"):
+            t = _tracked(recs, arm, n)
+            seeds = sorted(t)
+            d = paired_difference([t[s]["tracked_best"]["metrics"]["top1"] for s in seeds],
+                                  [t[s]["metrics"]["top1"] for s in seeds])
+            assert _ci(d) in section, (n, arm)
+        # the same cells early-stopped: final weights after 2,000 steps minus what the early-stopped run reported
+        stopped = _records("deconfound_cifar10/tiny_2000steps")
+        for arm in ("base", "oe_complement_r"):
+            fixed, es = _tracked(recs, arm, n), _tracked(stopped, arm, n)
+            seeds = sorted(set(fixed) & set(es))
+            assert len(seeds) == 5
+            d = paired_difference([fixed[s]["metrics"]["top1"] for s in seeds],
+                                  [es[s]["metrics"]["top1"] for s in seeds])
+            assert _ci(d) in section, (n, arm)
+
+
+def test_fixed_budget_tracking_reproduces_the_early_stopped_runs():
+    """What the fixed-budget runs record as early stopping's pick is, on every seed, the step and the test accuracy
+    of the early-stopped 2,000-step run of the same cell; the means and stop counts the reading quotes."""
+    recs = _records("fixed_budget_cifar10")
+    stopped = _records("deconfound_cifar10/tiny_2000steps")
+    section = " ".join(PROSE[PROSE.index("## `fixed_budget_cifar10/`"):PROSE.index("## `cpu_wgrad_check/`")].split())
+    for arm in ("base", "oe", "oe_random_matched", "oe_complement_r"):
+        fixed, es = _tracked(recs, arm, 10), _tracked(stopped, arm, 10)
+        assert sorted(fixed) == sorted(es) == list(range(5))
+        for s in range(5):
+            assert fixed[s]["tracked_best"]["step"] == es[s]["best_step"], (arm, s)
+            assert fixed[s]["tracked_best"]["metrics"]["top1"] == es[s]["metrics"]["top1"], (arm, s)
+    means = {a: np.mean([r["metrics"]["top1"] for r in _tracked(recs, a, 10).values()])
+             for a in ("base", "oe", "oe_complement_r")}
+    assert (f"KD {means['base']:.1f}, the paper's arm {means['oe']:.1f}, the teacher arm "
+            f"{means['oe_complement_r']:.1f}") in section
+    stops = {a: sum(r["tracked_best"]["stop_step"] is not None for r in _tracked(recs, a, 10).values())
+             for a in ("base", "oe_complement_r", "oe", "oe_random_matched", "oe_confidence")}
+    assert stops == {"base": 5, "oe_complement_r": 5, "oe": 4, "oe_random_matched": 3, "oe_confidence": 3}
+    assert "stopped every KD and teacher-arm run and 4, 3 and 3 of 5 of the others" in section
+    top = " ".join(TOP.split())
+    for b in ("oe", "base"):
+        assert _contrast(recs, "oe_complement_r", b, 10) in top, b
