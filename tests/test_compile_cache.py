@@ -47,8 +47,7 @@ def test_second_process_hits_the_persistent_cache(tmp_path):
 
 
 def test_threshold_env_stores_quick_compiles_or_names_itself(tmp_path):
-    """``$OEFSMC_COMPILE_CACHE_MIN_S``: a small executable is stored at 0 and left out at the default (0.5 s); a bad
-    value is one line that names the variable."""
+    """``$OEFSMC_COMPILE_CACHE_MIN_S``: a small executable is stored at 0 and left out at the default (0.5 s)."""
     script = ("import jax, jax.numpy as jnp\n"
               "from oefsmc_jax.training.compile_cache import enable\n"
               "enable(None)\n"

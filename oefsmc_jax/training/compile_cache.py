@@ -12,6 +12,7 @@ loop prints for its step function.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import threading
@@ -75,8 +76,8 @@ def min_compile_seconds() -> float:
     try:
         value = float(raw)
     except ValueError:
-        value = -1.0
-    if not value >= 0.0 or value == float("inf"):
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0.0):
         raise ConfigError(f"${MIN_S_ENV}: {raw!r} is not allowed; a number of seconds, 0 or more (0 stores "
                           "every executable)")
     return value
