@@ -5,7 +5,10 @@ import pathlib
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# the tests compile far more than they run, and XLA's CPU backend compiles faster at optimisation level 0; every
+# equality a test asserts compares computations compiled with these same flags (a test that starts processes with
+# other device counts keeps the rest: helpers.xla_flags). An XLA_FLAGS of the caller's own replaces both.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # the command-line runs the tests start print exactly what they print without the allocator's re-exec line;
 # tests/test_allocator.py sets it where it tests the re-exec

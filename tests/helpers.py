@@ -4,6 +4,7 @@ the set-up several test files need (the tiny architecture, a stand-in torch, the
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -49,6 +50,14 @@ def run_cli(args, env: dict | None = None, timeout: float = 300, *, cwd: str | p
     output captured as text; ``env=None`` passes this process's environment on."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def xla_flags(devices: int) -> str:
+    """This process's ``XLA_FLAGS`` with the simulated CPU device count set to ``devices``: a process a test starts
+    with another device count compiles with the same other flags as the test process (conftest.py sets them)."""
+    flag = "--xla_force_host_platform_device_count"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    return " ".join([*kept, f"{flag}={devices}"])
 
 
 def in_fresh_process(nodeid: str) -> bool:

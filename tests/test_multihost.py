@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 import tiny_demo  # noqa: E402
+from helpers import xla_flags
 
 from oefsmc_jax.training.checkpoint import load_model
 
@@ -42,7 +43,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     work = tmp_path / "two"
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "XLA_FLAGS": xla_flags(2)}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "oefsmc_jax", "--config", f"{REPO / 'configs' / 'demo.py'}:per_class=5",
          "--workdir", str(work), "--multihost", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
