@@ -1,5 +1,5 @@
 """The corrected methods grid: OE-FSMC plugged into all six methods under one fair protocol (declared before it ran,
-with the per-method settings of ``methods_sweep_cifar10.py``; 115 of its 130 cells ran at ``70372bb``, read in
+with the per-method settings of ``methods_sweep_cifar10.py``; all 130 of its cells ran at ``70372bb``, read in
 ``docs/results/README.md``, records in ``docs/results/methods_fair_cifar10``).
 
 What makes it fair, against the committed ``methods_cifar10`` grid:

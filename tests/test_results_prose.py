@@ -393,7 +393,8 @@ FAIR_QUOTED = [
     *[(m, n, "top1", "base", "base", "fair_balanced") for m, n in (("bp", 10), ("bp", 50), ("cd", 10), ("cd", 50),
                                                                   ("kd", 10),
                                                                   ("kd", 50), ("mir", 10), ("mir", 50),
-                                                                  ("practise", 10), ("fskd", 10))],
+                                                                  ("practise", 10), ("practise", 50),
+                                                                  ("fskd", 10), ("fskd", 50))],
 ]
 
 
@@ -447,16 +448,18 @@ def test_fair_methods_grid_figures():
         base = _fair_setting(recs, "fair", method, n)["base"]
         assert _fair_pair(s[a], base if b == "base" else s[b], metric) in section, (method, n, metric, a, group_a)
     # FSKD's OOD arms are its base method, per class and on every seed, as its settings give OOD images no role
-    fskd = _fair_setting(recs, "fair", "fskd", 10)
-    assert sorted(fskd) == ["base", "oe", "oe_complement_r"] and len(fskd["base"]) == 5
-    for arm in ("oe", "oe_complement_r"):
-        assert all(fskd[arm][seed] == fskd["base"][seed] for seed in range(5)), arm
-    mean = np.mean([m["top1"] for m in fskd["base"].values()])
-    assert f"({mean:.1f} mean top-1 for all three arms" in section
+    means = []
+    for n in (10, 50):
+        fskd = _fair_setting(recs, "fair", "fskd", n)
+        assert sorted(fskd) == ["base", "oe", "oe_complement_r"] and len(fskd["base"]) == 5, n
+        for arm in ("oe", "oe_complement_r"):
+            assert all(fskd[arm][seed] == fskd["base"][seed] for seed in range(5)), (n, arm)
+        means.append(np.mean([m["top1"] for m in fskd["base"].values()]))
+    assert f"({means[0]:.1f} mean top-1 for all three arms at 10 per class, {means[1]:.1f} at 50;" in section
     cells = {r["cell"] for r in recs}
-    assert f"({130 - len(cells)} of the 130 cells;" in section
+    assert len(cells) == 130 and "All 130 cells ran" in section
     assert f"({len(cells)} cells, {len(recs)} records)" in section
-    assert f"{len(cells)} of its 130 cells ran" in " ".join(config("methods_fair_cifar10").__doc__.split())
+    assert "all 130 of its cells ran" in " ".join(config("methods_fair_cifar10").__doc__.split())
     # CD's paper's arm, gain at 10 per class minus gain at 50, seed by seed (exploratory)
     cd10, cd50 = _fair_setting(recs, "fair", "cd", 10), _fair_setting(recs, "fair", "cd", 50)
     gains = [[c["oe"][seed]["top1"] - c["base"][seed]["top1"] for seed in range(5)] for c in (cd10, cd50)]
@@ -508,6 +511,9 @@ def test_fixed_budget_figures():
             assert _ci(d) in section, (n, arm)
         # the same cells early-stopped: final weights after 2,000 steps minus what the early-stopped run reported
         stopped = _records("deconfound_cifar10/tiny_2000steps")
+        if n == 50:  # the early-stopped runs' own contrasts, which the reading sets beside the fixed budget's
+            for b in ("oe", "base"):
+                assert _contrast(stopped, "oe_complement_r", b, n) in section, b
         for arm in ("base", "oe_complement_r"):
             fixed, es = _tracked(recs, arm, n), _tracked(stopped, arm, n)
             seeds = sorted(set(fixed) & set(es))
@@ -518,25 +524,33 @@ def test_fixed_budget_figures():
 
 
 def test_fixed_budget_tracking_reproduces_the_early_stopped_runs():
-    """What the fixed-budget runs record as early stopping's pick is, on every seed, the step and the test accuracy
-    of the early-stopped 2,000-step run of the same cell; the means and stop counts the reading quotes."""
+    """What the fixed-budget runs record as early stopping's pick is, on every seed and at both budgets, the step and
+    the test accuracy of the early-stopped 2,000-step run of the same cell; the means and stop counts the reading
+    quotes."""
     recs = _records("fixed_budget_cifar10")
     stopped = _records("deconfound_cifar10/tiny_2000steps")
     section = " ".join(PROSE[PROSE.index("## `fixed_budget_cifar10/`"):PROSE.index("## `cpu_wgrad_check/`")].split())
-    for arm in ("base", "oe", "oe_random_matched", "oe_complement_r"):
-        fixed, es = _tracked(recs, arm, 10), _tracked(stopped, arm, 10)
-        assert sorted(fixed) == sorted(es) == list(range(5))
-        for s in range(5):
-            assert fixed[s]["tracked_best"]["step"] == es[s]["best_step"], (arm, s)
-            assert fixed[s]["tracked_best"]["metrics"]["top1"] == es[s]["metrics"]["top1"], (arm, s)
-    means = {a: np.mean([r["metrics"]["top1"] for r in _tracked(recs, a, 10).values()])
-             for a in ("base", "oe", "oe_complement_r")}
-    assert (f"KD {means['base']:.1f}, the paper's arm {means['oe']:.1f}, the teacher arm "
-            f"{means['oe_complement_r']:.1f}") in section
-    stops = {a: sum(r["tracked_best"]["stop_step"] is not None for r in _tracked(recs, a, 10).values())
-             for a in ("base", "oe_complement_r", "oe", "oe_random_matched", "oe_confidence")}
-    assert stops == {"base": 5, "oe_complement_r": 5, "oe": 4, "oe_random_matched": 3, "oe_confidence": 3}
+    for n in (10, 50):
+        for arm in ("base", "oe", "oe_random_matched", "oe_complement_r"):
+            fixed, es = _tracked(recs, arm, n), _tracked(stopped, arm, n)
+            assert sorted(fixed) == sorted(es) == list(range(5)), (n, arm)
+            for s in range(5):
+                assert fixed[s]["tracked_best"]["step"] == es[s]["best_step"], (n, arm, s)
+                assert fixed[s]["tracked_best"]["metrics"]["top1"] == es[s]["metrics"]["top1"], (n, arm, s)
+        means = {a: np.mean([r["metrics"]["top1"] for r in _tracked(recs, a, n).values()])
+                 for a in ("base", "oe", "oe_complement_r")}
+        assert (f"KD {means['base']:.1f}, the paper's arm {means['oe']:.1f}, the teacher arm "
+                f"{means['oe_complement_r']:.1f}") in section, n
+    arms = ("base", "oe_complement_r", "oe", "oe_random_matched", "oe_confidence")
+    stops = {n: [sum(r["tracked_best"]["stop_step"] is not None for r in _tracked(recs, a, n).values()) for a in arms]
+             for n in (10, 50)}
+    assert stops == {10: [5, 5, 4, 3, 3], 50: [5, 5, 4, 4, 4]}
     assert "stopped every KD and teacher-arm run and 4, 3 and 3 of 5 of the others" in section
+    assert "stopped every KD and teacher-arm run and 4 of 5 of each of the others" in section
     top = " ".join(TOP.split())
+    short = " ".join(PROSE[:PROSE.index("## Reproducing a committed row")].split())
+    for n in (10, 50):
+        for b in ("oe", "base"):
+            assert _contrast(recs, "oe_complement_r", b, n) in top, (n, b)
     for b in ("oe", "base"):
-        assert _contrast(recs, "oe_complement_r", b, 10) in top, b
+        assert _contrast(recs, "oe_complement_r", b, 50) in short, b
