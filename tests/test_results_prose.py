@@ -492,6 +492,7 @@ def test_fixed_budget_figures():
         else:
             assert f"| {r['entry']['per_class']} | not run |" in section, r["label"]
     budgets = sorted({r["per_class"] for r in recs})
+    stopped = _records("deconfound_cifar10/tiny_2000steps")  # the same cells, early-stopped
     cells = {r["cell"] for r in recs}
     assert f"{len(cells)} of its 10 cells ran ({len(recs)} records)" in section
     # exploratory: confidence against targeting, the pseudo-label term, the paper's arm over KD
@@ -510,7 +511,6 @@ def test_fixed_budget_figures():
                                   [t[s]["metrics"]["top1"] for s in seeds])
             assert _ci(d) in section, (n, arm)
         # the same cells early-stopped: final weights after 2,000 steps minus what the early-stopped run reported
-        stopped = _records("deconfound_cifar10/tiny_2000steps")
         if n == 50:  # the early-stopped runs' own contrasts, which the reading sets beside the fixed budget's
             for b in ("oe", "base"):
                 assert _contrast(stopped, "oe_complement_r", b, n) in section, b
